@@ -1,0 +1,147 @@
+"""Dense PyTorch reference implementations: ../shared/SPEC.md written as code.
+
+Everything here materialises the full N x N matrices and relies on autograd for gradients.
+It is what the tests trust, so it is written to read like the spec, not to be fast. Arguments
+are assumed valid: the public functions check them before calling in here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------
+# 1. Soft contrastive loss
+
+
+def target_similarity(labels: torch.Tensor | None, n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """T (N x N): label cosine, same-scene indicator, or identity; always 1 on the diagonal."""
+    eye = torch.eye(n, dtype=torch.bool, device=device)
+    if labels is None:
+        t = torch.zeros(n, n, dtype=dtype, device=device)
+    elif labels.dim() == 1:  # scene ids
+        t = (labels[:, None] == labels[None, :]).to(dtype)
+    else:  # multi-label vectors: cosine, 0 where either norm is 0
+        l = labels.to(dtype)
+        norm = l.norm(dim=1)
+        lhat = torch.where(norm[:, None] > 0, l / norm.clamp_min(torch.finfo(dtype).tiny)[:, None], torch.zeros_like(l))
+        t = lhat @ lhat.T
+    return torch.where(eye, torch.ones_like(t), t)
+
+
+def soft_contrastive_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float | torch.Tensor = 0.1,
+    loss: str = "softmax",
+    symmetric: bool = True,
+    scene_mode: str = "positive",
+    hard_weight: float = 0.0,
+    bias: float | torch.Tensor | None = None,
+    normalize: bool = True,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    n = z1.shape[0]
+    # the spec's accumulation precision: at least fp32 (float64 stays float64)
+    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    if normalize:
+        u = z1 / z1.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        v = z2 / z2.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    else:
+        u, v = z1, z2
+    s = (u @ v.T).to(acc) / temperature  # logits s_ij
+    eye = torch.eye(n, dtype=torch.bool, device=z1.device)
+
+    if loss == "softmax":
+        if scene_mode == "ignore":
+            # same-scene pairs other than the positive leave the softmax; the target is the positive
+            keep = (labels[:, None] != labels[None, :]) | eye
+            masked = s.masked_fill(~keep, float("-inf"))
+            a = torch.logsumexp(masked, dim=1) - s.diagonal()
+            b = torch.logsumexp(masked, dim=0) - s.diagonal()
+        else:
+            t = target_similarity(labels, n, acc, z1.device)
+            p = hard_weight * eye.to(acc) + (1 - hard_weight) * t / t.sum(dim=1, keepdim=True)
+            q = hard_weight * eye.to(acc) + (1 - hard_weight) * t / t.sum(dim=0, keepdim=True)
+            a = torch.logsumexp(s, dim=1) - (p * s).sum(dim=1)
+            b = torch.logsumexp(s, dim=0) - (q * s).sum(dim=0)
+        per_sample = (a + b) / 2 if symmetric else a
+    elif loss == "sigmoid":
+        x = s + (0.0 if bias is None else bias)
+        t = target_similarity(labels, n, acc, z1.device)
+        t = hard_weight * eye.to(acc) + (1 - hard_weight) * t
+        per_sample = (F.softplus(x) - t * x).sum(dim=1)
+    else:
+        raise ValueError(f"loss must be 'softmax' or 'sigmoid', got {loss!r}")
+
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+def clip_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """The CLIP / symmetric InfoNCE loss, which soft_contrastive_loss reduces to with labels=None."""
+    u = F.normalize(z1, dim=1)
+    v = F.normalize(z2, dim=1)
+    logits = u @ v.T / temperature
+    target = torch.arange(z1.shape[0], device=z1.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+# --------------------------------------------------------------------------------------------
+# 1b. The fused-kernel contract (what sc_forward / sc_backward compute), densely.
+#
+# The fused backends split the loss in two: the blockwise N x M pass that only a kernel can do
+# without materialising N x M (log-sum-exps and softmax-weighted sums, like attention), and
+# the low-rank target terms of SPEC section 5, done in torch in O(N * D * C). These functions
+# state the kernel half; tests compare every backend's raw kernel outputs with them.
+
+MODE_SOFTMAX = 0  # plain logits
+MODE_SOFTMAX_IGNORE = 1  # same-id pairs other than the positive are left out
+MODE_SIGMOID = 2  # x = s + bias, softplus / sigmoid
+
+
+def _pair_mask(row_ids, col_ids, row_offset, n, m, device):
+    """True where the pair (i, j) takes part: j is i's positive or the ids differ."""
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(m, device=device)[None, :]
+    return (j == i + row_offset) | (row_ids[:, None] != col_ids[None, :])
+
+
+def sc_core_forward(u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mode, need_col):
+    """row (N,): logsumexp_j s_ij (softmax modes) or sum_j softplus(s_ij + bias) (sigmoid);
+    col (M,): logsumexp_i s_ij when need_col (softmax modes), else empty. s = scale * u v^T.
+    ``logit_bound`` is only a hint to kernels (|s| <= bound when > 0) and changes no result."""
+    del logit_bound
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    s = (u.to(acc) @ v.to(acc).T) * scale
+    n, m = s.shape
+    empty = s.new_zeros(0)
+    if mode == MODE_SIGMOID:
+        return F.softplus(s + bias).sum(dim=1), empty
+    if mode == MODE_SOFTMAX_IGNORE:
+        s = s.masked_fill(~_pair_mask(row_ids, col_ids, row_offset, n, m, s.device), float("-inf"))
+    return torch.logsumexp(s, dim=1), (torch.logsumexp(s, dim=0) if need_col else empty)
+
+
+def sc_core_backward(u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mode, row, col, g, h):
+    """W_ij = g_i softmax_row_ij + h_j softmax_col_ij (softmax modes; h None means 0) or
+    W_ij = g_i sigmoid(s_ij + bias) (sigmoid). Returns (W v (N, D), W^T u (M, D), W 1 (N,))."""
+    del logit_bound
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, v = u.to(acc), v.to(acc)
+    s = (u @ v.T) * scale
+    n, m = s.shape
+    if mode == MODE_SIGMOID:
+        w = g[:, None] * torch.sigmoid(s + bias)
+    else:
+        if mode == MODE_SOFTMAX_IGNORE:
+            s = s.masked_fill(~_pair_mask(row_ids, col_ids, row_offset, n, m, s.device), float("-inf"))
+        w = g[:, None] * torch.exp(s - row[:, None])
+        if h is not None:
+            w = w + h[None, :] * torch.exp(s - col[None, :])
+    return w @ v, w.T @ u, w.sum(dim=1)

@@ -1,0 +1,435 @@
+"""``fastcon.soft_contrastive_loss``: the SoftCon / SwiMDiff contrastive loss (SPEC section 1).
+
+How the fused backends compute it, never materialising N x N:
+- a fused kernel (``sc_forward`` / ``sc_backward``; cpu, triton or cuda) makes the one
+  blockwise pass over logit tiles that needs all pairs: row and column log-sum-exps (or the
+  softplus row sums of the sigmoid form) forward, and softmax-weighted sums of the embeddings
+  backward, recomputing tiles like FlashAttention;
+- the multi-label cosine targets enter only through sums that are low rank (SPEC section 5):
+  ``sum_j T_ij x_j = lhat_i . (sum_j lhat_j x_j^T) + (1 - |lhat_i|^2) x_i``, a pair of
+  (N x C) by (C x D) products. That is O(N * C * D) instead of the O(N^2 * C) of building
+  target tiles from label tiles inside the kernel, keeps the kernels free of per-option code,
+  and is exact, so the targets are never formed at all. Scene ids are the one-hot case and
+  use per-scene sums (``index_add``).
+The reference backend is the dense spec (``fastcon.reference``), differentiated by autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fastcon import _backends, _checks, reference
+from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
+
+LOSSES = ("softmax", "sigmoid")
+REDUCTIONS = ("mean", "sum", "none")
+SCENE_MODES = ("positive", "ignore")
+_EPS = 1e-12  # the norm floor of the spec: u = z / max(||z||, 1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+
+
+def check_labels(labels, n: int, ref: torch.Tensor) -> None:
+    if labels is None:
+        return
+    _checks.tensor("labels", labels, dims=(1, 2))
+    _checks.same_device("labels", labels, "z1", ref)
+    if labels.dtype.is_complex:
+        raise TypeError(f"labels must be real (multi-label vectors) or integer (scene ids), got {labels.dtype}")
+    if labels.shape[0] != n:
+        raise ValueError(
+            f"labels must have one row per sample (length {n}, the batch size of z1), got shape {tuple(labels.shape)}"
+        )
+    if labels.dim() == 1:
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError(
+                f"1-D labels are scene ids and must be an integer tensor, got {labels.dtype}; "
+                "pass multi-label vectors as a 2-D (N, C) tensor"
+            )
+        return
+    if labels.shape[1] == 0:
+        raise ValueError(f"labels must have at least one class column, got shape {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point:
+        if not bool(torch.isfinite(labels).all()):
+            raise ValueError("labels must be finite, got NaN or infinite values")
+    if labels.dtype != torch.bool and bool((labels < 0).any()):
+        raise ValueError("labels must be >= 0 (multi-hot or class-fraction vectors), got negative values")
+
+
+def _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction):
+    _checks.tensor("z1", z1, dims=2, floating=True)
+    _checks.tensor("z2", z2, dims=2, floating=True)
+    _checks.same_device("z2", z2, "z1", z1)
+    _checks.same_dtype("z2", z2, "z1", z1)
+    if z1.shape != z2.shape:
+        raise ValueError(f"z2 must have the shape of z1 (N, D) = {tuple(z1.shape)}, got {tuple(z2.shape)}")
+    if z1.shape[0] == 0:
+        raise ValueError(f"z1 must hold at least one sample (N >= 1), got shape {tuple(z1.shape)}")
+    if z1.shape[1] == 0:
+        raise ValueError(f"z1 must have at least one feature (D >= 1), got shape {tuple(z1.shape)}")
+    check_labels(labels, z1.shape[0], z1)
+    _checks.choice("loss", loss, LOSSES)
+    _checks.choice("reduction", reduction, REDUCTIONS)
+    _checks.choice("scene_mode", scene_mode, SCENE_MODES)
+    _checks.boolean("symmetric", symmetric)
+    _checks.boolean("normalize", normalize)
+    _checks.real("hard_weight", hard_weight, low=0.0, high=1.0)
+    tau = _checks.scalar("temperature", temperature, positive=True, device=z1.device)
+    if scene_mode == "ignore":
+        if labels is None or labels.dim() != 1:
+            raise ValueError("scene_mode='ignore' needs scene ids: labels must be a 1-D integer tensor (N,)")
+        if loss != "softmax":
+            raise ValueError("scene_mode='ignore' is defined for loss='softmax' only")
+    if bias is not None:
+        if loss != "sigmoid":
+            raise ValueError("bias is only used by loss='sigmoid'; pass bias=None for loss='softmax'")
+        _checks.scalar("bias", bias, device=z1.device)
+    return tau
+
+
+# --------------------------------------------------------------------------------------------
+# low-rank target terms
+
+
+class Targets:
+    """The target similarity T through its off-diagonal formula T~ (T = T~ off the positive
+    diagonal, 1 on it; T~_ii = nn_i). ``apply(x)_i = sum_j T~_ij x_j`` for x of shape (N,) or (N, K).
+    Labels ``None`` is T~ = 0, so every formula below also covers plain InfoNCE."""
+
+    def __init__(self, labels: torch.Tensor | None, n: int, acc: torch.dtype, device):
+        self.kind = "none" if labels is None else ("scene" if labels.dim() == 1 else "labels")
+        if self.kind == "labels":
+            l = labels.to(acc)
+            norm = l.norm(dim=1, keepdim=True)
+            self.lhat = torch.where(norm > 0, l / norm.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(l))
+            self.nn = (self.lhat * self.lhat).sum(dim=1)
+        elif self.kind == "scene":
+            _, self.inverse = torch.unique(labels, return_inverse=True)
+            self.num_scenes = int(self.inverse.max()) + 1
+            self.nn = torch.ones(n, dtype=acc, device=device)
+        else:
+            self.nn = torch.zeros(n, dtype=acc, device=device)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor | None:
+        """sum_j T~_ij x_j; None stands for zeros (no labels)."""
+        if self.kind == "labels":
+            return self.lhat @ (self.lhat.T @ x)
+        if self.kind == "scene":
+            sums = x.new_zeros((self.num_scenes, *x.shape[1:])).index_add_(0, self.inverse, x)
+            return sums[self.inverse]
+        return None
+
+    def full(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_j T_ij (w_j x_j) with the true diagonal T_ii = 1, for x (N, D) and optional w (N,)."""
+        wx = x if w is None else w[:, None] * x
+        off = self.apply(wx)
+        diag = (1 - self.nn)[:, None] * wx
+        return diag if off is None else off.add_(diag)
+
+    def row_sums(self) -> torch.Tensor:
+        """R_i = sum_j T_ij."""
+        ones = torch.ones_like(self.nn)
+        off = self.apply(ones)
+        return (1 - self.nn) + (0 if off is None else off)
+
+
+# --------------------------------------------------------------------------------------------
+# the autograd Function shared by every fused backend
+
+
+class _FusedSoftContrastive(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z1, z2, temperature, bias, labels, cfg, core):
+        loss, symmetric, hard_weight, normalize, reduction, scene_ignore = cfg
+        n = z1.shape[0]
+        acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+        scale = 1.0 / float(temperature)
+        bias_v = 0.0 if bias is None else float(bias)
+        mode = MODE_SIGMOID if loss == "sigmoid" else (MODE_SOFTMAX_IGNORE if scene_ignore else MODE_SOFTMAX)
+        need_col = loss == "softmax" and symmetric
+
+        # normalise in the accumulation dtype, then hand the kernel its storage dtype
+        z1a, z2a = z1.to(acc), z2.to(acc)
+        if normalize:
+            n1 = z1a.norm(dim=1).clamp_min_(_EPS)
+            n2 = z2a.norm(dim=1).clamp_min_(_EPS)
+            z1a, z2a = z1a / n1[:, None], z2a / n2[:, None]
+        else:
+            n1 = n2 = None
+        kdt = core.kernel_dtype(z1.dtype)
+        uk, vk = z1a.to(kdt).contiguous(), z2a.to(kdt).contiguous()
+        u, v = uk.to(acc), vk.to(acc)  # the values the kernel sees, for the target terms
+        del z1a, z2a
+        ids = labels if scene_ignore else None
+        bound = scale if normalize else 0.0  # |s_ij| <= 1/tau for unit vectors
+
+        row, col = core.forward(uk, vk, ids, ids, 0, scale, bias_v, bound, mode, need_col)
+        t = Targets(None if scene_ignore else labels, n, acc, z1.device)
+        d = (u * v).sum(dim=1)  # u_i . v_i, unscaled
+        if mode == MODE_SOFTMAX_IGNORE:
+            per_a = row - scale * d
+            per_b = col - scale * d if need_col else None
+            r_sum = None
+        elif mode == MODE_SOFTMAX:
+            r_sum = t.row_sums()
+            ts = scale * (u * t.full(v)).sum(dim=1)  # sum_j T_ij s_ij
+            per_a = row - hard_weight * scale * d - (1 - hard_weight) * ts / r_sum
+            if need_col:  # T is symmetric here: column sums equal row sums
+                tsc = scale * (v * t.full(u)).sum(dim=1)
+                per_b = col - hard_weight * scale * d - (1 - hard_weight) * tsc / r_sum
+            else:
+                per_b = None
+        else:  # sigmoid: sum_j T'_ij x_ij = hw x_ii + (1 - hw) (sum_j T_ij s_ij + bias R_i)
+            r_sum = t.row_sums()
+            ts = scale * (u * t.full(v)).sum(dim=1)
+            per_a = row - hard_weight * (scale * d + bias_v) - (1 - hard_weight) * (ts + bias_v * r_sum)
+            per_b = None
+        per = (per_a + per_b) / 2 if per_b is not None else per_a
+        out = per.mean() if reduction == "mean" else (per.sum() if reduction == "sum" else per)
+
+        ctx.cfg = (mode, need_col, hard_weight, normalize, reduction, scale, bias_v, bound, kdt)
+        ctx.core, ctx.targets = core, t
+        ctx.metas = (
+            z1.dtype,
+            (temperature.dtype, temperature.device),
+            None if bias is None else (bias.dtype, bias.device),
+        )
+        ctx.save_for_backward(uk, vk, ids, row, col, r_sum, n1, n2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        mode, need_col, hw, normalize, reduction, scale, bias_v, bound, kdt = ctx.cfg
+        uk, vk, ids, row, col, r_sum, n1, n2 = ctx.saved_tensors
+        t, core = ctx.targets, ctx.core
+        acc = row.dtype
+        n = uk.shape[0]
+        go = grad_out.to(acc)
+        # upstream weight of each per-sample loss
+        if reduction == "mean":
+            w = (go / n).expand(n)
+        elif reduction == "sum":
+            w = go.expand(n)
+        else:
+            w = go
+        g = (w / 2 if need_col else w).contiguous()
+        h = g if need_col else None
+
+        ku, kv, wsum = core.backward(
+            uk, vk, ids, ids, 0, scale, bias_v, bound, mode, row, col if need_col else None, g, h
+        )
+        u, v = uk.to(acc), vk.to(acc)
+        # GU_i = sum_j G_ij v_j and GV_j = sum_i G_ij u_i, where G = dL/ds: kernel part minus targets
+        gu, gv = ku, kv
+        if mode == MODE_SOFTMAX_IGNORE:
+            gu.sub_((g + (h if h is not None else 0))[:, None] * v)
+            gv.sub_((g + (h if h is not None else 0))[:, None] * u)
+        elif mode == MODE_SOFTMAX:
+            # - g_i sum_j P'_ij v_j  and  - sum_i g_i P'_ij u_i
+            gu.sub_(((1 - hw) * g / r_sum)[:, None] * t.full(v)).sub_((hw * g)[:, None] * v)
+            gv.sub_((1 - hw) * t.full(u, g / r_sum)).sub_((hw * g)[:, None] * u)
+            if h is not None:  # - sum_j h_j Q'_ij v_j  and  - h_j sum_i Q'_ij u_i  (C_j = R_j)
+                gu.sub_((1 - hw) * t.full(v, h / r_sum)).sub_((hw * h)[:, None] * v)
+                gv.sub_(((1 - hw) * h / r_sum)[:, None] * t.full(u)).sub_((hw * h)[:, None] * u)
+        else:  # sigmoid: G_ij = g_i (sigmoid(x_ij) - T'_ij)
+            gu.sub_(((1 - hw) * g)[:, None] * t.full(v)).sub_((hw * g)[:, None] * v)
+            gv.sub_((1 - hw) * t.full(u, g)).sub_((hw * g)[:, None] * u)
+
+        z_dtype, tau_meta, bias_meta = ctx.metas
+        need_z1, need_z2, need_tau, need_bias = ctx.needs_input_grad[:4]
+        d_tau = d_bias = None
+        if need_tau:  # dL/dtau = -scale^2 * sum_ij G_ij (u_i . v_j) = -scale^2 * sum_i u_i . GU_i
+            d_tau = (-(scale**2) * (u * gu).sum()).to(dtype=tau_meta[0], device=tau_meta[1])
+        if need_bias:  # dL/dbias = sum_ij G_ij
+            d_bias = (wsum.sum() - (g * (hw + (1 - hw) * r_sum)).sum()).to(dtype=bias_meta[0], device=bias_meta[1])
+        d_z1 = _norm_backward(gu.mul_(scale), u, n1) if need_z1 else None
+        d_z2 = _norm_backward(gv.mul_(scale), v, n2) if need_z2 else None
+        return (
+            None if d_z1 is None else d_z1.to(z_dtype),
+            None if d_z2 is None else d_z2.to(z_dtype),
+            d_tau,
+            d_bias,
+            None,
+            None,
+            None,
+        )
+
+
+def _norm_backward(du: torch.Tensor, u: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
+    """Backward of u = z / max(||z||, eps): (du - u (u . du)) / ||z|| where ||z|| > eps, du / eps otherwise."""
+    if norm is None:
+        return du
+    proj = (u * du).sum(dim=1, keepdim=True)
+    clamped = (norm <= _EPS)[:, None]
+    return torch.where(clamped, du, du - u * proj).div_(norm[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# backends: each fused backend supplies a "core" with kernel_dtype / forward / backward
+
+
+class _OpsCore:
+    """sc_forward / sc_backward registered with TORCH_LIBRARY (csrc/), dispatched by device."""
+
+    def __init__(self, namespace: str, ext: str, native_low_precision: bool):
+        self.namespace, self.ext, self.native_low_precision = namespace, ext, native_low_precision
+
+    def kernel_dtype(self, dtype):
+        if dtype == torch.float64 or self.native_low_precision:
+            return dtype
+        return torch.float32  # the CPU kernels work in fp32 (their GEMM tiles gain nothing from bf16)
+
+    def _ops(self):
+        _backends.load_extension(self.ext)
+        return getattr(torch.ops, self.namespace)
+
+    def forward(self, u, v, row_ids, col_ids, row_offset, scale, bias, bound, mode, need_col):
+        return self._ops().sc_forward(u, v, row_ids, col_ids, row_offset, scale, bias, bound, mode, need_col)
+
+    def backward(self, u, v, row_ids, col_ids, row_offset, scale, bias, bound, mode, row, col, g, h):
+        return self._ops().sc_backward(u, v, row_ids, col_ids, row_offset, scale, bias, bound, mode, row, col, g, h)
+
+
+def _triton_core():
+    from fastcon.kernels.triton import soft_contrastive as k
+
+    return k.CORE
+
+
+_backends.register("soft_contrastive", "reference", lambda: None)
+_backends.register("soft_contrastive", "cpu", lambda: _OpsCore("fastcon", "_C", native_low_precision=False))
+_backends.register("soft_contrastive", "cuda", lambda: _OpsCore("fastcon", "_C", native_low_precision=True))
+_backends.register(
+    "soft_contrastive", "cuda_simt", lambda: _OpsCore("fastcon_simt", "_C_simt", native_low_precision=True)
+)
+_backends.register("soft_contrastive", "triton", _triton_core)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def soft_contrastive_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float | torch.Tensor = 0.1,
+    loss: str = "softmax",
+    symmetric: bool = True,
+    scene_mode: str = "positive",
+    hard_weight: float = 0.0,
+    bias: float | torch.Tensor | None = None,
+    normalize: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Soft-target contrastive loss between two views, fused so that no N x N matrix is stored.
+
+    Args:
+        z1, z2: (N, D) embeddings of the two views (fp32, fp16, bf16; fp64 for checks).
+        labels: (N, C) multi-label vectors (targets = cosine of label vectors, SoftCon),
+            (N,) integer scene ids (same scene = positive, SwiMDiff), or None (InfoNCE / CLIP).
+        temperature: tau > 0, a float or a 0-dim tensor (its gradient is returned).
+        loss: "softmax" (soft-target InfoNCE) or "sigmoid" (soft-target SigLIP).
+        symmetric: softmax only: average the row and column losses (CLIP style).
+        scene_mode: with scene ids, "positive" (same-scene pairs are positives) or "ignore"
+            (same-scene pairs leave the softmax; softmax only).
+        hard_weight: mixes in the one-hot identity target: hw * I + (1 - hw) * soft target.
+        bias: sigmoid only: logit bias, a float or a 0-dim tensor (its gradient is returned).
+        normalize: L2-normalise the embeddings first.
+        reduction: "mean", "sum" or "none" (per-sample losses, shape (N,)).
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (see ``fastcon.backends()``).
+
+    Returns: the loss in fp32 (fp64 for fp64 inputs); gradients flow to z1, z2 and to tensor
+    temperature / bias.
+    """
+    _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction)
+    name, core = _backends.select("soft_contrastive", backend, z1.device)
+    if name == "reference":
+        return reference.soft_contrastive_loss(
+            z1,
+            z2,
+            labels,
+            temperature=temperature,
+            loss=loss,
+            symmetric=symmetric,
+            scene_mode=scene_mode,
+            hard_weight=float(hard_weight),
+            bias=bias,
+            normalize=normalize,
+            reduction=reduction,
+        )
+    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    tau = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature), dtype=acc)
+    b = None if bias is None else (bias if isinstance(bias, torch.Tensor) else torch.tensor(float(bias), dtype=acc))
+    cfg = (loss, symmetric, float(hard_weight), normalize, reduction, scene_mode == "ignore")
+    return _FusedSoftContrastive.apply(z1, z2, tau, b, labels, cfg, core)
+
+
+class SoftContrastiveLoss(nn.Module):
+    """``soft_contrastive_loss`` as a module, with an optional learnable temperature and bias.
+
+    A learnable temperature is stored as ``log_scale = log(1 / tau)`` (as in CLIP / SigLIP) so
+    that it stays positive; ``max_scale`` clamps 1 / tau from above (CLIP uses 100).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        *,
+        learnable_temperature: bool = False,
+        max_scale: float = 100.0,
+        loss: str = "softmax",
+        bias: float | None = None,
+        learnable_bias: bool = False,
+        symmetric: bool = True,
+        scene_mode: str = "positive",
+        hard_weight: float = 0.0,
+        normalize: bool = True,
+        reduction: str = "mean",
+        backend: str = "auto",
+    ):
+        super().__init__()
+        _checks.real("temperature", temperature, low=0.0, low_open=True)
+        _checks.choice("loss", loss, LOSSES)
+        if loss == "sigmoid" and bias is None:
+            bias = -10.0 if learnable_bias else 0.0  # SigLIP's initial bias
+        if bias is not None and loss != "sigmoid":
+            raise ValueError("bias is only used by loss='sigmoid'")
+        log_scale = torch.tensor(1.0 / temperature).log()
+        if learnable_temperature:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+        if bias is None:
+            self.bias = None
+        elif learnable_bias:
+            self.bias = nn.Parameter(torch.tensor(float(bias)))
+        else:
+            self.register_buffer("bias", torch.tensor(float(bias)))
+        self.max_scale = float(max_scale)
+        self.options = dict(
+            loss=loss,
+            symmetric=symmetric,
+            scene_mode=scene_mode,
+            hard_weight=hard_weight,
+            normalize=normalize,
+            reduction=reduction,
+            backend=backend,
+        )
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return 1.0 / self.log_scale.clamp(max=math.log(self.max_scale)).exp()
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return soft_contrastive_loss(z1, z2, labels, temperature=self.temperature, bias=self.bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"temperature={float(self.temperature):.4g}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
