@@ -96,5 +96,5 @@ def test_bad_backend_argument():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA device")
 def test_unavailable_cuda_backend_is_a_clear_error():
     z = torch.randn(4, 8)
-    with pytest.raises(fastcon.BackendError, match="cuda backend is unavailable here: .*no CUDA device"):
+    with pytest.raises(fastcon.BackendError, match="cuda backend is unavailable here: .*(no CUDA device|without CUDA)"):
         fastcon.soft_contrastive_loss(z, z, backend="cuda")
