@@ -38,6 +38,36 @@ TORCH_LIBRARY(fastcon, m) {
       "sc_backward(Tensor u, Tensor v, Tensor? row_ids, Tensor? col_ids, int row_offset, float scale, "
       "float bias, float logit_bound, int mode, Tensor row_stat, Tensor? col_stat, Tensor row_weight, "
       "Tensor? col_weight) -> (Tensor grad_u, Tensor grad_v, Tensor row_wsum)");
+
+  // Siamese masking (SPEC section 2; contract in reference.mask_*).
+  // visible[b, k] = tokens[b, ids[b, k]] + pos_embed[b or 0, ids[b, k]]
+  m.def("mask_gather(Tensor tokens, Tensor ids_keep, Tensor? pos_embed) -> Tensor visible");
+  // One pass over grad_visible: scatter into grad_tokens (B, L, D; zeros elsewhere) when
+  // need_tokens, and into grad_pos (pos_batch, L, D), summed over b when pos_batch == 1.
+  m.def(
+      "mask_gather_backward(Tensor grad_visible, Tensor ids_keep, int L, bool need_tokens, int pos_batch) "
+      "-> (Tensor grad_tokens, Tensor grad_pos)");
+  // out[b, l] = visible[b, k] where ids_keep[b, k] == l, fill (D,) elsewhere.
+  m.def("mask_unmask(Tensor visible, Tensor ids_keep, int L, Tensor fill) -> Tensor");
+  // images (B, C, H, W) with the pixels of dropped patch-grid cells set to zero.
+  m.def("mask_image(Tensor images, int patch, Tensor ids_keep) -> Tensor");
+
+  // Diffusion noise schedule (SPEC section 3; contract in reference.diffusion_* / philox_*).
+  // Seeded noise: Philox4x32-10, counter = flat element index, key = seed (see reference).
+  // target: 0 epsilon, 1 x0, 2 v.
+  m.def("philox_uint32(int seed, int n) -> Tensor");
+  m.def("philox_normal(int seed, int n) -> Tensor");
+  m.def(
+      "diffusion_q_sample(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1m_ab, Tensor? noise, int seed) "
+      "-> Tensor x_t");
+  // Per-sample sums of squared errors (B,), fp32 (fp64 for fp64 inputs).
+  m.def(
+      "diffusion_loss(Tensor pred, Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1m_ab, Tensor? noise, "
+      "int seed, int target) -> Tensor sse");
+  // grad_pred = 2 (pred - target) * grad_sse[b], target regenerated from the seed.
+  m.def(
+      "diffusion_loss_backward(Tensor grad_sse, Tensor pred, Tensor x0, Tensor t, Tensor sqrt_ab, "
+      "Tensor sqrt_1m_ab, Tensor? noise, int seed, int target) -> Tensor grad_pred");
 }
 
 FASTCON_PYTHON_MODULE(_C)

@@ -19,3 +19,9 @@ def _sc_forward(u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mo
 def _sc_backward(u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mode, row, col, g, h):
     a = _acc(u)
     return u.new_empty(u.shape, dtype=a), v.new_empty(v.shape, dtype=a), u.new_empty(u.shape[0], dtype=a)
+
+
+# ---- Siamese masking -----------------------------------------------------------------------
+
+
+# ---- diffusion -------------------------------------------------------------------------------

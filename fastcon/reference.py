@@ -145,3 +145,11 @@ def sc_core_backward(u, v, row_ids, col_ids, row_offset, scale, bias, logit_boun
         if h is not None:
             w = w + h[None, :] * torch.exp(s - col[None, :])
     return w @ v, w.T @ u, w.sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Siamese masking
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Diffusion noise schedule

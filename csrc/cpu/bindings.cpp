@@ -11,3 +11,9 @@ namespace fastcon {
 std::string cpu_capability() { return cpu::isa_name(cpu::detect_isa()); }
 
 }  // namespace fastcon
+
+// ---- soft contrastive loss --------------------------------------------------------------
+
+// ---- Siamese masking ------------------------------------------------------------------------
+
+// ---- diffusion --------------------------------------------------------------------------------
