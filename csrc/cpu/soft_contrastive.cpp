@@ -390,36 +390,27 @@ FASTCON_AVX512 void bwd_sigmoid_avx512(const Tile<float>& t, float bias, const f
 
 // ---- dispatch of the tile passes -----------------------------------------------------------
 
-template <typename T>
-bool use_avx512() {
+// The tile passes: AVX-512 for float when enabled (`vec`, decided once per call), else scalar.
 #if FASTCON_SC_AVX512
-  static const bool yes = detect_isa() == Isa::kAvx512;
-  return std::is_same_v<T, float> && yes;
-#else
-  return false;
-#endif
-}
-
-#if FASTCON_SC_AVX512
-#define FASTCON_SC_DISPATCH(masked, name, ...)                                                            \
-  do {                                                                                                    \
-    if constexpr (std::is_same_v<T, float>) {                                                             \
-      if (use_avx512<T>()) {                                                                              \
-        masked ? name##_avx512<true>(__VA_ARGS__) : name##_avx512<false>(__VA_ARGS__);                   \
-        break;                                                                                            \
-      }                                                                                                   \
-    }                                                                                                     \
-    masked ? name##_scalar<T, true>(__VA_ARGS__) : name##_scalar<T, false>(__VA_ARGS__);                  \
+#define FASTCON_SC_DISPATCH(masked, name, ...)                                             \
+  do {                                                                                     \
+    if constexpr (std::is_same_v<T, float>) {                                              \
+      if (vec) {                                                                           \
+        masked ? name##_avx512<true>(__VA_ARGS__) : name##_avx512<false>(__VA_ARGS__);    \
+        break;                                                                             \
+      }                                                                                    \
+    }                                                                                      \
+    masked ? name##_scalar<T, true>(__VA_ARGS__) : name##_scalar<T, false>(__VA_ARGS__);   \
   } while (0)
-#define FASTCON_SC_DISPATCH_UNMASKED(name, ...)                                                           \
-  do {                                                                                                    \
-    if constexpr (std::is_same_v<T, float>) {                                                             \
-      if (use_avx512<T>()) {                                                                              \
-        name##_avx512(__VA_ARGS__);                                                                       \
-        break;                                                                                            \
-      }                                                                                                   \
-    }                                                                                                     \
-    name##_scalar<T>(__VA_ARGS__);                                                                        \
+#define FASTCON_SC_DISPATCH_UNMASKED(name, ...)                                            \
+  do {                                                                                     \
+    if constexpr (std::is_same_v<T, float>) {                                              \
+      if (vec) {                                                                           \
+        name##_avx512(__VA_ARGS__);                                                        \
+        break;                                                                             \
+      }                                                                                    \
+    }                                                                                      \
+    name##_scalar<T>(__VA_ARGS__);                                                         \
   } while (0)
 #else
 #define FASTCON_SC_DISPATCH(masked, name, ...) \
@@ -521,6 +512,7 @@ void sc_forward(const T* u, const T* v, const ScProblem& p, T* row, T* col) {
   }
   const bool fixed = sc_uses_fixed_max<T>(p);
   const T shift = T(fixed ? p.logit_bound : 0.0);
+  [[maybe_unused]] const bool vec = std::is_same_v<T, float> && avx512_enabled();
   const Split split(m);
 
   Buffer<T> tiles(split.threads * kBlockRows * kLds);
@@ -604,6 +596,7 @@ void sc_backward(const T* u, const T* v, const ScProblem& p, const T* row, const
   }
   const bool fixed = sc_uses_fixed_max<T>(p);
   const double shift = fixed ? p.logit_bound : 0.0;
+  [[maybe_unused]] const bool vec = std::is_same_v<T, float> && avx512_enabled();
   const Split split(m);
 
   // Per-row / per-column coefficients of W. Fixed max: W = e (a_i + b_j), a_i = g_i e^{B - r_i};

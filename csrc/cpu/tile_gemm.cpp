@@ -201,14 +201,19 @@ void gemm_builtin(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T
   const Operand<T> A{a, lda, trans_a}, B{b, ldb, trans_b};
 #if FASTCON_HAVE_AVX512_PATH
   if constexpr (std::is_same_v<T, float>) {
-    static const bool avx512 = detect_isa() == Isa::kAvx512;
-    if (avx512) return gemm_packed<float, kMr512, kNr512>(A, B, m, n, k, alpha, beta, c, ldc, micro_avx512);
+    if (avx512_enabled()) return gemm_packed<float, kMr512, kNr512>(A, B, m, n, k, alpha, beta, c, ldc, micro_avx512);
   }
 #endif
   gemm_packed<T, 4, 16>(A, B, m, n, k, alpha, beta, c, ldc, micro_portable<T, 4, 16>);
 }
 
 }  // namespace
+
+bool avx512_enabled() {
+  static const bool cpu_has = detect_isa() == Isa::kAvx512;
+  const char* env = std::getenv("FASTCON_CPU_ISA");
+  return cpu_has && !(env && std::strcmp(env, "scalar") == 0);
+}
 
 const char* tile_gemm_backend(bool is_double) {
   if (builtin_forced()) return "builtin";

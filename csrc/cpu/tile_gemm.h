@@ -15,6 +15,10 @@ template <typename T>
 void tile_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
                const T* b, int64_t ldb, T beta, T* c, int64_t ldc);
 
+// Whether the AVX-512 kernels run: the CPU has AVX-512 and FASTCON_CPU_ISA is not "scalar"
+// (a hook that lets tests run the portable paths on any machine).
+bool avx512_enabled();
+
 // "mkl" or "builtin": what tile_gemm<T> uses right now.
 const char* tile_gemm_backend(bool is_double);
 
