@@ -5,11 +5,14 @@
 // buffer, then ONE vectorised pass does the exp / log-sum-exp bookkeeping (forward) or turns the
 // logits into the weights W in place (backward), followed by two GEMMs W V and W^T U.
 //
-// Parallelism: row blocks are walked in order; inside one, the column blocks are split into a
-// fixed number of chunks (independent of the thread count up to 4 threads) that threads take
-// dynamically. A chunk owns its columns (column statistics and grad_v rows are updated without
-// races) and keeps its own partial row statistics and grad_u rows, which are then reduced in
-// chunk order. Memory is O(threads * tile + chunks * kBlockRows * d + m), never n x m.
+// Parallelism: the column blocks are grouped into a fixed number of chunks; work items (row
+// block, chunk) are handed out dynamically in row-block-major order (TileQueue). A chunk's items
+// run one at a time in row order, so a chunk owns its columns: column statistics and grad_v rows
+// are updated without races or atomics. Row quantities are per-chunk partials reduced in chunk
+// order: forward row statistics (O(chunks * n) scalars) at the end; backward grad_u rows through
+// a ring of a few row-block slots, summed by whichever chunk finishes a row block last. Memory
+// is O(threads * tile + slots * chunks * kBlockRows * d + chunks * (n + m)), never n x m, and the
+// results are bitwise independent of the thread count (up to 4 threads; beyond, more chunks).
 //
 // Two ways to keep exp in range:
 // - fixed max (logit_bound B > 0 with 2B inside the exp range): every |s_ij| <= B, so
@@ -30,6 +33,7 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "cpu/simd.h"
@@ -46,7 +50,7 @@
 namespace fastcon::cpu {
 namespace {
 
-constexpr int64_t kBlockRows = 256;
+constexpr int64_t kBlockRows = 256;  // tile shape: within a few % of the best on SPR for D = 128..512
 constexpr int64_t kBlockCols = 256;
 constexpr int64_t kLds = kBlockCols + 16;  // tile row stride: room for a full last vector, no 4 KiB aliasing
 constexpr int64_t kMinChunks = 8;          // column chunks per row block (more only beyond 4 threads)
@@ -420,28 +424,79 @@ FASTCON_AVX512 void bwd_sigmoid_avx512(const Tile<float>& t, float bias, const f
 
 // ---- the blockwise drivers -----------------------------------------------------------------
 
-// How the columns are cut: ncb blocks of kBlockCols, grouped into `chunks` contiguous chunks.
+// How the work is cut: row blocks of kBlockRows, and column blocks of kBlockCols grouped into
+// `chunks` contiguous column chunks. The number of chunks depends on m only (up to 4 threads).
 struct Split {
-  int64_t ncb, chunks, threads;
-  explicit Split(int64_t m) {
-    ncb = (m + kBlockCols - 1) / kBlockCols;
+  int64_t row_blocks, col_blocks, chunks, threads;
+  Split(int64_t n, int64_t m) {
+    row_blocks = (n + kBlockRows - 1) / kBlockRows;
+    col_blocks = (m + kBlockCols - 1) / kBlockCols;
     threads = std::max<int64_t>(1, at::get_num_threads());
-    chunks = std::min(ncb, std::max(kMinChunks, 2 * threads));
-    threads = std::min(threads, chunks);
+    chunks = std::min(col_blocks, std::max(kMinChunks, 2 * threads));
+    threads = std::min(threads, row_blocks * chunks);
   }
-  int64_t first_block(int64_t chunk) const { return chunk * ncb / chunks; }
+  int64_t first_block(int64_t chunk) const { return chunk * col_blocks / chunks; }
 };
 
-// Runs body(chunk, slot) for every chunk, threads taking chunks dynamically; slot indexes
-// per-thread scratch. Which thread runs a chunk never changes a result.
-template <typename F>
-void for_each_chunk(const Split& split, const F& body) {
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, split.threads, 1, [&](int64_t slot, int64_t) {
-    SingleThreadedBlas one_blas_thread;
-    for (int64_t c; (c = next.fetch_add(1)) < split.chunks;) body(c, slot);
-  });
+void wait_until_at_least(const std::atomic<int64_t>& value, int64_t target) {
+  while (value.load(std::memory_order_acquire) < target) std::this_thread::yield();
 }
+
+// Work items (row block i, chunk c), handed out in row-block-major order to whichever thread
+// asks next, so a slow or descheduled thread holds up no barrier. Item (i, c) starts after
+// (i - 1, c) has finished: a chunk's columns (column statistics, grad_v rows) are updated by one
+// thread at a time, in row-block order. Results depend on the item partition only, never on
+// which thread ran what. No item waits for one handed out after it, so nothing can deadlock,
+// even when the threads run one after another.
+class TileQueue {
+ public:
+  explicit TileQueue(const Split& split) : split_(split), chunk_done_(new std::atomic<int64_t>[split.chunks]) {
+    for (int64_t c = 0; c < split.chunks; ++c) chunk_done_[c].store(-1, std::memory_order_relaxed);
+  }
+
+  // item(i, c, slot) for every item; slot indexes per-thread scratch
+  template <typename F>
+  void run(const F& item) {
+    at::parallel_for(0, split_.threads, 1, [&](int64_t slot, int64_t) {
+      SingleThreadedBlas one_blas_thread;
+      for (int64_t k; (k = next_.fetch_add(1)) < split_.row_blocks * split_.chunks;) {
+        const int64_t i = k / split_.chunks, c = k % split_.chunks;
+        wait_until_at_least(chunk_done_[c], i - 1);
+        item(i, c, slot);
+        chunk_done_[c].store(i, std::memory_order_release);
+      }
+    });
+  }
+
+ private:
+  const Split& split_;
+  std::unique_ptr<std::atomic<int64_t>[]> chunk_done_;  // last row block each chunk has finished
+  std::atomic<int64_t> next_{0};
+};
+
+// grad_u partials of the chunks for a few row blocks in flight: slot i % kSlots holds row block
+// i's; the last chunk to finish row block i sums them (in chunk order) and frees the slot.
+class RowBlockSlots {
+ public:
+  static constexpr int64_t kSlots = 3;
+  explicit RowBlockSlots(int64_t chunks) : chunks_(chunks) {
+    for (int64_t k = 0; k < kSlots; ++k) open_for_[k].store(k), finished_[k].store(0);
+  }
+  int64_t slot(int64_t i) const { return i % kSlots; }
+  // before chunk work on row block i writes its slot
+  void acquire(int64_t i) const { wait_until_at_least(open_for_[slot(i)], i); }
+  // after; true for the caller that finished row block i last, which must reduce it and release
+  bool finish(int64_t i) { return finished_[slot(i)].fetch_add(1, std::memory_order_acq_rel) + 1 == chunks_; }
+  void release(int64_t i) {
+    finished_[slot(i)].store(0, std::memory_order_relaxed);
+    open_for_[slot(i)].store(i + kSlots, std::memory_order_release);
+  }
+
+ private:
+  int64_t chunks_;
+  std::atomic<int64_t> open_for_[kSlots];  // the row block that may use each slot next
+  std::atomic<int64_t> finished_[kSlots];  // chunks done with the slot's row block
+};
 
 template <typename T>
 Tile<T> make_tile(const ScProblem& p, T* s, int64_t i0, int64_t br, int64_t j0, int64_t bc) {
@@ -480,6 +535,13 @@ void positive_logits(const T* u, const T* v, const ScProblem& p, int64_t i0, int
   }
 }
 
+template <typename T>
+std::vector<T> all_positive_logits(const T* u, const T* v, const ScProblem& p) {
+  std::vector<T> pos(p.n, T(0));
+  at::parallel_for(0, p.n, 256, [&](int64_t r0, int64_t r1) { positive_logits(u, v, p, r0, r1 - r0, pos.data() + r0); });
+  return pos;
+}
+
 // overwrite the tile's positive-pair logits with the accurate ones
 template <typename T>
 void patch_positives(const Tile<T>& t, const T* pos) {
@@ -513,70 +575,68 @@ void sc_forward(const T* u, const T* v, const ScProblem& p, T* row, T* col) {
   const bool fixed = sc_uses_fixed_max<T>(p);
   const T shift = T(fixed ? p.logit_bound : 0.0);
   [[maybe_unused]] const bool vec = std::is_same_v<T, float> && avx512_enabled();
-  const Split split(m);
+  const Split split(n, m);
 
   Buffer<T> tiles(split.threads * kBlockRows * kLds);
-  Buffer<T> scratch(split.threads * 3 * kLds);                      // per thread: row / col / col tile stats
-  std::vector<double> part_sum(split.chunks * kBlockRows);          // per chunk partial row sums
-  std::vector<T> part_max(split.chunks * kBlockRows);               // ... and maxima (running path)
-  std::vector<double> col_sum(need_col ? m : 0, 0.0);               // column sums, owned by chunks
-  std::vector<T> col_max(need_col && !fixed ? m : 0, kNegInf<T>);   // running column maxima
-  std::vector<T> pos(kBlockRows);                                    // positive logits of a row block
+  Buffer<T> scratch(split.threads * (kBlockRows + 2 * kLds));  // per thread: a tile's row / col stats
+  // partial row statistics of every chunk for all n rows (O(chunks * n)), reduced at the end
+  std::vector<double> part_sum(split.chunks * n, 0.0);
+  std::vector<T> part_max(fixed || sigmoid ? 0 : split.chunks * n, kNegInf<T>);
+  std::vector<double> col_sum(need_col ? m : 0, 0.0);              // column sums, owned by chunks
+  std::vector<T> col_max(need_col && !fixed ? m : 0, kNegInf<T>);  // running column maxima
+  const std::vector<T> pos = all_positive_logits(u, v, p);
 
-  for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
-    const int64_t br = std::min(kBlockRows, n - i0);
-    positive_logits(u, v, p, i0, br, pos.data());
-    for_each_chunk(split, [&](int64_t c, int64_t slot) {
-      T* s = tiles.get() + slot * kBlockRows * kLds;
-      T* row_tile = scratch.get() + slot * 3 * kLds;
-      T* col_tile = row_tile + kLds;
-      T* col_tile2 = col_tile + kLds;
-      double* psum = part_sum.data() + c * kBlockRows;
-      T* pmax = part_max.data() + c * kBlockRows;
-      std::fill(psum, psum + br, 0.0);
-      std::fill(pmax, pmax + br, kNegInf<T>);
-      for (int64_t b = split.first_block(c); b < split.first_block(c + 1); ++b) {
-        const int64_t j0 = b * kBlockCols, bc = std::min(kBlockCols, m - j0);
-        tile_gemm<T>(false, true, br, bc, d, T(p.scale), u + i0 * d, d, v + j0 * d, d, T(0), s, kLds);
-        const Tile<T> t = make_tile<T>(p, s, i0, br, j0, bc);
-        patch_positives(t, pos.data());
-        if (sigmoid) {
-          FASTCON_SC_DISPATCH_UNMASKED(fwd_sigmoid, t, T(p.bias), row_tile);
-        } else if (fixed) {
-          FASTCON_SC_DISPATCH(masked, fwd_fixed, t, shift, row_tile, col_tile);
-          if (need_col)
-            for (int64_t j = 0; j < bc; ++j) col_sum[j0 + j] += col_tile[j];
-        } else {
-          FASTCON_SC_DISPATCH(masked, tile_max, t, row_tile, col_tile);
-          for (int64_t r = 0; r < br; ++r) raise_max(pmax[r], psum[r], row_tile[r]);
-          if (need_col)
-            for (int64_t j = 0; j < bc; ++j) raise_max(col_max[j0 + j], col_sum[j0 + j], col_tile[j]);
-          FASTCON_SC_DISPATCH(masked, fwd_running, t, pmax, need_col ? col_max.data() + j0 : nullptr, row_tile,
-                              col_tile2);
-          if (need_col)
-            for (int64_t j = 0; j < bc; ++j) col_sum[j0 + j] += col_tile2[j];
-        }
-        for (int64_t r = 0; r < br; ++r) psum[r] += row_tile[r];
+  TileQueue(split).run([&](int64_t i, int64_t c, int64_t slot) {
+    T* s = tiles.get() + slot * kBlockRows * kLds;
+    T* row_tile = scratch.get() + slot * (kBlockRows + 2 * kLds);
+    T* col_tile = row_tile + kBlockRows;
+    T* col_tile2 = col_tile + kLds;
+    const int64_t i0 = i * kBlockRows, br = std::min(kBlockRows, n - i0);
+    double* psum = part_sum.data() + c * n + i0;
+    T* pmax = fixed || sigmoid ? nullptr : part_max.data() + c * n + i0;
+    for (int64_t b = split.first_block(c); b < split.first_block(c + 1); ++b) {
+      const int64_t j0 = b * kBlockCols, bc = std::min(kBlockCols, m - j0);
+      tile_gemm<T>(false, true, br, bc, d, T(p.scale), u + i0 * d, d, v + j0 * d, d, T(0), s, kLds);
+      const Tile<T> t = make_tile<T>(p, s, i0, br, j0, bc);
+      patch_positives(t, pos.data() + i0);
+      if (sigmoid) {
+        FASTCON_SC_DISPATCH_UNMASKED(fwd_sigmoid, t, T(p.bias), row_tile);
+      } else if (fixed) {
+        FASTCON_SC_DISPATCH(masked, fwd_fixed, t, shift, row_tile, col_tile);
+        if (need_col)
+          for (int64_t j = 0; j < bc; ++j) col_sum[j0 + j] += col_tile[j];
+      } else {
+        FASTCON_SC_DISPATCH(masked, tile_max, t, row_tile, col_tile);
+        for (int64_t r = 0; r < br; ++r) raise_max(pmax[r], psum[r], row_tile[r]);
+        if (need_col)
+          for (int64_t j = 0; j < bc; ++j) raise_max(col_max[j0 + j], col_sum[j0 + j], col_tile[j]);
+        FASTCON_SC_DISPATCH(masked, fwd_running, t, pmax, need_col ? col_max.data() + j0 : nullptr, row_tile,
+                            col_tile2);
+        if (need_col)
+          for (int64_t j = 0; j < bc; ++j) col_sum[j0 + j] += col_tile2[j];
       }
-    });
-    // reduce the chunks' partial row statistics, in chunk order
-    for (int64_t r = 0; r < br; ++r) {
+      for (int64_t r = 0; r < br; ++r) psum[r] += row_tile[r];
+    }
+  });
+  // reduce the chunks' partial row statistics, in chunk order
+  at::parallel_for(0, n, 1024, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
       if (sigmoid || fixed) {
         double sum = 0.0;
-        for (int64_t c = 0; c < split.chunks; ++c) sum += part_sum[c * kBlockRows + r];
-        row[i0 + r] = sigmoid ? T(sum) : finish_lse(shift, sum);
+        for (int64_t c = 0; c < split.chunks; ++c) sum += part_sum[c * n + r];
+        row[r] = sigmoid ? T(sum) : finish_lse(shift, sum);
       } else {
         T mx = kNegInf<T>;
-        for (int64_t c = 0; c < split.chunks; ++c) mx = std::max(mx, part_max[c * kBlockRows + r]);
+        for (int64_t c = 0; c < split.chunks; ++c) mx = std::max(mx, part_max[c * n + r]);
         double sum = 0.0;
         for (int64_t c = 0; c < split.chunks; ++c) {
-          const T cm = part_max[c * kBlockRows + r];
-          if (cm != kNegInf<T>) sum += part_sum[c * kBlockRows + r] * std::exp(double(cm) - double(mx));
+          const T cm = part_max[c * n + r];
+          if (cm != kNegInf<T>) sum += part_sum[c * n + r] * std::exp(double(cm) - double(mx));
         }
-        row[i0 + r] = finish_lse(mx, sum);
+        row[r] = finish_lse(mx, sum);
       }
     }
-  }
+  });
   if (need_col)
     for (int64_t j = 0; j < m; ++j) col[j] = finish_lse(fixed ? shift : col_max[j], col_sum[j]);
 }
@@ -597,11 +657,23 @@ void sc_backward(const T* u, const T* v, const ScProblem& p, const T* row, const
   const bool fixed = sc_uses_fixed_max<T>(p);
   const double shift = fixed ? p.logit_bound : 0.0;
   [[maybe_unused]] const bool vec = std::is_same_v<T, float> && avx512_enabled();
-  const Split split(m);
+  const Split split(n, m);
 
   // Per-row / per-column coefficients of W. Fixed max: W = e (a_i + b_j), a_i = g_i e^{B - r_i};
   // running max: W = g_i exp(s - r_i) + h_j exp(s - c_j). A -inf log-sum-exp (no pair left)
   // gets weight 0 instead of a NaN.
+  std::vector<T> row_coef(n), row_lse(sigmoid || fixed ? 0 : n);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool empty = !sigmoid && row[i] == kNegInf<T>;
+    if (sigmoid) {
+      row_coef[i] = g[i];
+    } else if (fixed) {
+      row_coef[i] = empty ? T(0) : T(double(g[i]) * std::exp(shift - double(row[i])));
+    } else {
+      row_coef[i] = empty ? T(0) : g[i];
+      row_lse[i] = empty ? T(0) : row[i];
+    }
+  }
   std::vector<T> col_coef(with_h ? m : 0), col_lse(with_h && !fixed ? m : 0);
   for (int64_t j = 0; with_h && j < m; ++j) {
     const bool empty = col[j] == kNegInf<T>;
@@ -612,71 +684,59 @@ void sc_backward(const T* u, const T* v, const ScProblem& p, const T* row, const
       col_lse[j] = empty ? T(0) : col[j];
     }
   }
-  std::vector<T> row_coef(kBlockRows), row_lse(kBlockRows), pos(kBlockRows);
+  const std::vector<T> pos = all_positive_logits(u, v, p);
 
   Buffer<T> tiles(split.threads * kBlockRows * kLds);
-  Buffer<T> scratch(split.threads * kLds);
-  Buffer<T> part_grad(split.chunks * kBlockRows * d);    // per chunk partial grad_u rows
-  std::vector<double> part_wsum(split.chunks * kBlockRows);
+  Buffer<T> scratch(split.threads * kBlockRows);  // per thread: a tile's row sums of W
+  // grad_u partials per (slot, chunk): O(slots * chunks * kBlockRows * d), not O(n * d)
+  RowBlockSlots slots(split.chunks);
+  Buffer<T> part_grad(RowBlockSlots::kSlots * split.chunks * kBlockRows * d);
+  std::vector<double> part_wsum(split.chunks * n, 0.0);
 
-  for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
-    const int64_t br = std::min(kBlockRows, n - i0);
-    positive_logits(u, v, p, i0, br, pos.data());
-    for (int64_t r = 0; r < br; ++r) {
-      const T lse = row[i0 + r], gr = g[i0 + r];
-      const bool empty = !sigmoid && lse == kNegInf<T>;
+  TileQueue(split).run([&](int64_t i, int64_t c, int64_t slot) {
+    T* s = tiles.get() + slot * kBlockRows * kLds;
+    T* wsum_tile = scratch.get() + slot * kBlockRows;
+    const int64_t i0 = i * kBlockRows, br = std::min(kBlockRows, n - i0);
+    slots.acquire(i);
+    T* grad = part_grad.get() + (slots.slot(i) * split.chunks + c) * kBlockRows * d;
+    double* wsum = part_wsum.data() + c * n + i0;
+    const int64_t b0 = split.first_block(c);
+    for (int64_t b = b0; b < split.first_block(c + 1); ++b) {
+      const int64_t j0 = b * kBlockCols, bc = std::min(kBlockCols, m - j0);
+      tile_gemm<T>(false, true, br, bc, d, T(p.scale), u + i0 * d, d, v + j0 * d, d, T(0), s, kLds);
+      const Tile<T> t = make_tile<T>(p, s, i0, br, j0, bc);
+      patch_positives(t, pos.data() + i0);
       if (sigmoid) {
-        row_coef[r] = gr;
+        FASTCON_SC_DISPATCH_UNMASKED(bwd_sigmoid, t, T(p.bias), row_coef.data() + i0, wsum_tile);
       } else if (fixed) {
-        row_coef[r] = empty ? T(0) : T(double(gr) * std::exp(shift - double(lse)));
+        FASTCON_SC_DISPATCH(masked, bwd_fixed, t, T(shift), row_coef.data() + i0,
+                            with_h ? col_coef.data() + j0 : nullptr, wsum_tile);
       } else {
-        row_coef[r] = empty ? T(0) : gr;
-        row_lse[r] = empty ? T(0) : lse;
+        FASTCON_SC_DISPATCH(masked, bwd_running, t, row_coef.data() + i0, row_lse.data() + i0,
+                            with_h ? col_coef.data() + j0 : nullptr, with_h ? col_lse.data() + j0 : nullptr,
+                            wsum_tile);
       }
+      for (int64_t r = 0; r < br; ++r) wsum[r] += wsum_tile[r];
+      // this chunk's grad_u partial += W V_b ; grad_v rows of block b += W^T U (owned: no race)
+      tile_gemm<T>(false, false, br, d, bc, T(1), s, kLds, v + j0 * d, d, T(b == b0 ? 0 : 1), grad, d);
+      tile_gemm<T>(true, false, bc, d, br, T(1), s, kLds, u + i0 * d, d, T(i == 0 ? 0 : 1), grad_v + j0 * d, d);
     }
-    for_each_chunk(split, [&](int64_t c, int64_t slot) {
-      T* s = tiles.get() + slot * kBlockRows * kLds;
-      T* wsum_tile = scratch.get() + slot * kLds;
-      T* grad = part_grad.get() + c * kBlockRows * d;
-      double* wsum = part_wsum.data() + c * kBlockRows;
-      std::fill(wsum, wsum + br, 0.0);
-      const int64_t b0 = split.first_block(c);
-      for (int64_t b = b0; b < split.first_block(c + 1); ++b) {
-        const int64_t j0 = b * kBlockCols, bc = std::min(kBlockCols, m - j0);
-        tile_gemm<T>(false, true, br, bc, d, T(p.scale), u + i0 * d, d, v + j0 * d, d, T(0), s, kLds);
-        const Tile<T> t = make_tile<T>(p, s, i0, br, j0, bc);
-        patch_positives(t, pos.data());
-        if (sigmoid) {
-          FASTCON_SC_DISPATCH_UNMASKED(bwd_sigmoid, t, T(p.bias), row_coef.data(), wsum_tile);
-        } else if (fixed) {
-          FASTCON_SC_DISPATCH(masked, bwd_fixed, t, T(shift), row_coef.data(),
-                              with_h ? col_coef.data() + j0 : nullptr, wsum_tile);
-        } else {
-          FASTCON_SC_DISPATCH(masked, bwd_running, t, row_coef.data(), row_lse.data(),
-                              with_h ? col_coef.data() + j0 : nullptr, with_h ? col_lse.data() + j0 : nullptr,
-                              wsum_tile);
-        }
-        for (int64_t r = 0; r < br; ++r) wsum[r] += wsum_tile[r];
-        // grad_u rows of this chunk += W V_b ; grad_v rows of this block += W^T U (owned: no race)
-        tile_gemm<T>(false, false, br, d, bc, T(1), s, kLds, v + j0 * d, d, T(b == b0 ? 0 : 1), grad, d);
-        tile_gemm<T>(true, false, bc, d, br, T(1), s, kLds, u + i0 * d, d, T(i0 == 0 ? 0 : 1), grad_v + j0 * d, d);
-      }
-    });
-    // reduce the chunks' partial grad_u rows and row sums, in chunk order
-    at::parallel_for(0, br, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
+    if (slots.finish(i)) {  // the last chunk of row block i: reduce its partials, in chunk order
+      const T* first = part_grad.get() + slots.slot(i) * split.chunks * kBlockRows * d;
+      for (int64_t r = 0; r < br; ++r) {
         T* out = grad_u + (i0 + r) * d;
-        std::copy(part_grad.get() + r * d, part_grad.get() + (r + 1) * d, out);
-        for (int64_t c = 1; c < split.chunks; ++c) {
-          const T* part = part_grad.get() + (c * kBlockRows + r) * d;
+        std::copy(first + r * d, first + (r + 1) * d, out);
+        for (int64_t cc = 1; cc < split.chunks; ++cc) {
+          const T* part = first + (cc * kBlockRows + r) * d;
           for (int64_t k = 0; k < d; ++k) out[k] += part[k];
         }
         double sum = 0.0;
-        for (int64_t c = 0; c < split.chunks; ++c) sum += part_wsum[c * kBlockRows + r];
+        for (int64_t cc = 0; cc < split.chunks; ++cc) sum += part_wsum[cc * n + i0 + r];
         row_wsum[i0 + r] = T(sum);
       }
-    });
-  }
+      slots.release(i);
+    }
+  });
 }
 
 template void sc_forward<float>(const float*, const float*, const ScProblem&, float*, float*);
