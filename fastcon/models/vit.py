@@ -141,10 +141,13 @@ class ViTEncoder(nn.Module):
         if keep is None and ids_keep is None:  # teacher branch: every token
             visible = patches if patch_pos is None else patches + patch_pos
         else:
-            if keep is None:
-                keep = ids_keep.shape[1]
+            # one fused pass: gather the kept tokens and add their positional embeddings
             visible, ids_keep = fastcon.siamese_mask(
-                patches, keep, pos_embed=patch_pos, ids_keep=ids_keep, generator=generator
+                patches,
+                keep,
+                pos_embed=patch_pos,
+                ids_keep=ids_keep,
+                generator=generator if ids_keep is None else None,
             )
         prefix = []
         if vit.cls_token is not None:
