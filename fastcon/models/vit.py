@@ -33,6 +33,11 @@ def _xformers_ops():
     return xops
 
 
+def _xformers_usable(x: torch.Tensor) -> bool:
+    """xformers' memory-efficient kernels run on CUDA tensors only."""
+    return x.is_cuda
+
+
 def _attention(attn: nn.Module, x: torch.Tensor, bias) -> torch.Tensor:
     """timm ``Attention`` with its own weights; ``bias`` None, a bool mask, or an xformers attn bias."""
     b, n, _ = x.shape
@@ -141,6 +146,8 @@ class ViTEncoder(nn.Module):
         if keep is None and ids_keep is None:  # teacher branch: every token
             visible = patches if patch_pos is None else patches + patch_pos
         else:
+            if patch_pos is not None:  # under autocast the patch tokens are bf16/fp16
+                patch_pos = patch_pos.to(patches.dtype)
             # one fused pass: gather the kept tokens and add their positional embeddings
             visible, ids_keep = fastcon.siamese_mask(
                 patches,
@@ -216,7 +223,7 @@ class ViTEncoder(nn.Module):
         seqlens = [s.shape[1] for s in seqs for _ in range(s.shape[0])]
         packed = torch.cat([s.reshape(-1, self.embed_dim) for s in seqs])[None]
         xops = _xformers_ops()
-        if xops is not None and packed.is_cuda:
+        if xops is not None and _xformers_usable(packed):
             bias = xops.fmha.BlockDiagonalMask.from_seqlens(seqlens)
         else:
             bias = block_diagonal_mask(seqlens, packed.device)
