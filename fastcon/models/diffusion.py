@@ -164,7 +164,8 @@ def diffusion_loss(
     schedule,
     x0: torch.Tensor,
     *,
-    seed: int,
+    seed: int | None = None,
+    noise: torch.Tensor | None = None,
     t: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     target: str = "epsilon",
@@ -172,13 +173,16 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """SwiMDiff's denoising loss through the shared encoder.
 
-    ``t`` (B,) int64 timesteps, drawn with ``schedule.sample_timesteps`` when None. ``seed``
-    keys the counter-based noise: ``q_sample`` draws it and ``loss`` regenerates the same noise,
-    so it is never stored; use a new seed every step (e.g. base seed + step).
+    ``t`` (B,) int64 timesteps, drawn with ``schedule.sample_timesteps(B, generator)`` when None.
+    ``seed`` keys the counter-based noise: ``q_sample`` draws it and ``loss`` regenerates the
+    same noise, so it is never stored; use a new seed every step (e.g. base seed + step). An
+    explicit ``noise`` tensor (x0's shape) replaces the seed.
     """
+    if (seed is None) == (noise is None):
+        raise ValueError("give exactly one of seed (noise drawn in the kernels) or noise (a tensor)")
     if t is None:
         t = schedule.sample_timesteps(x0.shape[0], generator)
     t = t.to(x0.device)
-    x_t, _ = schedule.q_sample(x0, t, seed=seed)
+    x_t, _ = schedule.q_sample(x0, t, noise, seed=seed)
     pred = decoder(encoder.forward_pyramid(x_t), t, x_t)
-    return schedule.loss(pred, x0, t, seed=seed, target=target, reduction=reduction)
+    return schedule.loss(pred, x0, t, noise=noise, seed=seed, target=target, reduction=reduction)
