@@ -155,7 +155,8 @@ def sc_core_backward(u, v, row_ids, col_ids, row_offset, scale, bias, logit_boun
 # table shared by the batch) or P == B. All values are computed in the accumulation dtype
 # (fp32; fp64 for fp64 inputs) and rounded once to the storage dtype. These functions are the
 # op contracts of csrc/ops.cpp (mask_gather, mask_gather_backward, mask_unmask,
-# mask_unmask_backward, mask_image); the public ops differentiate the first three by autograd.
+# mask_unmask_backward, mask_image); the reference backend differentiates mask_gather,
+# mask_unmask and mask_image by autograd.
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:

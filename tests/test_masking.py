@@ -408,41 +408,65 @@ def test_cpu_sums_do_not_depend_on_threads():
         assert torch.equal(fill_sum, results[0][1])
 
 
-_ISA_SCRIPT = """
+_PATHS_SCRIPT = """
 import sys, torch, fastcon
 from fastcon import _backends, masking
 _backends.load_extension()
-g = torch.Generator().manual_seed(0)
-out = {}
-for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-    t = torch.randn(3, 11, 37, generator=g).to(dt)
-    p = torch.randn(1, 11, 37, generator=g).to(dt)
-    gv = torch.randn(3, 5, 37, generator=g).to(dt)
-    ids = masking.random_ids_keep(3, 11, 5, generator=g)
-    out[str(dt)] = [
-        torch.ops.fastcon.mask_gather(t, ids, p),
-        *torch.ops.fastcon.mask_gather_backward(gv, ids, 11, True, 1),
-        torch.ops.fastcon.mask_unmask_backward(t, ids, True)[1],
-    ]
-torch.save(out, sys.argv[1])
+
+
+def outputs():
+    ops = torch.ops.fastcon
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        # D = 37: rows start at every alignment, so the streaming stores' head peeling is exercised
+        t = torch.randn(3, 11, 37, generator=g).to(dt)
+        p = torch.randn(1, 11, 37, generator=g).to(dt)
+        gv = torch.randn(3, 5, 37, generator=g).to(dt)
+        ids = masking.random_ids_keep(3, 11, 5, generator=g)
+        img = torch.randn(3, 2, 6, 9, generator=g).to(dt)
+        out[str(dt)] = [
+            ops.mask_gather(t, ids, p),
+            ops.mask_gather(t[:, :, 1:], ids, None),
+            *ops.mask_gather_backward(gv, ids, 11, True, 1),
+            *ops.mask_gather_backward(gv, ids, 11, True, 3),
+            ops.mask_unmask(gv, ids, 11, p[0, 0]),
+            *ops.mask_unmask_backward(t, ids, True),
+            ops.mask_image(img, 3, masking.random_ids_keep(3, 6, 2, generator=g)),
+        ]
+    return out
+
+
+if __name__ == "__main__":
+    torch.save(outputs(), sys.argv[1])
 """
 
+# instruction set cap, non-temporal stores (FASTCON_CPU_ISA, FASTCON_CPU_STREAM; see csrc/cpu/masking.cpp)
+_CPU_PATHS = {
+    "avx512_stream": {"FASTCON_CPU_STREAM": "1"},
+    "avx2": {"FASTCON_CPU_ISA": "avx2", "FASTCON_CPU_STREAM": "0"},
+    "avx2_stream": {"FASTCON_CPU_ISA": "avx2", "FASTCON_CPU_STREAM": "1"},
+    "scalar": {"FASTCON_CPU_ISA": "scalar", "FASTCON_CPU_STREAM": "1"},
+}
 
-def test_cpu_simd_paths_agree(tmp_path):
-    """The AVX-512, AVX2 and scalar row loops (FASTCON_CPU_ISA caps the one used) give the same
-    bits: one fp32 rounding each, fp16 / bf16 rounded to nearest even like torch."""
-    results = {}
-    for isa in ("default", "avx2", "scalar"):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-        if isa != "default":
-            env["FASTCON_CPU_ISA"] = isa
-        path = tmp_path / f"{isa}.pt"
-        subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(path)], env=env, check=True, timeout=120)
-        results[isa] = torch.load(path)
-    for isa in ("avx2", "scalar"):
+
+def test_cpu_simd_and_streaming_paths_agree(tmp_path):
+    """The AVX-512, AVX2 and scalar row loops, with ordinary or non-temporal stores, give the
+    same bits: one fp32 rounding each, fp16 / bf16 rounded to nearest even like torch."""
+    if os.environ.get("FASTCON_CPU_ISA") or os.environ.get("FASTCON_CPU_STREAM"):
+        pytest.skip("the caller's environment already forces a cpu path")
+    namespace = {"__name__": "paths"}
+    exec(_PATHS_SCRIPT, namespace)
+    results = {"default": namespace["outputs"]()}  # this process: best ISA, small outputs -> ordinary stores
+    for name, extra in _CPU_PATHS.items():
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **extra)
+        path = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, "-c", _PATHS_SCRIPT, str(path)], env=env, check=True, timeout=120)
+        results[name] = torch.load(path)
+    for name in _CPU_PATHS:
         for dt, tensors in results["default"].items():
-            for i, (a, b) in enumerate(zip(tensors, results[isa][dt])):
-                assert torch.equal(a, b), f"{isa} differs from the default path: {dt}, output {i}"
+            for i, (a, b) in enumerate(zip(tensors, results[name][dt])):
+                assert torch.equal(a, b), f"{name} differs from the default path: {dt}, output {i}"
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
