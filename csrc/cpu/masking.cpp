@@ -7,18 +7,25 @@
 #include "cpu/masking.h"
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
-
-#include <sys/mman.h>
-#include <unistd.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "cpu/simd.h"
+
+// The SIMD paths and non-temporal stores are x86-64 only; elsewhere the scalar loops run.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTCON_MASKING_X86 1
+#include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 namespace fastcon::cpu {
 namespace {
@@ -44,6 +51,7 @@ struct Lanes {
 #include "cpu/masking_rows.h"
 }  // namespace scalar
 
+#ifdef FASTCON_MASKING_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
@@ -128,6 +136,7 @@ struct Lanes {
 }  // namespace avx512
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
+#endif  // FASTCON_MASKING_X86
 
 template <class T>
 struct RowOps {
@@ -162,8 +171,10 @@ template <class T>
 const RowOps<T>& row_ops() {
   static const RowOps<T> ops = [] {
     switch (masking_isa()) {
+#ifdef FASTCON_MASKING_X86
       case Isa::kAvx512: return FASTCON_ROW_OPS(avx512);
       case Isa::kAvx2: return FASTCON_ROW_OPS(avx2);
+#endif
       default: return FASTCON_ROW_OPS(scalar);
     }
   }();
@@ -181,10 +192,15 @@ const RowOps<T>& row_ops() {
 constexpr int64_t kStreamBytes = int64_t{16} << 20;
 
 inline bool page_resident(const void* p) {
+#if defined(__linux__)
   static const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
   unsigned char in_core = 0;
   void* start = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) & ~(page - 1));
   return mincore(start, 1, &in_core) == 0 && (in_core & 1) != 0;
+#else
+  (void)p;
+  return false;
+#endif
 }
 
 // FASTCON_CPU_STREAM=1 / 0 forces non-temporal stores on / off (tests run both paths on small
@@ -239,7 +255,9 @@ struct RowWriter {
   void add(const T* a, const T* b, T* out, int64_t n) const { (stream ? ops.add_stream : ops.add)(a, b, out, n); }
   // Non-temporal stores are weakly ordered: fence them before the task ends and others read.
   void done() const {
+#ifdef FASTCON_MASKING_X86
     if (stream) _mm_sfence();
+#endif
   }
 };
 
