@@ -190,6 +190,18 @@ def test_class_fractions_of_a_known_polygon_layout(prepared):
     assert ds.manifest.set_index(["row", "col"]).loc[(0, 0), "classes"] == "forest,water"
 
 
+def test_polygons_in_another_crs_are_reprojected(tmp_path, scene_dir, prepared):
+    from rasterio.warp import transform_geom
+    from shapely.geometry import mapping, shape
+
+    lonlat = [shape(transform_geom(CRS, "EPSG:4326", mapping(p))) for p in POLYGONS]
+    gpkg = write_polygons(str(tmp_path / "lonlat.gpkg"), lonlat, NAMES, crs="EPSG:4326")
+    out = str(tmp_path / "out")
+    prepare(scene_dir, out, tile_size=TILE, landcover=gpkg, class_field="landuse", workers=0, progress=False)
+    # the corners come back to within nanometres of the pixel edges: the same pixels are burnt
+    np.testing.assert_array_equal(TileDataset(out).labels, TileDataset(prepared[0]).labels)
+
+
 def test_class_raster_landcover_is_warped_with_nearest(tmp_path, scene_dir):
     # a WorldCover-style 20 m class raster: code 10 (tree cover) on the left 20 columns, 80
     # (water) below row 24, 0 (no data) elsewhere; warped to 10 m every code covers 2 x 2 pixels
@@ -720,4 +732,43 @@ def test_spatial_split_holds_out_a_region(sample):
     train_y, test_y = spatial_split(m, test_fraction=0.3, axis="y")
     assert m.top.to_numpy()[train_y].max() <= m.bottom.to_numpy()[test_y].min()
     ld = make_loader(ds, 16, backend="torch", indices=train, num_workers=0, crop_size=64)
+    assert ld.num_tiles == len(train)
+    assert ld.band_names == ds.band_names
+    assert ld.class_names == ds.class_names
     assert set(t for b in ld for t in b["tile_ids"]) <= {ds.ids[i] for i in train}
+
+
+class _CrashingPath:
+    """A path whose use kills the worker process (as a segfault in a raster driver would)."""
+
+    def __init__(self, parent_pid):
+        self.parent_pid = parent_pid
+
+    def __fspath__(self):
+        if os.getpid() != self.parent_pid:
+            os._exit(3)
+        return "/nonexistent"
+
+    def __str__(self):
+        return "crashing.tif"
+
+
+def test_a_worker_that_dies_takes_down_only_its_scene(tmp_path):
+    from fastcon.data.inputs import SceneInput
+    from fastcon.data.preparation import _Job, _run
+
+    root = str(tmp_path / "in")
+    for day in ("01", "11", "21"):
+        write_s2_scene(root, f"T99XXX_202001{day}")
+    scenes, _ = find_inputs(root, S2)
+    crash = SceneInput(key="crash", location="crash", files=(_CrashingPath(os.getpid()),) * 13)
+    os.makedirs(tmp_path / "out" / "tiles")
+    job = _Job(S2, TILE, TILE, None, "bilinear", 0.0, None, str(tmp_path / "out" / "tiles"), 1 << 30, 1)
+    results = []
+    _run([scenes[0], crash, *scenes[1:]], job, 2, results.append)
+    ok = sorted(r[1]["key"] for r in results if r[0] == "ok")
+    assert ok == [s.key for s in scenes]
+    errors = [r for r in results if r[0] == "error"]
+    assert len(errors) == 1
+    assert errors[0][1] == "crash"
+    assert "worker process died" in errors[0][2]

@@ -72,6 +72,28 @@ class TwoViewLoader:
     def seed(self) -> int:
         return self.plan.seed
 
+    # the dataset's metadata, for building the model and logging
+    @property
+    def band_names(self) -> tuple[str, ...]:
+        return self.dataset.band_names
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.dataset.class_names
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.dataset.mean
+
+    @property
+    def std(self) -> np.ndarray:
+        return self.dataset.std
+
+    @property
+    def num_tiles(self) -> int:
+        """Tiles this loader draws from (all shards together)."""
+        return len(self.dataset)
+
     # ---------------------------------------------------------------- position
 
     def __len__(self) -> int:

@@ -18,6 +18,7 @@ only its scene down: the scenes it might have held are retried one by one.
 The final step (``finalize``, cheap, rerun every time) assembles ``manifest.parquet``,
 ``labels.npy`` / ``multihot.npy``, ``stats.json`` and ``dataset.json`` from the journal, so
 scene grouping (``scene_block``) and the multi-hot threshold can change without re-tiling.
+A folder accumulates: a later run with more inputs (same settings) adds their tiles.
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def _run(todo: list[SceneInput], job: _Job, workers: int, on_result) -> None:
                     result = (
                         "error",
                         scene.key,
-                        f"input {scene.key}: the worker process died while reading {', '.join(scene.files)}",
+                        f"input {scene.key}: the worker process died while reading {', '.join(map(str, scene.files))}",
                     )
             on_result(result)
             continue
@@ -462,7 +463,11 @@ def finalize(out_dir, *, label_threshold: float = 0.01, scene_block: float | Non
     out_dir = os.fspath(out_dir)
     with open(os.path.join(out_dir, SETTINGS_FILE)) as f:
         settings = json.load(f)
-    records = sorted(_read_journal(out_dir).values(), key=lambda r: r["key"])
+    # an input that failed now may have an older record whose tiles are gone: leave it out
+    failed_keys = {name for name, _ in failed}
+    records = sorted(
+        (r for r in _read_journal(out_dir).values() if r["key"] not in failed_keys), key=lambda r: r["key"]
+    )
     bands, classes, size = settings["bands"], settings["classes"], settings["tile_size"]
     tiles = [t for rec in records for t in rec["tiles"]]
     n, k = len(tiles), len(classes)
