@@ -30,12 +30,12 @@ def _side_by_side(request):
     yield
     if not _rows:
         return
-    write = request.config.pluginmanager.get_plugin("terminalreporter").write_line
-    write("")
-    write(f"data pipeline on the real sample ({WORKERS} workers, batch {BATCH}, crop {CROP}):")
-    write(f"  {'what':34s} {'tiles':>6s} {'tiles/s':>9s}")
-    for name, n, rate in _rows:
-        write(f"  {name:34s} {n:6d} {rate:9.1f}")
+    lines = [f"data pipeline on the real sample ({WORKERS} workers, batch {BATCH}, crop {CROP}):"]
+    lines.append(f"  {'what':34s} {'tiles':>6s} {'tiles/s':>9s}")
+    lines += [f"  {name:34s} {n:6d} {rate:9.1f}" for name, n, rate in _rows]
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # shown even though pytest captures output
+        print("\n" + "\n".join(lines))
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,12 @@ from fastcon.data.loader import TwoViewLoader
 
 
 class DALILoader(TwoViewLoader):
+    """DALI backend of ``make_loader``; ``device`` is "gpu" (reader into GPU memory) or "cpu".
+
+    DDP: each rank's pipeline reads only its own shard of the epoch (``EpochPlan.order``); on a
+    GPU the pipeline runs on ``torch.cuda.current_device()`` (set it per rank first).
+    """
+
     backend = "dali"
 
     def __init__(self, dataset, plan, *, device: str = "auto", prefetch_queue_depth: int = 2, **kwargs):
@@ -47,7 +53,6 @@ class DALILoader(TwoViewLoader):
         order = plan.order(epoch)[start * plan.batch_size :]
         files = [self._file_of[i] for i in order]
         steps = plan.steps_per_epoch
-
         num_views = 2 if plan.augment else 1  # unaugmented views are the same whole tile
 
         def rois(info):
@@ -97,7 +102,7 @@ class DALILoader(TwoViewLoader):
 
         pipe = pipeline()
         pipe.build()
-        return pipe, len(files)
+        return pipe
 
     def _batches(self, epoch, start):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -105,7 +110,7 @@ class DALILoader(TwoViewLoader):
         plan = self.plan
         if start >= plan.steps_per_epoch:
             return
-        pipe, _ = self._pipeline(epoch, start)
+        pipe = self._pipeline(epoch, start)
         order = plan.order(epoch)
         it = DALIGenericIterator(
             [pipe],
