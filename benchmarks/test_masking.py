@@ -87,6 +87,7 @@ def _best(fn, runs):
 @pytest.mark.parametrize("phase", ["forward", "forward_backward"])
 @pytest.mark.parametrize("backend", ["reference", "mae_style", "cpu"])
 def test_siamese_mask(benchmark, record, size, phase, backend):
+    benchmark.group = f"masking: siamese_mask {phase} {size}"
     tokens, pos, ids = _inputs(size)
     run = _step(backend, phase, tokens, pos, ids)
     run()  # warm up
@@ -112,6 +113,7 @@ def test_siamese_mask(benchmark, record, size, phase, backend):
 def test_unmask_and_mask_image(benchmark, record, op, backend):
     """Forward + backward at the realistic size: unmask with a learned mask token, mask_image
     on a batch of 256 x 256 x 12-band images (patch 16, L = 256)."""
+    benchmark.group = f"masking: {op} forward_backward"
     b, length, d = SIZES["B256_L256_D768"]
     gen = torch.Generator().manual_seed(0)
     ids = masking.random_ids_keep(b, length, round(length * KEEP), generator=gen)
