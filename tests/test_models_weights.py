@@ -13,6 +13,7 @@ from timm.layers import resample_abs_pos_embed
 from fastcon.models import (
     S1_BANDS,
     S2_L1C_BANDS,
+    S2_L2A_BANDS,
     CheckpointError,
     adapt_input_weight,
     create_encoder,
@@ -89,6 +90,8 @@ def test_band_registry():
     assert resolve_bands(None, 13) == S2_L1C_BANDS
     assert resolve_bands(None, 2) == S1_BANDS
     assert resolve_bands(["b2", "B8a", 865.0]) == ("B2", "B8A", 865.0)
+    assert resolve_bands("s2a") == S2_L2A_BANDS  # the data pipeline's band sets
+    assert resolve_bands("s1", 2) == S1_BANDS
     assert rgb_positions(S2_L1C_BANDS) == (3, 2, 1)  # B4, B3, B2
     assert rgb_positions(("B8", 655.0, 482.0)) == (1, None, 2)  # Landsat-like wavelengths
     assert rgb_positions(S1_BANDS) == (None, None, None)

@@ -3,7 +3,9 @@
 The first conv / patch embedding of a 3-channel (RGB) checkpoint is adapted to a band list by
 wavelength, so a model needs to know what each of its input channels is. Bands are named as in
 the data pipeline: Sentinel-2 ``B1``..``B12`` with ``B8A`` after ``B8``; Sentinel-1 ``VV``, ``VH``.
-A band can also be given as a number, its centre wavelength in nm (for other sensors).
+A band can also be given as a number, its centre wavelength in nm (for other sensors), and a
+whole list as a band set of the data pipeline (``"s2c"``, ``"s2a"``, ``"s1"`` or a ``BandSet``),
+e.g. ``create_encoder(name, bands=loader.dataset.band_names)`` or ``bands="s2a"``.
 """
 
 from __future__ import annotations
@@ -68,7 +70,13 @@ def resolve_bands(bands, in_chans: int | None = None, *, required: bool = True) 
                 f"{', '.join(f'{c} ({DEFAULT_BANDS[c][0]}..{DEFAULT_BANDS[c][-1]})' for c in DEFAULT_BANDS)})"
             )
         return DEFAULT_BANDS[in_chans]
-    if isinstance(bands, str) or not hasattr(bands, "__iter__"):
+    if isinstance(bands, str):  # a band set of the data pipeline: "s2c", "s2a", "s1", ...
+        from fastcon.data.bands import get_band_set
+
+        bands = get_band_set(bands).bands
+    elif hasattr(bands, "bands") and hasattr(bands, "resolution_m"):  # a fastcon.data BandSet
+        bands = bands.bands
+    if not hasattr(bands, "__iter__"):
         raise TypeError(f"bands must be a list of band names or wavelengths, got {type(bands).__name__}")
     out = []
     for b in bands:

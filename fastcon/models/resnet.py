@@ -9,28 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastcon.masking import random_ids_keep, resolve_keep
 from fastcon.models.bands import resolve_bands
 from fastcon.models.weights import input_channels
-
-
-def keep_count(keep, num_patches: int) -> int:
-    """K for an int count or a ratio in (0, 1] (round(L * ratio), at least 1), as in ``siamese_mask``."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep must be an int or a float ratio, got {type(keep).__name__}")
-    if isinstance(keep, float):
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep ratio must be in (0, 1], got {keep}")
-        return max(1, round(num_patches * keep))
-    if not 1 <= keep <= num_patches:
-        raise ValueError(f"keep must be in [1, {num_patches}] (the number of patches), got {keep}")
-    return keep
-
-
-def random_ids_keep(batch: int, num_patches: int, keep, *, generator=None, device=None) -> torch.Tensor:
-    """(B, K) int64: per row a uniformly random K-subset of [0, L), sorted ascending."""
-    k = keep_count(keep, num_patches)
-    noise = torch.rand(batch, num_patches, generator=generator, device=device)
-    return noise.argsort(dim=1)[:, :k].sort(dim=1).values
 
 
 class ResNetEncoder(nn.Module):
@@ -68,9 +49,10 @@ class ResNetEncoder(nn.Module):
         p = self.mask_patch
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"x's height and width must be multiples of mask_patch={p}, got {tuple(x.shape[-2:])}")
-        if ids_keep is None:
+        if ids_keep is None:  # drawn as siamese_mask draws them, so both backbones mask alike
             num_patches = (x.shape[-2] // p) * (x.shape[-1] // p)
-            ids_keep = random_ids_keep(x.shape[0], num_patches, keep, generator=generator, device=x.device)
+            k = resolve_keep(keep, num_patches)
+            ids_keep = random_ids_keep(x.shape[0], num_patches, k, generator=generator, device=x.device)
         return fastcon.mask_image(x, p, ids_keep), ids_keep
 
     def forward_features(self, x, keep=None, ids_keep=None, generator=None, return_ids: bool = False):
