@@ -3,10 +3,12 @@
 
 Public API
 - ``soft_contrastive_loss`` / ``SoftContrastiveLoss``: the multi-label soft contrastive loss
+- ``NoiseSchedule``: DDPM noise schedules with fused, seeded forward noising and loss (SwiMDiff)
 - ``backends()``: which of reference / cpu / triton / cuda can run here, and why
 """
 
 from fastcon._backends import BackendError, BackendInfo, backends
+from fastcon.diffusion import NoiseSchedule
 from fastcon.soft_contrastive import SoftContrastiveLoss, soft_contrastive_loss
 
 __version__ = "0.1.0"
@@ -14,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendError",
     "BackendInfo",
+    "NoiseSchedule",
     "SoftContrastiveLoss",
     "backends",
     "soft_contrastive_loss",
