@@ -644,3 +644,21 @@ def test_kernel_ops_check_their_arguments(batch):
         ops.diffusion_loss(x0, x0, torch.ones(2), torch.ones(2), None, 0, 3)
     with pytest.raises(RuntimeError, match="counter must be"):
         ops.philox_uint32(torch.zeros(3, 3, dtype=torch.int64), 0)
+
+
+def test_ops_schemas_and_fake_kernels():
+    """torch.library.opcheck: schemas, fake (meta) kernels and autograd registration agree with the cpu kernels."""
+    gen = torch.Generator().manual_seed(0)
+    x0, pred, noise = (torch.randn(2, 3, 5, generator=gen) for _ in range(3))
+    a, s, w = torch.rand(2, generator=gen), torch.rand(2, generator=gen), torch.rand(2, generator=gen)
+    ops = torch.ops.fastcon
+    cases = [
+        (ops.philox_uint32, (torch.randint(0, 2**32, (7, 4), generator=gen), -3)),
+        (ops.philox_normal, (torch.arange(9).view(3, 3), 5)),
+        (ops.diffusion_q_sample, (x0, a, s, None, 3)),
+        (ops.diffusion_q_sample, (x0, a, s, noise, 3)),
+        (ops.diffusion_loss, (pred, x0, a, s, None, 3, 2)),
+        (ops.diffusion_loss_backward, (w, pred, x0, a, s, noise, 3, 1)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)

@@ -92,12 +92,13 @@ namespace coef {
 constexpr float kLn2Hi = 0.693359375f;              // 9 significant bits: e * kLn2Hi is exact
 constexpr float kLn2Lo = -2.12194440054690583e-4f;  // ln 2 - kLn2Hi
 // ln(1 + f) = f - f^2/2 + f^3 P(f) on f in [sqrt(1/2) - 1, sqrt(2) - 1], P of degree 7
-constexpr float kLog[8] = {0.3333335518836975f,   -0.2500085234642029f, 0.19999825954437256f,
-                           -0.16621370613574982f, 0.14227114617824554f, -0.13202103972434998f,
-                           0.1262032687664032f,   -0.07362867891788483f};
+// (scalars, not arrays: CUDA device code can read constexpr scalars but not arrays)
+constexpr float kLog0 = 0.3333335518836975f, kLog1 = -0.2500085234642029f, kLog2 = 0.19999825954437256f,
+                kLog3 = -0.16621370613574982f, kLog4 = 0.14227114617824554f, kLog5 = -0.13202103972434998f,
+                kLog6 = 0.1262032687664032f, kLog7 = -0.07362867891788483f;
 // sin(x) = x + x^3 Q(x^2) on |x| <= pi/2, Q of degree 4
-constexpr float kSin[5] = {-0.1666666716337204f, 0.008333330973982811f, -0.00019840864115394652f,
-                           2.7525202312972397e-06f, -2.3886096656156042e-08f};
+constexpr float kSin0 = -0.1666666716337204f, kSin1 = 0.008333330973982811f, kSin2 = -0.00019840864115394652f,
+                kSin3 = 2.7525202312972397e-06f, kSin4 = -2.3886096656156042e-08f;
 constexpr float kTwoPi = 6.28318530717958647692f;
 }  // namespace coef
 
@@ -111,8 +112,14 @@ FASTCON_HOST_DEVICE float minus_two_log(float u) {
   const float e = static_cast<float>((bits >> 23) + big) - 127.0f;
   const float f = m - 1.0f;  // exact
   const float f2 = f * f;
-  float p = kLog[7];
-  for (int i = 6; i >= 0; --i) p = p * f + kLog[i];
+  float p = kLog7;
+  p = p * f + kLog6;
+  p = p * f + kLog5;
+  p = p * f + kLog4;
+  p = p * f + kLog3;
+  p = p * f + kLog2;
+  p = p * f + kLog1;
+  p = p * f + kLog0;
   const float ln_m = f + (f2 * -0.5f + (f2 * f) * p);
   const float ln_u = e * kLn2Hi + (e * kLn2Lo + ln_m);
   return -2.0f * ln_u;
@@ -126,8 +133,11 @@ FASTCON_HOST_DEVICE float cos_two_pi(float u) {
   const float b = u < one_minus ? u : one_minus;
   const float x = (0.25f - b) * kTwoPi;
   const float x2 = x * x;
-  float q = kSin[4];
-  for (int i = 3; i >= 0; --i) q = q * x2 + kSin[i];
+  float q = kSin4;
+  q = q * x2 + kSin3;
+  q = q * x2 + kSin2;
+  q = q * x2 + kSin1;
+  q = q * x2 + kSin0;
   return x + (x * x2) * q;
 }
 

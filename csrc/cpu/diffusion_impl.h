@@ -75,8 +75,8 @@ FI F minus_two_log_lanes(F u) {  // philox::minus_two_log
   const F e = V::sub(V::u32_to_f(V::addu(V::template srl<23>(bits), big)), V::set1(127.0f));
   const F f = V::sub(m, V::set1(1.0f));
   const F f2 = V::mul(f, f);
-  F p = V::set1(kLog[7]);
-  for (int i = 6; i >= 0; --i) p = V::add(V::mul(p, f), V::set1(kLog[i]));
+  F p = V::set1(kLog7);
+  for (const float c : {kLog6, kLog5, kLog4, kLog3, kLog2, kLog1, kLog0}) p = V::add(V::mul(p, f), V::set1(c));
   const F ln_m = V::add(f, V::add(V::mul(f2, V::set1(-0.5f)), V::mul(V::mul(f2, f), p)));
   const F ln_u = V::add(V::mul(e, V::set1(kLn2Hi)), V::add(V::mul(e, V::set1(kLn2Lo)), ln_m));
   return V::mul(V::set1(-2.0f), ln_u);
@@ -87,8 +87,8 @@ FI F cos_two_pi_lanes(F u) {  // philox::cos_two_pi
   const F b = V::min(u, V::sub(V::set1(1.0f), u));
   const F x = V::mul(V::sub(V::set1(0.25f), b), V::set1(kTwoPi));
   const F x2 = V::mul(x, x);
-  F q = V::set1(kSin[4]);
-  for (int i = 3; i >= 0; --i) q = V::add(V::mul(q, x2), V::set1(kSin[i]));
+  F q = V::set1(kSin4);
+  for (const float c : {kSin3, kSin2, kSin1, kSin0}) q = V::add(V::mul(q, x2), V::set1(c));
   return V::add(x, V::mul(V::mul(x, x2), q));
 }
 
@@ -163,11 +163,12 @@ FI F keep_first(F x, int n) {  // lanes n .. L-1 set to zero
 
 constexpr int64_t kChunk = 6144;  // a multiple of every level's group of vectors (48, 16, 1)
 
+// Dynamic scheduling: on a shared machine a thread that loses its core holds up a static split.
 template <class Body>
 void for_each_chunk(const Batch& bt, Body body) {
   const int64_t chunks = (bt.per_sample + kChunk - 1) / kChunk;
   const int64_t items = bt.batch * chunks;
-#pragma omp parallel for schedule(static) num_threads(bt.num_threads) if (items > 1)
+#pragma omp parallel for schedule(dynamic, 4) num_threads(bt.num_threads) if (items > 1)
   for (int64_t item = 0; item < items; ++item) {
     const int64_t b = item / chunks, i0 = (item % chunks) * kChunk;
     body(item, b, i0, std::min(bt.per_sample, i0 + kChunk));

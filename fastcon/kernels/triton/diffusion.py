@@ -37,7 +37,7 @@ def _uniform(w):
     return (w >> 9).to(tl.float32) * 1.1920928955078125e-07 + 5.9604644775390625e-08
 
 
-# The transform's polynomials: the coefficients of csrc/common/philox.h (coef::kLog, coef::kSin).
+# The transform's polynomials: the coefficients of csrc/common/philox.h (coef::kLog*, coef::kSin*).
 
 
 @triton.jit
