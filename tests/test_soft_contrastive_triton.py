@@ -51,11 +51,12 @@ CORES = {
 
 @pytest.mark.parametrize("core_name", list(CORES))
 @pytest.mark.parametrize("mode", [MODE_SOFTMAX, MODE_SOFTMAX_IGNORE, MODE_SIGMOID])
-@pytest.mark.parametrize(("n", "m", "offset", "d"), [(45, 70, 10, 67), (70, 33, -20, 130)])
+@pytest.mark.parametrize(("n", "m", "offset", "d"), [(45, 70, 10, 67), (70, 33, -20, 130), (50, 41, 3, 40)])
 @pytest.mark.parametrize("tau", [0.1, 0.01])
 def test_launch_paths_match_contract(core_name, mode, n, m, offset, d, tau):
-    """Splits (partial LSEs combined), column-owned forward (deterministic, or tau below the
-    fixed-max limit) and streamed D (D > the resident size under the interpreter) vs the contract."""
+    """Splits (partial LSEs combined), the column-owned forward (deterministic, or tau below the
+    fixed-max limit) and each D class vs the contract. Under the interpreter D = 40 is the
+    chunked-resident backward (2 chunks of 32), D = 67 and 130 the streamed paths."""
     core = CORES[core_name]
     u, v, row_ids, col_ids, gen = _problem(n, m, d, offset, seed=n + m + d)
     ids = (row_ids, col_ids) if mode == MODE_SOFTMAX_IGNORE else (None, None)

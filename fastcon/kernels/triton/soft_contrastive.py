@@ -5,63 +5,75 @@ The autograd Function in ``fastcon/soft_contrastive.py`` does the O(N * (D + C))
 ``CORE`` below is what it calls. Logits ``s = scale * A B^T`` are computed tile by tile with
 ``tl.dot`` over D, fp32 accumulation, and thrown away after use.
 
-Kernels (each written once for an "A-side owns its rows" pass; the column pass is the same
-kernel with the roles of u/v, ids, statistics and weights swapped and the offset negated):
-- ``_sc_forward_kernel``: per row, online log-sum-exp with a true running max (or the softplus
-  sum of the sigmoid form). Column log-sum-exps come either from a second, column-owned launch
-  of the same kernel, or, when ``0 < logit_bound <= FIXED_MAX_LIMIT`` and torch's deterministic
-  mode is off, from the fixed-max trick (SPEC section 5) inside the row pass:
-  ``sum_i exp(s_ij - bound) = sum_i p_ij exp(m_i - bound)`` reuses the row pass's exponentials
-  (one exp per pair in total) and is accumulated with ``tl.atomic_add``. Why: the column-owned
-  pass costs a second 2*N*M*D GEMM and N*M more exps (~2x the forward); the atomics cost
-  M adds per row block and make the column sums' fp32 rounding order-dependent (run-to-run
-  differences at the 1e-7 level). Deterministic mode and small temperatures (2 * bound beyond
-  the range where exp(-2 * bound) stays a normal fp32) take the column-owned pass.
+Each kernel is written once for an "A owns its rows" pass; the column pass is the same kernel
+with u/v, ids, statistics and weights exchanged and the row offset negated.
+- ``_sc_forward_kernel``: per row an online log-sum-exp with a true running max (or the softplus
+  sum of the sigmoid form). Column log-sum-exps come either from a second, column-owned launch,
+  or, when ``0 < logit_bound <= FIXED_MAX_LIMIT`` and torch's deterministic mode is off, from
+  the fixed-max trick (SPEC section 5) inside the row pass: ``sum_i exp(s_ij - bound) =
+  sum_i p_ij exp(m_i - bound)`` reuses the row pass's exponentials (one exp per pair in all)
+  and is accumulated with ``tl.atomic_add``. Why: the column-owned launch costs a second
+  2 N M D GEMM and N M more exps (2x the forward), while the atomics cost M adds per row block
+  and make the fp32 column sums order-dependent (run-to-run differences ~1e-7 relative).
+  Deterministic mode and small temperatures (exp(-2 bound) no longer a normal fp32 with room
+  to spare, tau < 1/32) take the column-owned launch.
 - ``_sc_backward_kernel``: recomputes logit tiles and accumulates ``W B`` (and ``W 1``) for the
-  rows it owns. Launched twice: row-owned (W v, W 1) and column-owned (W^T u). Why not one
-  kernel with atomics (FlashAttention-2 style dK/dV in registers, dQ by atomics): with D up to
-  768 the atomically-updated side moves (N / BLOCK_N) * M * D fp32 read-modify-writes, ~100 GB
-  at N = 65536, D = 768, about what the second GEMM costs, and it would be non-deterministic.
-  Two launches recompute S twice (2 extra N*M*D GEMMs) but are deterministic and atomic-free.
-  With the fixed max, ``W_ij = exp(s_ij - bound) * (a_i + b_j)``: again one exp per pair.
-  The W tile feeds ``tl.dot`` in the input dtype (fp16/bf16, like P in FlashAttention), scaled
-  per row by 1 / (|g_i| + max|h|) so that fp16 tiles hold values in [-1, 1] and never underflow
-  into subnormals; the scale is undone on the fp32 accumulator.
-- Few row blocks (small N against large M, or N < ~16k on a 132-SM H100) would leave SMs idle:
-  the inner dimension is then split over a second grid axis (flash-decoding style); partial
-  log-sum-exps / sums are combined with torch, O(splits * N * D) memory, splits <= 8.
+  rows it owns; launched row-owned (W v, W 1) and column-owned (W^T u). Why not one launch with
+  atomics (FlashAttention-2: dK/dV in registers, dQ by atomics): at D = 768 the atomic side moves
+  (N / BLOCK_N) M D fp32 read-modify-writes (~100 GB at N = 65536), as costly as the second
+  logits GEMM it saves, and non-deterministic. Two launches recompute S once more each but are
+  deterministic and atomic-free. With the fixed max ``W_ij = exp(s_ij - bound) (a_i + b_j)``:
+  one exp per pair again. W enters ``tl.dot`` in the input dtype (fp16/bf16, like P in
+  FlashAttention) after a per-row scale 1 / (|g_i| + max|h|), so fp16 tiles lie in [-1, 1] and
+  do not underflow into subnormals; the scale is undone on the fp32 accumulator.
+- Few row blocks (N < ~34k rows on a 132-SM H100, or few local rows against many gathered
+  columns) would idle SMs: the inner dimension is then split over a grid axis (flash-decoding
+  style) and partial log-sum-exps / sums are combined with torch (<= 8 splits, O(splits N D)).
 
-D handling: D <= 256 (power-of-two padded) keeps the A block resident and loads each B tile
-once for both the logits and the product; larger D streams 64-wide K chunks for the logits
-and keeps up to 4 output accumulators of BLOCK_DO columns (the autotuner picks how much of D
-one program covers; the rest goes on a grid axis at the price of recomputing S).
+D: the forward keeps an A block resident for D <= 256 and streams 64-wide K chunks beyond. The
+backward holds A's rows in up to 4 resident chunks (D <= 1024; D = 768 is 3 x 256), loads each
+B tile once as the same chunks for both the logits and the product, and keeps the BLOCK_N x D
+fp32 accumulator in registers; that register budget is what sizes its tiles (BLOCK_N = 32 at
+D = 768: ~170 registers/thread, no spills when compiled for sm_90). D > 1024 streams the logits
+and recomputes them per group of output chunks.
 
 Precision: fp16/bf16 tiles go to tensor cores with fp32 accumulation; fp32 inputs use
-``input_precision="tf32x3"`` on NVIDIA GPUs (about fp32 accuracy at tensor-core speed). Under
-the interpreter bf16 is upcast to fp32 inside the kernels (its bf16 tl.dot is wrong there).
+``input_precision="tf32x3"`` on NVIDIA GPUs (about fp32 accuracy from three TF32 MMAs). Its
+split operands double shared memory and registers, so fp32 runs smaller tiles and the streamed
+backward: a correct but slower path (feed the loss bf16/fp16 embeddings for speed). Under the
+interpreter bf16 is upcast to fp32 inside the kernels (its bf16 tl.dot is wrong there).
 
-Roofline, H100 SXM, bf16, N = M = 65536 (P = N^2 = 4.3e9 pairs), softmax symmetric, tau >= 1/32
-(fixed max). Peaks: 990 TFLOP/s tensor, 3.35 TB/s HBM, MUFU exp ~3.9 Tops/s, FP32 ALU
-~31 Tops/s (128 lanes/SM x 132 x 1.83 GHz).
-                       D = 256                          D = 768
-  forward  MMA    2PD  = 2.2 TFLOP -> 2.2 ms            6.6 TFLOP -> 6.7 ms
-           exp    P    = 4.3 G     -> 1.1 ms            1.1 ms
-           ALU    ~8P  (scale, mask, max, sub, sums)    -> 1.1 ms at both D
-  backward MMA    8PD  = 8.8 TFLOP -> 8.9 ms            26.4 TFLOP -> 26.7 ms (16PD, 53 ms, if the
-                  (2 launches x (recompute S + product))   autotuner picks configs covering D/3)
-           exp    2P   -> 2.2 ms                        2.2 ms
-  HBM bytes: u, v once = 4ND = 67 MB / 201 MB; B re-streams hit L2 (32 MB fits the 50 MB L2 at
-  D = 256; at D = 768 ~132-264 CTAs walk B in step, ~4 HBM passes ~0.4 GB) -> < 0.2 ms.
-  Arithmetic intensity against HBM ~1e4 FLOP/B >> ridge 295 FLOP/B: never HBM-bound.
-  On-chip feed per tile: resident A (D <= 256): BLOCK_N FLOP per L2 byte (128); streamed A
-  (D = 768, 128 x 128 tiles): BLOCK_N*BLOCK_M/(BLOCK_N+BLOCK_M) = 64 FLOP/B, i.e. 17 GB
-  (D = 256) and 103 GB (D = 768) of L2->SM traffic in the forward.
-  Verdict: compute-bound at both D, not exp-bound: the exp stream is 1/2 (D = 256) and 1/6
-  (D = 768) of the MMA time. At D = 256 exp + ALU together (2.2 ms) equal the MMA time, and
-  Triton overlaps MUFU with MMA only across warps (no FA3 ping-pong), so expect ~1.5x the MMA
-  bound: forward ~3.5 ms, backward ~13 ms. At D = 768 the L2 feed (64 FLOP/B) is the practical
-  limiter: expect 50-60% of tensor peak, forward ~12 ms, backward ~45 ms. Small temperatures
-  (no fixed max) add a column-owned forward pass (2x forward) and a second exp per pair.
+Tile sizes were checked without a GPU by compiling every config for sm_90 and sm_80 and reading
+registers, spills and shared memory (``python benchmarks/triton_resources.py``).
+
+Roofline, H100 SXM, bf16, N = M = 65536 (P = N^2 = 4.3e9 pairs), symmetric softmax, tau >= 1/32
+(fixed max). Peaks: 990 TFLOP/s tensor, 3.35 TB/s HBM, MUFU exp ~3.9 Tops/s, FP32 ALU ~31 Tops/s.
+                                   D = 256                  D = 768
+  forward   MMA  2PD               2.2 TFLOP   2.2 ms       6.6 TFLOP   6.7 ms
+            exp  P                 4.3 G       1.1 ms       4.3 G       1.1 ms
+            ALU  ~8P               34 G        1.1 ms       34 G        1.1 ms
+            L2->SM bytes           17 GB (A resident,        103 GB (A and B streamed,
+                                   BLOCK_N = 128: 128 F/B)   128 x 128 tiles: 64 F/B)
+  backward  MMA  8PD (2 launches   8.8 TFLOP   8.9 ms       26.4 TFLOP  26.7 ms
+                 x (S + product))
+            exp  2P                8.6 G       2.2 ms       8.6 G       2.2 ms
+            ALU  ~20P              86 G        2.8 ms       86 G        2.8 ms
+            L2->SM bytes           34 GB (BLOCK_N = 128:     412 GB (BLOCK_N = 32:
+                                   256 F/B per launch)       64 F/B per launch)
+  HBM: u and v are read once from HBM (4ND = 67 MB / 201 MB); the per-row-block re-reads of B
+  hit L2 (B is 32 MB at D = 256; at D = 768, 96 MB, but the ~132-264 resident CTAs walk it in
+  step: ~4 HBM passes, 0.4 GB). Intensity vs HBM ~1e4 FLOP/B >> ridge 295: never HBM-bound.
+  Verdict. Not exp-bound at either D: MUFU time is 1/2 (D = 256) and 1/6 (D = 768) of the MMA
+  time. D = 256 is tensor-core-bound; exp + ALU (2.2 ms forward) match the MMA time and Triton
+  overlaps them only across warps (no FA3-style ping-pong), so expect ~1.5x the MMA bound:
+  forward ~3.5 ms, backward ~13 ms; the L2 feed needed (7.7 TB/s forward, 3.9 backward) is at
+  the edge of what H100's L2 delivers in the forward. D = 768 would need ~15 TB/s of L2->SM
+  feed to run at MMA speed, more than the L2 provides (microbenchmarks report roughly 5-10 TB/s;
+  the brief's figures do not include it): on-chip-bandwidth-bound at 64 FLOP/B, forward ~10-20 ms
+  and backward ~40-80 ms, with the register file (the D-wide fp32 accumulator) capping the
+  backward's BLOCK_N at 32.
+  Small temperatures (no fixed max) add the column-owned forward (2x forward FLOPs) and a
+  second exp per pair in the backward.
 """
 
 from __future__ import annotations
@@ -79,10 +91,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The fixed max is used while logit_bound <= this: exp(s - bound) >= exp(-64) ~ 1.6e-28 stays a
 # normal fp32 (underflow starts near exp(-87)), so every term keeps full relative precision.
 FIXED_MAX_LIMIT = 32.0
-# A block of A stays resident (and one B tile serves logits and product) up to this D.
-RESIDENT_MAX_D = 64 if INTERPRET else 256
-# K chunk of the streamed path (D > RESIDENT_MAX_D).
-STREAM_BLOCK_K = 32 if INTERPRET else 64
+# Forward: a block of A stays resident (each B tile is one load) up to RESIDENT_MAX_D; beyond
+# it the logits stream over D in STREAM_BLOCK_K chunks. Keyed by element size: fp32 operands
+# (tf32x3 splits each into two TF32 halves) need about twice the shared memory and registers.
+RESIDENT_MAX_D = {2: 64, 4: 64} if INTERPRET else {2: 256, 4: 64}
+STREAM_BLOCK_K = {2: 32, 4: 32} if INTERPRET else {2: 64, 4: 32}
+# Backward (fp16/bf16): A is held in up to MAX_CHUNKS resident chunks of at most MAX_CHUNK
+# columns, each B tile is loaded once as the same chunks and serves both the logits and the
+# product, and the output accumulators cover all of D. Beyond MAX_CHUNKS * MAX_CHUNK, and for
+# fp32 on GPUs, the streamed path recomputes the logits for each group of output chunks.
+MAX_CHUNK = 32 if INTERPRET else 256
+MAX_CHUNKS = 2 if INTERPRET else 4
 # Split the inner dimension until about this many programs per SM are in flight.
 PROGRAMS_PER_SM = 2
 MAX_SPLITS = 8
@@ -92,65 +111,110 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------
-# autotuning: H100/A100-sized configs on GPUs, one small config under the interpreter (CI speed)
+# autotuning: H100/A100-sized configs on GPUs, one small config per class under the
+# interpreter (CI speed). Configs are tagged with the class (dtype, D range) they are sized for.
+
+LOWP, F32 = "lowp", "f32"  # forward classes
+D_SMALL, D_CHUNKED, D_STREAMED, D_F32 = "small", "chunked", "streamed", "f32"  # backward classes
 
 
-def _cfg(warps, stages, **kw):
-    return triton.Config(kw, num_warps=warps, num_stages=stages)
+def _cfg(warps, stages, cls=None, **kw):
+    c = triton.Config(kw, num_warps=warps, num_stages=stages)
+    c.cls = cls
+    return c
+
+
+def _elt(t: torch.Tensor) -> int:
+    return 4 if t.dtype == torch.float32 else 2
+
+
+def _fwd_class(elt: int) -> str:
+    return F32 if elt == 4 and not INTERPRET else LOWP
+
+
+def _bwd_class(d: int, elt: int) -> str:
+    if elt == 4 and not INTERPRET:
+        return D_F32
+    if d <= MAX_CHUNK:
+        return D_SMALL
+    return D_CHUNKED if d <= MAX_CHUNK * MAX_CHUNKS else D_STREAMED
 
 
 if INTERPRET:
-    _FWD_CONFIGS = [_cfg(4, 1, BLOCK_N=64, BLOCK_M=64)]
-    _BWD_CONFIGS = [_cfg(4, 1, BLOCK_N=64, BLOCK_M=64, BLOCK_DO=32, N_ACC=2)]
+    _FWD_CONFIGS = [_cfg(4, 1, LOWP, BLOCK_N=64, BLOCK_M=64)]
+    _BWD_CONFIGS = [
+        _cfg(4, 1, D_SMALL, BLOCK_N=64, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
+        _cfg(4, 1, D_CHUNKED, BLOCK_N=64, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
+        _cfg(4, 1, D_STREAMED, BLOCK_N=64, BLOCK_M=64, CHUNK=32, N_CHUNK=2),
+    ]
 else:
+    # Sizes checked by compiling for sm_90 / sm_80 (registers, spills, shared memory; see the
+    # module docstring): shared memory is the A block (resident D) plus num_stages B tiles.
     _FWD_CONFIGS = [
-        _cfg(8, 3, BLOCK_N=128, BLOCK_M=128),
-        _cfg(8, 4, BLOCK_N=128, BLOCK_M=128),
-        _cfg(8, 3, BLOCK_N=128, BLOCK_M=64),
-        _cfg(4, 4, BLOCK_N=128, BLOCK_M=64),
-        _cfg(4, 3, BLOCK_N=64, BLOCK_M=128),
-        _cfg(4, 4, BLOCK_N=64, BLOCK_M=64),
+        _cfg(8, 2, LOWP, BLOCK_N=128, BLOCK_M=128),
+        _cfg(8, 3, LOWP, BLOCK_N=128, BLOCK_M=128),
+        _cfg(8, 3, LOWP, BLOCK_N=128, BLOCK_M=64),
+        _cfg(8, 4, LOWP, BLOCK_N=128, BLOCK_M=64),
+        _cfg(4, 3, LOWP, BLOCK_N=64, BLOCK_M=128),
+        _cfg(4, 4, LOWP, BLOCK_N=64, BLOCK_M=64),
+        _cfg(4, 3, F32, BLOCK_N=64, BLOCK_M=64),
+        _cfg(4, 3, F32, BLOCK_N=64, BLOCK_M=32),
+        _cfg(8, 3, F32, BLOCK_N=128, BLOCK_M=64),
     ]
     _BWD_CONFIGS = [
-        # resident path (D <= 256): BLOCK_DO / N_ACC are replaced by the whole padded D
-        _cfg(8, 2, BLOCK_N=128, BLOCK_M=64, BLOCK_DO=0, N_ACC=1),
-        _cfg(8, 3, BLOCK_N=128, BLOCK_M=64, BLOCK_DO=0, N_ACC=1),
-        _cfg(4, 3, BLOCK_N=64, BLOCK_M=64, BLOCK_DO=0, N_ACC=1),
-        _cfg(8, 2, BLOCK_N=64, BLOCK_M=128, BLOCK_DO=0, N_ACC=1),
-        _cfg(8, 2, BLOCK_N=128, BLOCK_M=128, BLOCK_DO=0, N_ACC=1),
-        # streamed path (D > 256): accumulators of N_ACC x BLOCK_DO output columns per program
-        _cfg(8, 2, BLOCK_N=64, BLOCK_M=64, BLOCK_DO=256, N_ACC=3),
-        _cfg(8, 2, BLOCK_N=32, BLOCK_M=64, BLOCK_DO=256, N_ACC=4),
-        _cfg(8, 3, BLOCK_N=64, BLOCK_M=64, BLOCK_DO=128, N_ACC=2),
-        _cfg(8, 3, BLOCK_N=128, BLOCK_M=64, BLOCK_DO=128, N_ACC=1),
-        _cfg(8, 2, BLOCK_N=64, BLOCK_M=128, BLOCK_DO=256, N_ACC=1),
+        # D <= 256: one chunk; accumulator BLOCK_N x D fp32 in registers
+        _cfg(8, 2, D_SMALL, BLOCK_N=128, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
+        _cfg(8, 3, D_SMALL, BLOCK_N=128, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
+        _cfg(4, 3, D_SMALL, BLOCK_N=64, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
+        _cfg(8, 2, D_SMALL, BLOCK_N=64, BLOCK_M=64, CHUNK=0, N_CHUNK=0),  # sm_80: the others spill at D = 256
+        _cfg(8, 2, D_SMALL, BLOCK_N=64, BLOCK_M=128, CHUNK=0, N_CHUNK=0),
+        # 256 < D <= 1024: the BLOCK_N x D fp32 accumulator must fit the registers: 32 rows with
+        # 8 warps (~170 registers at D = 768 on sm_90, no spills), 64 rows up to D = 512
+        _cfg(8, 2, D_CHUNKED, BLOCK_N=32, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
+        _cfg(8, 2, D_CHUNKED, BLOCK_N=32, BLOCK_M=32, CHUNK=0, N_CHUNK=0),
+        _cfg(8, 3, D_CHUNKED, BLOCK_N=32, BLOCK_M=32, CHUNK=0, N_CHUNK=0),
+        _cfg(8, 2, D_CHUNKED, BLOCK_N=64, BLOCK_M=32, CHUNK=0, N_CHUNK=0),
+        # D > 1024: logits streamed over D, N_CHUNK x CHUNK output columns per program
+        _cfg(8, 2, D_STREAMED, BLOCK_N=32, BLOCK_M=64, CHUNK=128, N_CHUNK=4),
+        _cfg(8, 3, D_STREAMED, BLOCK_N=64, BLOCK_M=64, CHUNK=128, N_CHUNK=2),
+        _cfg(8, 3, D_STREAMED, BLOCK_N=128, BLOCK_M=64, CHUNK=128, N_CHUNK=1),
+        # fp32 (tf32x3): streamed, small tiles (larger ones spill or exceed shared memory)
+        _cfg(4, 2, D_F32, BLOCK_N=64, BLOCK_M=32, CHUNK=128, N_CHUNK=1),
+        _cfg(4, 2, D_F32, BLOCK_N=32, BLOCK_M=32, CHUNK=64, N_CHUNK=2),
     ]
 
 
-def _block_k(d: int) -> int:
-    return max(16, triton.next_power_of_2(d)) if d <= RESIDENT_MAX_D else STREAM_BLOCK_K
+def _block_k(d: int, elt: int) -> int:
+    """Forward K width: all of D (resident) or the streaming chunk."""
+    return max(16, triton.next_power_of_2(d)) if d <= RESIDENT_MAX_D[elt] else STREAM_BLOCK_K[elt]
 
 
-def _bwd_layout(d: int, block_do: int, n_acc: int) -> tuple[int, int]:
-    """(BLOCK_DO, N_ACC) actually used: the resident path covers D with one shared tile."""
-    if d <= RESIDENT_MAX_D:
-        return _block_k(d), 1
-    return block_do, max(1, min(n_acc, triton.cdiv(d, block_do)))
+def _chunks(d: int, elt: int, chunk: int, n_chunk: int) -> tuple[int, int]:
+    """Backward (CHUNK, N_CHUNK) actually used. Resident classes cover D with the fewest padded
+    columns (then the widest chunks): D = 768 -> 3 x 256, D = 384 -> 3 x 128, D = 100 -> 1 x 128.
+    The streamed classes use the config's chunks, no more of them than D needs."""
+    if _bwd_class(d, elt) in (D_STREAMED, D_F32):
+        chunk = min(chunk, max(16, triton.next_power_of_2(d)))
+        return chunk, max(1, min(n_chunk, triton.cdiv(d, chunk)))
+    best = None
+    c = MAX_CHUNK
+    while c >= 16:
+        n = triton.cdiv(d, c)
+        if n <= MAX_CHUNKS:
+            cand = (n * c, -c)
+            if best is None or cand < best[0]:
+                best = (cand, c, n)
+        c //= 2
+    return best[1], best[2]
+
+
+def _prune_fwd(configs, nargs, **kwargs):
+    kept = [c for c in configs if c.cls == _fwd_class(_elt(nargs["a_ptr"]))]
+    return kept or configs[:1]
 
 
 def _prune_bwd(configs, nargs, **kwargs):
-    """Keep the configs of D's path, without duplicates after the layout heuristics."""
-    d = nargs["D"]
-    kept, seen = [], set()
-    for c in configs:
-        resident = c.kwargs["BLOCK_DO"] == 0
-        if resident != (d <= RESIDENT_MAX_D):
-            continue
-        key = (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], *_bwd_layout(d, c.kwargs["BLOCK_DO"], c.kwargs["N_ACC"]))
-        key += (c.num_warps, c.num_stages)
-        if key not in seen:
-            seen.add(key)
-            kept.append(c)
+    kept = [c for c in configs if c.cls == _bwd_class(nargs["D"], _elt(nargs["a_ptr"]))]
     return kept or configs[:1]
 
 
@@ -220,11 +284,16 @@ def _tile_bounds(NB, SPLIT, BLOCK_M: tl.constexpr):
 # forward: per-row statistics (+ fixed-max column sums)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEYS + ["FIXED_COL"], reset_to_zero=["col_sum_ptr"])
+@triton.autotune(
+    configs=_FWD_CONFIGS,
+    key=_KEYS + ["FIXED_COL"],
+    prune_configs_by={"early_config_prune": _prune_fwd},
+    reset_to_zero=["col_sum_ptr"],
+)
 @triton.heuristics(
     {
-        "BLOCK_K": lambda a: _block_k(a["D"]),
-        "RESIDENT": lambda a: a["D"] <= RESIDENT_MAX_D,
+        "BLOCK_K": lambda a: _block_k(a["D"], _elt(a["a_ptr"])),
+        "RESIDENT": lambda a: a["D"] <= RESIDENT_MAX_D[_elt(a["a_ptr"])],
     }
 )
 @triton.jit
@@ -289,17 +358,63 @@ def _sc_forward_kernel(
 
 
 @triton.jit
-def _accumulate(acc, w, b_ptr, cols, m_ok, c0, D, stride_b, BLOCK_DO: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr):  # fmt: skip
-    bo = _load_rows(b_ptr, cols, m_ok, stride_b, c0, D, BLOCK_DO, UPCAST)
-    return tl.dot(w.to(bo.dtype), bo, acc, input_precision=PRECISION)
+def _chunk(ptr, rows, rows_ok, stride, c, D, CHUNK: tl.constexpr, UPCAST: tl.constexpr):
+    """Columns [c * CHUNK, (c + 1) * CHUNK) of the given rows."""
+    return _load_rows(ptr, rows, rows_ok, stride, c * CHUNK, D, CHUNK, UPCAST)
 
 
 @triton.jit
-def _store_out(out_ptr, acc, r, rows, n_ok, c0, D, NA, BLOCK_DO: tl.constexpr):
-    offs_d = c0 + tl.arange(0, BLOCK_DO)
+def _product(acc, w, b, PRECISION: tl.constexpr):
+    """acc += W b with W in b's dtype: fp16/bf16 tensor-core tiles, fp32 accumulation."""
+    return tl.dot(w.to(b.dtype), b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _store_out(out_ptr, acc, r, rows, n_ok, c, D, NA, CHUNK: tl.constexpr):
+    offs_d = c * CHUNK + tl.arange(0, CHUNK)
     base = out_ptr + tl.program_id(2).to(tl.int64) * NA * D
     tl.store(base + rows[:, None] * D + offs_d[None, :], acc * r[:, None], mask=n_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _weights(
+    s, valid, offs_m, m_ok, a_coef, a_stat, inv_r, b_w_ptr, b_stat_ptr, bias, bound,
+    MODE: tl.constexpr, FIXED: tl.constexpr, HAS_AW: tl.constexpr, HAS_BW: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """The tile of W / r (r the row scale) from the logits s."""
+    if MODE == 2:
+        x = s + bias
+        e = tl.exp(-tl.abs(x))  # sigmoid without overflow on either side
+        sig = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        if HAS_AW:
+            w = sig * a_coef[:, None]
+        else:
+            b_w = tl.load(b_w_ptr + offs_m, mask=m_ok, other=0.0)
+            w = sig * (inv_r[:, None] * b_w[None, :])
+    else:
+        s = tl.where(valid, s, float("-inf"))
+        if HAS_BW:
+            b_w = tl.load(b_w_ptr + offs_m, mask=m_ok, other=0.0)
+            b_stat = tl.load(b_stat_ptr + offs_m, mask=m_ok, other=0.0)
+        if FIXED:  # one exp per pair: W = exp(s - bound) * (a_w exp(bound - a_stat) + b_w exp(bound - b_stat))
+            e = tl.exp(s - bound)
+            if HAS_BW:
+                b_coef = tl.where(b_stat == float("-inf"), 0.0, b_w * tl.exp(bound - b_stat))
+                if HAS_AW:
+                    w = e * (a_coef[:, None] + inv_r[:, None] * b_coef[None, :])
+                else:
+                    w = e * (inv_r[:, None] * b_coef[None, :])
+            else:
+                w = e * a_coef[:, None]
+        else:
+            w = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            if HAS_AW:
+                w += a_coef[:, None] * tl.exp(s - a_stat[:, None])
+            if HAS_BW:
+                b_stat = tl.where(b_stat == float("-inf"), 0.0, b_stat)  # columns without pairs: W = 0
+                w += (inv_r[:, None] * b_w[None, :]) * tl.exp(s - b_stat[None, :])
+    return tl.where(valid, w, 0.0)
 
 
 @triton.autotune(
@@ -309,10 +424,10 @@ def _store_out(out_ptr, acc, r, rows, n_ok, c0, D, NA, BLOCK_DO: tl.constexpr):
 )
 @triton.heuristics(
     {
-        "BLOCK_K": lambda a: _block_k(a["D"]),
-        "RESIDENT": lambda a: a["D"] <= RESIDENT_MAX_D,
-        "BLOCK_DO": lambda a: _bwd_layout(a["D"], a["BLOCK_DO"], a["N_ACC"])[0],
-        "N_ACC": lambda a: _bwd_layout(a["D"], a["BLOCK_DO"], a["N_ACC"])[1],
+        "RESIDENT": lambda a: _bwd_class(a["D"], _elt(a["a_ptr"])) in (D_SMALL, D_CHUNKED),
+        "BLOCK_K": lambda a: STREAM_BLOCK_K[_elt(a["a_ptr"])],
+        "CHUNK": lambda a: _chunks(a["D"], _elt(a["a_ptr"]), a["CHUNK"], a["N_CHUNK"])[0],
+        "N_CHUNK": lambda a: _chunks(a["D"], _elt(a["a_ptr"]), a["CHUNK"], a["N_CHUNK"])[1],
     }
 )
 @triton.jit
@@ -322,20 +437,28 @@ def _sc_backward_kernel(
     NA, NB, D, stride_a, stride_b, offset, scale, bias, bound, SPLIT,
     N_KEY, M_KEY, D_KEY,
     MODE: tl.constexpr, FIXED: tl.constexpr, HAS_AW: tl.constexpr, HAS_BW: tl.constexpr,
-    NEED_WSUM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    NEED_WSUM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
-    BLOCK_DO: tl.constexpr, N_ACC: tl.constexpr,
+    CHUNK: tl.constexpr, N_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """out[split, i, d] = sum_j W_ij B_jd over this split's columns, for N_ACC * BLOCK_DO columns
-    d from program_id(1), and wsum[split, i] = sum_j W_ij. Softmax modes:
-    W_ij = a_w_i exp(s_ij - a_stat_i) + b_w_j exp(s_ij - b_stat_j); sigmoid:
-    W_ij = (a_w_i or b_w_j) sigmoid(s_ij + bias)."""
+    """out[split, i, d] = sum_j W_ij B_jd over this split's columns j, and wsum[split, i] =
+    sum_j W_ij. Softmax modes: W_ij = a_w_i exp(s_ij - a_stat_i) + b_w_j exp(s_ij - b_stat_j);
+    sigmoid: W_ij = (a_w_i or b_w_j) sigmoid(s_ij + bias).
+    RESIDENT: A's rows sit in N_CHUNK chunks of CHUNK columns; each B tile is loaded once, as
+    the same chunks, for the logits and the product; one program covers all of D.
+    Otherwise the logits stream over D and program_id(1) picks N_CHUNK x CHUNK output columns."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < NA
     rows = offs_n.to(tl.int64)
-    c_base = tl.program_id(1) * (N_ACC * BLOCK_DO)
+    c0 = tl.program_id(1) * N_CHUNK  # first output chunk of this program (0 when RESIDENT)
     if RESIDENT:
-        a_tile = _load_rows(a_ptr, rows, n_ok, stride_a, 0, D, BLOCK_K, UPCAST)
+        a0 = _chunk(a_ptr, rows, n_ok, stride_a, 0, D, CHUNK, UPCAST)
+        if N_CHUNK > 1:
+            a1 = _chunk(a_ptr, rows, n_ok, stride_a, 1, D, CHUNK, UPCAST)
+        if N_CHUNK > 2:
+            a2 = _chunk(a_ptr, rows, n_ok, stride_a, 2, D, CHUNK, UPCAST)
+        if N_CHUNK > 3:
+            a3 = _chunk(a_ptr, rows, n_ok, stride_a, 3, D, CHUNK, UPCAST)
     a_id = offs_n
     if MODE == 1:
         a_id = tl.load(a_ids_ptr + offs_n, mask=n_ok, other=0)
@@ -359,13 +482,13 @@ def _sc_backward_kernel(
             else:
                 a_stat = tl.where(a_stat == float("-inf"), 0.0, a_stat)  # rows without pairs: W = 0
 
-    acc0 = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
-    if N_ACC > 1:
-        acc1 = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
-    if N_ACC > 2:
-        acc2 = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
-    if N_ACC > 3:
-        acc3 = tl.zeros((BLOCK_N, BLOCK_DO), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_N, CHUNK), dtype=tl.float32)
+    if N_CHUNK > 1:
+        acc1 = tl.zeros((BLOCK_N, CHUNK), dtype=tl.float32)
+    if N_CHUNK > 2:
+        acc2 = tl.zeros((BLOCK_N, CHUNK), dtype=tl.float32)
+    if N_CHUNK > 3:
+        acc3 = tl.zeros((BLOCK_N, CHUNK), dtype=tl.float32)
     wsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t0, t1 = _tile_bounds(NB, SPLIT, BLOCK_M)
     for t in range(t0, t1):
@@ -373,72 +496,50 @@ def _sc_backward_kernel(
         m_ok = offs_m < NB
         cols = offs_m.to(tl.int64)
         if RESIDENT:
-            b = _load_rows(b_ptr, cols, m_ok, stride_b, 0, D, BLOCK_K, UPCAST)
-            s = tl.dot(a_tile, tl.trans(b), input_precision=PRECISION)
+            b0 = _chunk(b_ptr, cols, m_ok, stride_b, 0, D, CHUNK, UPCAST)
+            s = tl.dot(a0, tl.trans(b0), input_precision=PRECISION)
+            if N_CHUNK > 1:
+                b1 = _chunk(b_ptr, cols, m_ok, stride_b, 1, D, CHUNK, UPCAST)
+                s = tl.dot(a1, tl.trans(b1), s, input_precision=PRECISION)
+            if N_CHUNK > 2:
+                b2 = _chunk(b_ptr, cols, m_ok, stride_b, 2, D, CHUNK, UPCAST)
+                s = tl.dot(a2, tl.trans(b2), s, input_precision=PRECISION)
+            if N_CHUNK > 3:
+                b3 = _chunk(b_ptr, cols, m_ok, stride_b, 3, D, CHUNK, UPCAST)
+                s = tl.dot(a3, tl.trans(b3), s, input_precision=PRECISION)
         else:
             s = _streamed_dot(
                 a_ptr, b_ptr, rows, n_ok, cols, m_ok, D, stride_a, stride_b, BLOCK_N, BLOCK_M, BLOCK_K, UPCAST,
                 PRECISION,
             )  # fmt: skip
-        s = s * scale
+            b0 = _chunk(b_ptr, cols, m_ok, stride_b, c0, D, CHUNK, UPCAST)
+            if N_CHUNK > 1:
+                b1 = _chunk(b_ptr, cols, m_ok, stride_b, c0 + 1, D, CHUNK, UPCAST)
+            if N_CHUNK > 2:
+                b2 = _chunk(b_ptr, cols, m_ok, stride_b, c0 + 2, D, CHUNK, UPCAST)
+            if N_CHUNK > 3:
+                b3 = _chunk(b_ptr, cols, m_ok, stride_b, c0 + 3, D, CHUNK, UPCAST)
         valid = _pairs(offs_n, n_ok, offs_m, m_ok, a_id, b_ids_ptr, offset, MODE)
-        if MODE == 2:
-            x = s + bias
-            e = tl.exp(-tl.abs(x))  # sigmoid without overflow on either side
-            sig = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-            if HAS_AW:
-                w = sig * a_coef[:, None]
-            else:
-                b_w = tl.load(b_w_ptr + offs_m, mask=m_ok, other=0.0)
-                w = sig * (inv_r[:, None] * b_w[None, :])
-        else:
-            s = tl.where(valid, s, float("-inf"))
-            if HAS_BW:
-                b_w = tl.load(b_w_ptr + offs_m, mask=m_ok, other=0.0)
-                b_stat = tl.load(b_stat_ptr + offs_m, mask=m_ok, other=0.0)
-            if FIXED:
-                e = tl.exp(s - bound)
-                if HAS_BW:
-                    b_coef = tl.where(b_stat == float("-inf"), 0.0, b_w * tl.exp(bound - b_stat))
-                    if HAS_AW:
-                        w = e * (a_coef[:, None] + inv_r[:, None] * b_coef[None, :])
-                    else:
-                        w = e * (inv_r[:, None] * b_coef[None, :])
-                else:
-                    w = e * a_coef[:, None]
-            else:
-                w = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                if HAS_AW:
-                    w += a_coef[:, None] * tl.exp(s - a_stat[:, None])
-                if HAS_BW:
-                    b_stat = tl.where(b_stat == float("-inf"), 0.0, b_stat)
-                    w += (inv_r[:, None] * b_w[None, :]) * tl.exp(s - b_stat[None, :])
-        w = tl.where(valid, w, 0.0)
+        w = _weights(
+            s * scale, valid, offs_m, m_ok, a_coef, a_stat, inv_r, b_w_ptr, b_stat_ptr, bias, bound,
+            MODE, FIXED, HAS_AW, HAS_BW, BLOCK_N, BLOCK_M,
+        )  # fmt: skip
         if NEED_WSUM:
             wsum += tl.sum(w, 1)
-        if RESIDENT:  # one chunk, the B tile already loaded
-            acc0 = tl.dot(w.to(b.dtype), b, acc0, input_precision=PRECISION)
-        else:
-            acc0 = _accumulate(acc0, w, b_ptr, cols, m_ok, c_base, D, stride_b, BLOCK_DO, UPCAST, PRECISION)
-            if N_ACC > 1:
-                acc1 = _accumulate(
-                    acc1, w, b_ptr, cols, m_ok, c_base + BLOCK_DO, D, stride_b, BLOCK_DO, UPCAST, PRECISION
-                )
-            if N_ACC > 2:
-                acc2 = _accumulate(
-                    acc2, w, b_ptr, cols, m_ok, c_base + 2 * BLOCK_DO, D, stride_b, BLOCK_DO, UPCAST, PRECISION
-                )
-            if N_ACC > 3:
-                acc3 = _accumulate(
-                    acc3, w, b_ptr, cols, m_ok, c_base + 3 * BLOCK_DO, D, stride_b, BLOCK_DO, UPCAST, PRECISION
-                )
-    _store_out(out_ptr, acc0, r, rows, n_ok, c_base, D, NA, BLOCK_DO)
-    if N_ACC > 1:
-        _store_out(out_ptr, acc1, r, rows, n_ok, c_base + BLOCK_DO, D, NA, BLOCK_DO)
-    if N_ACC > 2:
-        _store_out(out_ptr, acc2, r, rows, n_ok, c_base + 2 * BLOCK_DO, D, NA, BLOCK_DO)
-    if N_ACC > 3:
-        _store_out(out_ptr, acc3, r, rows, n_ok, c_base + 3 * BLOCK_DO, D, NA, BLOCK_DO)
+        acc0 = _product(acc0, w, b0, W_PRECISION)
+        if N_CHUNK > 1:
+            acc1 = _product(acc1, w, b1, W_PRECISION)
+        if N_CHUNK > 2:
+            acc2 = _product(acc2, w, b2, W_PRECISION)
+        if N_CHUNK > 3:
+            acc3 = _product(acc3, w, b3, W_PRECISION)
+    _store_out(out_ptr, acc0, r, rows, n_ok, c0, D, NA, CHUNK)
+    if N_CHUNK > 1:
+        _store_out(out_ptr, acc1, r, rows, n_ok, c0 + 1, D, NA, CHUNK)
+    if N_CHUNK > 2:
+        _store_out(out_ptr, acc2, r, rows, n_ok, c0 + 2, D, NA, CHUNK)
+    if N_CHUNK > 3:
+        _store_out(out_ptr, acc3, r, rows, n_ok, c0 + 3, D, NA, CHUNK)
     if NEED_WSUM:
         tl.store(wsum_ptr + tl.program_id(2) * NA + offs_n, wsum * r, mask=n_ok & (tl.program_id(1) == 0))
 
@@ -579,7 +680,7 @@ class TritonSoftContrastiveCore:
         b_wmax = b_w.abs().amax().reshape(1) if b_w is not None else dummy
 
         def grid(meta):
-            chunks = triton.cdiv(triton.cdiv(d, meta["BLOCK_DO"]), meta["N_ACC"])
+            chunks = triton.cdiv(triton.cdiv(d, meta["CHUNK"]), meta["N_CHUNK"])
             return (triton.cdiv(na, meta["BLOCK_N"]), chunks, split)
 
         _sc_backward_kernel[grid](
@@ -590,7 +691,7 @@ class TritonSoftContrastiveCore:
             na, nb, d, a.stride(0), b.stride(0), int(offset), float(scale), float(bias), float(bound), split,
             _bucket(na), _bucket(nb), _bucket(d),
             MODE=int(mode), FIXED=fixed, HAS_AW=a_w is not None, HAS_BW=b_w is not None, NEED_WSUM=wsum,
-            UPCAST=INTERPRET and a.dtype == torch.bfloat16, PRECISION=self._precision(a.dtype),
+            UPCAST=INTERPRET and a.dtype == torch.bfloat16, PRECISION=self._precision(a.dtype), W_PRECISION=self._precision(a.dtype),
         )  # fmt: skip
         res = out[0] if split == 1 else out.sum(dim=0)
         if not wsum:
