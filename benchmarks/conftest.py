@@ -56,8 +56,12 @@ def record(benchmark):
 
 def pytest_sessionfinish(session, exitstatus):
     bench = getattr(session.config, "_benchmarksession", None)
-    rows = [b.as_dict(include_data=False, flat=True) for b in getattr(bench, "benchmarks", [])]
-    rows = [r for r in rows if r.get("mean") is not None]
+    rows = []
+    for b in getattr(bench, "benchmarks", []):
+        r = b.as_dict(include_data=False, flat=True)
+        r.update({f"extra_info.{k}": v for k, v in (r.pop("extra_info", None) or {}).items()})
+        if r.get("mean") is not None:
+            rows.append(r)
     if not rows:
         return
     import csv

@@ -43,12 +43,18 @@ TORCH_LIBRARY(fastcon, m) {
   // visible[b, k] = tokens[b, ids[b, k]] + pos_embed[b or 0, ids[b, k]]
   m.def("mask_gather(Tensor tokens, Tensor ids_keep, Tensor? pos_embed) -> Tensor visible");
   // One pass over grad_visible: scatter into grad_tokens (B, L, D; zeros elsewhere) when
-  // need_tokens, and into grad_pos (pos_batch, L, D), summed over b when pos_batch == 1.
+  // need_tokens, and into grad_pos (pos_batch, L, D), summed over b when pos_batch == 1
+  // (pos_batch 0: no pos_embed gradient). Outputs not wanted are empty (0,) tensors.
   m.def(
       "mask_gather_backward(Tensor grad_visible, Tensor ids_keep, int L, bool need_tokens, int pos_batch) "
       "-> (Tensor grad_tokens, Tensor grad_pos)");
   // out[b, l] = visible[b, k] where ids_keep[b, k] == l, fill (D,) elsewhere.
   m.def("mask_unmask(Tensor visible, Tensor ids_keep, int L, Tensor fill) -> Tensor");
+  // One pass over grad_out (B, L, D): grad_visible = its rows at ids_keep; grad_fill (D,), when
+  // need_fill, = its sum over the dropped rows in the accumulation dtype (fp32; fp64 for fp64).
+  m.def(
+      "mask_unmask_backward(Tensor grad_out, Tensor ids_keep, bool need_fill) "
+      "-> (Tensor grad_visible, Tensor grad_fill)");
   // images (B, C, H, W) with the pixels of dropped patch-grid cells set to zero.
   m.def("mask_image(Tensor images, int patch, Tensor ids_keep) -> Tensor");
 

@@ -4,9 +4,11 @@
 Public API
 - ``soft_contrastive_loss`` / ``SoftContrastiveLoss``: the multi-label soft contrastive loss
 - ``backends()``: which of reference / cpu / triton / cuda can run here, and why
+- ``siamese_mask`` / ``unmask`` / ``mask_image``: Siamese masking of patch tokens (and images)
 """
 
 from fastcon._backends import BackendError, BackendInfo, backends
+from fastcon.masking import mask_image, siamese_mask, unmask
 from fastcon.soft_contrastive import SoftContrastiveLoss, soft_contrastive_loss
 
 __version__ = "0.1.0"
@@ -16,5 +18,8 @@ __all__ = [
     "BackendInfo",
     "SoftContrastiveLoss",
     "backends",
+    "mask_image",
+    "siamese_mask",
     "soft_contrastive_loss",
+    "unmask",
 ]

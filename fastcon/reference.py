@@ -149,6 +149,105 @@ def sc_core_backward(u, v, row_ids, col_ids, row_offset, scale, bias, logit_boun
 
 # --------------------------------------------------------------------------------------------
 # 2. Siamese masking
+#
+# Shapes: tokens (B, L, D); ids_keep (B, K) int64, each row strictly increasing in [0, L) (the
+# public functions check this; kernels may assume it). pos_embed (P, L, D) with P == 1 (one
+# table shared by the batch) or P == B. All values are computed in the accumulation dtype
+# (fp32; fp64 for fp64 inputs) and rounded once to the storage dtype. These functions are the
+# op contracts of csrc/ops.cpp (mask_gather, mask_gather_backward, mask_unmask,
+# mask_unmask_backward, mask_image); the reference backend differentiates mask_gather,
+# mask_unmask and mask_image by autograd.
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _row_index(ids_keep: torch.Tensor, d: int) -> torch.Tensor:
+    return ids_keep[:, :, None].expand(-1, -1, d)
+
+
+def keep_mask(ids_keep: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L) bool: True at the kept positions ids_keep[b, :]."""
+    mask = torch.zeros(ids_keep.shape[0], length, dtype=torch.bool, device=ids_keep.device)
+    return mask.scatter_(1, ids_keep, True)
+
+
+def mask_gather(tokens: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+    """visible (B, K, D) = tokens[b, ids_keep[b, k]] + pos_embed[b or 0, ids_keep[b, k]].
+
+    The sum is taken in the accumulation dtype and rounded once to tokens' dtype; without
+    pos_embed it is an exact copy. Backward (autograd here; ``mask_gather_backward`` for the
+    kernels) scatters the gradient to tokens and sums it over b for a (1, L, D) pos_embed."""
+    b, _, d = tokens.shape
+    acc = _acc_dtype(tokens)
+    idx = _row_index(ids_keep, d)
+    visible = tokens.to(acc).gather(1, idx)
+    if pos_embed is not None:
+        visible = visible + pos_embed.to(acc).expand(b, -1, -1).gather(1, idx)
+    return visible.to(tokens.dtype)
+
+
+def mask_gather_backward(
+    grad_visible: torch.Tensor, ids_keep: torch.Tensor, length: int, need_tokens: bool, pos_batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel contract of mask_gather's backward, given d visible (B, K, D):
+
+    - grad_tokens (B, L, D): grad_visible[b, k] at row ids_keep[b, k], 0 elsewhere; an empty
+      (0,) tensor when not need_tokens;
+    - grad_pos: pos_batch == B: the same (B, L, D) values; pos_batch == 1: (1, L, D), its sum
+      over b, accumulated in the accumulation dtype in the order b = 0, 1, ... (deterministic
+      on cpu) and rounded once; pos_batch == 0: an empty (0,) tensor (no pos_embed gradient).
+    Both in grad_visible's dtype."""
+    b, _, d = grad_visible.shape
+    acc = _acc_dtype(grad_visible)
+    full = grad_visible.new_zeros(b, length, d, dtype=acc).scatter_(1, _row_index(ids_keep, d), grad_visible.to(acc))
+    empty = grad_visible.new_zeros(0)
+    grad_tokens = full.to(grad_visible.dtype) if need_tokens else empty
+    if pos_batch == 0:
+        grad_pos = empty
+    elif pos_batch == 1:
+        grad_pos = full.sum(dim=0, keepdim=True).to(grad_visible.dtype)
+    else:
+        grad_pos = full.to(grad_visible.dtype)
+    return grad_tokens, grad_pos
+
+
+def mask_unmask(visible: torch.Tensor, ids_keep: torch.Tensor, length: int, fill: torch.Tensor) -> torch.Tensor:
+    """out (B, L, D): out[b, ids_keep[b, k]] = visible[b, k]; fill (D,) (visible's dtype) at
+    every other position. An exact copy, no arithmetic."""
+    b, _, d = visible.shape
+    return fill.expand(b, length, d).scatter(1, _row_index(ids_keep, d), visible)
+
+
+def mask_unmask_backward(
+    grad_out: torch.Tensor, ids_keep: torch.Tensor, need_fill: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel contract of mask_unmask's backward, given d out (B, L, D):
+
+    - grad_visible (B, K, D) = grad_out[b, ids_keep[b, k]] (grad_out's dtype);
+    - grad_fill (D,): the sum of grad_out over every dropped (b, l), in the accumulation dtype
+      (fp32; fp64 for fp64), not rounded (the caller casts to fill's dtype); an empty (0,)
+      tensor when not need_fill. On cpu the summation order is fixed (deterministic)."""
+    b, length, d = grad_out.shape
+    acc = _acc_dtype(grad_out)
+    grad_visible = grad_out.gather(1, _row_index(ids_keep, d))
+    if not need_fill:
+        return grad_visible, grad_out.new_zeros(0, dtype=acc)
+    dropped = ~keep_mask(ids_keep, length)
+    grad_fill = (grad_out.to(acc) * dropped[:, :, None]).sum(dim=(0, 1))
+    return grad_visible, grad_fill
+
+
+def mask_image(images: torch.Tensor, patch: int, ids_keep: torch.Tensor) -> torch.Tensor:
+    """images (B, C, H, W) with every pixel of a dropped patch set to 0 (exactly 0, even where
+    the input is NaN or inf). Patch (i, j) of the (H / patch) x (W / patch) grid is number
+    i * (W / patch) + j (row-major, like ViT patch tokens). Its backward is the same op on
+    the gradient."""
+    b, _, h, w = images.shape
+    gh, gw = h // patch, w // patch
+    keep = keep_mask(ids_keep, gh * gw).view(b, 1, gh, 1, gw, 1).expand(b, 1, gh, patch, gw, patch)
+    return torch.where(keep.reshape(b, 1, h, w), images, images.new_zeros(()))
 
 
 # --------------------------------------------------------------------------------------------
