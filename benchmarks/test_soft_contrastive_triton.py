@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import matmul_gflops, peak_mib
 
 import fastcon
+from benchmarks.conftest import matmul_gflops, peak_mib
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),

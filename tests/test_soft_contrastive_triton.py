@@ -128,6 +128,12 @@ def test_core_rejects_float64():
         k.CORE.forward(u, u, None, None, 0, 1.0, 0.0, 0.0, MODE_SOFTMAX, True)
 
 
+def test_core_needs_ids_for_masked_mode():
+    u = torch.randn(3, 4, device=DEV)
+    with pytest.raises(ValueError, match="needs row_ids and col_ids"):
+        k.CORE.forward(u, u, None, None, 0, 1.0, 0.0, 0.0, MODE_SOFTMAX_IGNORE, True)
+
+
 def test_deterministic_mode_avoids_atomics():
     core = k.TritonSoftContrastiveCore()
     assert core._use_atomics()

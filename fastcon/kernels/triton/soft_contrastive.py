@@ -78,6 +78,7 @@ Roofline, H100 SXM, bf16, N = M = 65536 (P = N^2 = 4.3e9 pairs), symmetric softm
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -588,6 +589,11 @@ class TritonSoftContrastiveCore:
             )
         return (u if u.stride(1) == 1 else u.contiguous()), (v if v.stride(1) == 1 else v.contiguous())
 
+    @staticmethod
+    def _check_ids(mode, row_ids, col_ids):
+        if mode == MODE_SOFTMAX_IGNORE and (row_ids is None or col_ids is None):
+            raise ValueError("mode 1 (same-id pairs left out) needs row_ids and col_ids")
+
     def _use_atomics(self) -> bool:
         det = torch.are_deterministic_algorithms_enabled() if self.deterministic is None else self.deterministic
         return not det
@@ -621,7 +627,7 @@ class TritonSoftContrastiveCore:
         return ids.contiguous()
 
     def _device_ctx(self, t: torch.Tensor):
-        return torch.cuda.device(t.device) if t.device.type == "cuda" else _nullcontext()
+        return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
     # ---- forward ----------------------------------------------------------------------------
 
@@ -644,6 +650,7 @@ class TritonSoftContrastiveCore:
 
     def forward(self, u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mode, need_col):
         u, v = self._check(u, v)
+        self._check_ids(mode, row_ids, col_ids)
         n, m = u.shape[0], v.shape[0]
         need_col = bool(need_col) and mode != MODE_SIGMOID
         f32 = dict(dtype=torch.float32, device=u.device)
@@ -678,6 +685,7 @@ class TritonSoftContrastiveCore:
         dummy = torch.empty(1, **f32)
         fixed = mode != MODE_SIGMOID and self._fixed_max(float(bound))
         b_wmax = b_w.abs().amax().reshape(1) if b_w is not None else dummy
+        prec = self._precision(a.dtype)
 
         def grid(meta):
             chunks = triton.cdiv(triton.cdiv(d, meta["CHUNK"]), meta["N_CHUNK"])
@@ -691,7 +699,7 @@ class TritonSoftContrastiveCore:
             na, nb, d, a.stride(0), b.stride(0), int(offset), float(scale), float(bias), float(bound), split,
             _bucket(na), _bucket(nb), _bucket(d),
             MODE=int(mode), FIXED=fixed, HAS_AW=a_w is not None, HAS_BW=b_w is not None, NEED_WSUM=wsum,
-            UPCAST=INTERPRET and a.dtype == torch.bfloat16, PRECISION=self._precision(a.dtype), W_PRECISION=self._precision(a.dtype),
+            UPCAST=INTERPRET and a.dtype == torch.bfloat16, PRECISION=prec, W_PRECISION=prec,
         )  # fmt: skip
         res = out[0] if split == 1 else out.sum(dim=0)
         if not wsum:
@@ -700,6 +708,7 @@ class TritonSoftContrastiveCore:
 
     def backward(self, u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mode, row, col, g, h):
         u, v = self._check(u, v)
+        self._check_ids(mode, row_ids, col_ids)
         n, m, d = u.shape[0], v.shape[0], u.shape[1]
         f32 = dict(dtype=torch.float32, device=u.device)
         if n == 0 or m == 0:
@@ -729,14 +738,6 @@ class TritonSoftContrastiveCore:
             else:
                 gv, _ = self._weighted_pass(v, u, c_ids, r_ids, -row_offset, *common, col, row, h, g, False)
         return gu, gv, wsum
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 CORE = TritonSoftContrastiveCore()
