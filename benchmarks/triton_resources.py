@@ -87,20 +87,30 @@ def main():
                 nargs = {"D": d, "a_ptr": tensor}
                 for c in k._prune_fwd(k._FWD_CONFIGS, nargs):
                     consts = dict(
-                        MODE=0, FIXED_COL=True, UPCAST=False, PRECISION=prec, BLOCK_K=k._block_k(d, elt),
+                        MODE=0, FIXED_COL=True, HAS_POS=True, UPCAST=False, PRECISION=prec, BLOCK_K=k._block_k(d, elt),
                         RESIDENT=d <= k.RESIDENT_MAX_D[elt], **c.kwargs,
                     )  # fmt: skip
-                    ptrs = {"a_ids_ptr": "*i64", "b_ids_ptr": "*i64", "out_ptr": "*fp32", "col_sum_ptr": "*fp32"}
+                    names = ["pos_ptr", "out_ptr", "col_sum_ptr"]
+                    ptrs = {"a_ids_ptr": "*i64", "b_ids_ptr": "*i64", **{n: "*fp32" for n in names}}
                     _print(arch, dt, d, "forward", c, k._sc_forward_kernel, dt, ptrs, consts)
                 for c in k._prune_bwd(k._BWD_CONFIGS, nargs):
                     chunk, n_chunk = k._chunks(d, elt, c.kwargs["CHUNK"], c.kwargs["N_CHUNK"])
                     consts = dict(
-                        MODE=0, FIXED=True, HAS_AW=True, HAS_BW=True, NEED_WSUM=True, UPCAST=False,
+                        MODE=0, FIXED=True, HAS_POS=True, HAS_AW=True, HAS_BW=True, NEED_WSUM=True, UPCAST=False,
                         PRECISION=prec, W_PRECISION=prec, BLOCK_N=c.kwargs["BLOCK_N"], BLOCK_M=c.kwargs["BLOCK_M"],
                         BLOCK_K=k.STREAM_BLOCK_K[elt], RESIDENT=k._bwd_class(d, elt) in (k.D_SMALL, k.D_CHUNKED),
                         CHUNK=chunk, N_CHUNK=n_chunk,
                     )  # fmt: skip
-                    names = ["a_stat_ptr", "b_stat_ptr", "a_w_ptr", "b_w_ptr", "b_wmax_ptr", "out_ptr", "wsum_ptr"]
+                    names = [
+                        "pos_ptr",
+                        "a_stat_ptr",
+                        "b_stat_ptr",
+                        "a_w_ptr",
+                        "b_w_ptr",
+                        "b_wmax_ptr",
+                        "out_ptr",
+                        "wsum_ptr",
+                    ]
                     ptrs = {"a_ids_ptr": "*i64", "b_ids_ptr": "*i64", **{n: "*fp32" for n in names}}
                     _print(arch, dt, d, "backward", c, k._sc_backward_kernel, dt, ptrs, consts)
 

@@ -265,6 +265,17 @@ def _pairs(offs_n, n_ok, offs_m, m_ok, a_id, b_ids_ptr, offset, MODE: tl.constex
 
 
 @triton.jit
+def _with_positive_logit(s, pos, offs_n, offs_m, t, offset, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The positive pair's logit as the launcher took it (float64 dot, rounded once, as the
+    autograd Function takes it) in place of the tile's fp32 one, so that small losses, the
+    difference of two ~1/tau terms, cancel cleanly. Only tiles crossing the diagonal pay."""
+    first = tl.program_id(0) * BLOCK_N + offset  # positive column of the block's first row
+    if (t * BLOCK_M < first + BLOCK_N) & (t * BLOCK_M + BLOCK_M > first):
+        s = tl.where(offs_m[None, :] == offs_n[:, None] + offset, pos[:, None], s)
+    return s
+
+
+@triton.jit
 def _log1p(t):
     """log(1 + t) to full fp32 precision for t in [0, 1] (tl has no log1p that the interpreter runs)."""
     u = 1.0 + t
@@ -299,10 +310,11 @@ def _tile_bounds(NB, SPLIT, BLOCK_M: tl.constexpr):
 )
 @triton.jit
 def _sc_forward_kernel(
-    a_ptr, b_ptr, a_ids_ptr, b_ids_ptr, out_ptr, col_sum_ptr,
+    a_ptr, b_ptr, a_ids_ptr, b_ids_ptr, pos_ptr, out_ptr, col_sum_ptr,
     NA, NB, D, stride_a, stride_b, offset, scale, bias, bound, SPLIT,
     N_KEY, M_KEY, D_KEY,
-    MODE: tl.constexpr, FIXED_COL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    MODE: tl.constexpr, FIXED_COL: tl.constexpr, HAS_POS: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
 ):  # fmt: skip
     """out[split, i] = logsumexp_j s_ij (modes 0, 1) or sum_j softplus(s_ij + bias) (mode 2) over
@@ -315,6 +327,9 @@ def _sc_forward_kernel(
     a_id = offs_n
     if MODE == 1:
         a_id = tl.load(a_ids_ptr + offs_n, mask=n_ok, other=0)
+    pos = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if HAS_POS:
+        pos = tl.load(pos_ptr + offs_n, mask=n_ok, other=0.0)
     m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum of exp(s - m_i), or the softplus sum
     t0, t1 = _tile_bounds(NB, SPLIT, BLOCK_M)
@@ -331,6 +346,8 @@ def _sc_forward_kernel(
                 PRECISION,
             )  # fmt: skip
         s = s * scale
+        if HAS_POS:
+            s = _with_positive_logit(s, pos, offs_n, offs_m, t, offset, BLOCK_N, BLOCK_M)
         valid = _pairs(offs_n, n_ok, offs_m, m_ok, a_id, b_ids_ptr, offset, MODE)
         if MODE == 2:
             x = s + bias
@@ -433,11 +450,11 @@ def _weights(
 )
 @triton.jit
 def _sc_backward_kernel(
-    a_ptr, b_ptr, a_ids_ptr, b_ids_ptr, a_stat_ptr, b_stat_ptr, a_w_ptr, b_w_ptr, b_wmax_ptr,
+    a_ptr, b_ptr, a_ids_ptr, b_ids_ptr, pos_ptr, a_stat_ptr, b_stat_ptr, a_w_ptr, b_w_ptr, b_wmax_ptr,
     out_ptr, wsum_ptr,
     NA, NB, D, stride_a, stride_b, offset, scale, bias, bound, SPLIT,
     N_KEY, M_KEY, D_KEY,
-    MODE: tl.constexpr, FIXED: tl.constexpr, HAS_AW: tl.constexpr, HAS_BW: tl.constexpr,
+    MODE: tl.constexpr, FIXED: tl.constexpr, HAS_POS: tl.constexpr, HAS_AW: tl.constexpr, HAS_BW: tl.constexpr,
     NEED_WSUM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
     CHUNK: tl.constexpr, N_CHUNK: tl.constexpr,
@@ -483,6 +500,10 @@ def _sc_backward_kernel(
             else:
                 a_stat = tl.where(a_stat == float("-inf"), 0.0, a_stat)  # rows without pairs: W = 0
 
+    pos = r
+    if HAS_POS:
+        pos = tl.load(pos_ptr + offs_n, mask=n_ok, other=0.0)
+
     acc0 = tl.zeros((BLOCK_N, CHUNK), dtype=tl.float32)
     if N_CHUNK > 1:
         acc1 = tl.zeros((BLOCK_N, CHUNK), dtype=tl.float32)
@@ -520,9 +541,12 @@ def _sc_backward_kernel(
                 b2 = _chunk(b_ptr, cols, m_ok, stride_b, c0 + 2, D, CHUNK, UPCAST)
             if N_CHUNK > 3:
                 b3 = _chunk(b_ptr, cols, m_ok, stride_b, c0 + 3, D, CHUNK, UPCAST)
+        s = s * scale
+        if HAS_POS:
+            s = _with_positive_logit(s, pos, offs_n, offs_m, t, offset, BLOCK_N, BLOCK_M)
         valid = _pairs(offs_n, n_ok, offs_m, m_ok, a_id, b_ids_ptr, offset, MODE)
         w = _weights(
-            s * scale, valid, offs_m, m_ok, a_coef, a_stat, inv_r, b_w_ptr, b_stat_ptr, bias, bound,
+            s, valid, offs_m, m_ok, a_coef, a_stat, inv_r, b_w_ptr, b_stat_ptr, bias, bound,
             MODE, FIXED, HAS_AW, HAS_BW, BLOCK_N, BLOCK_M,
         )  # fmt: skip
         if NEED_WSUM:
@@ -626,23 +650,50 @@ class TritonSoftContrastiveCore:
             ids = ids.to(torch.int64)
         return ids.contiguous()
 
+    @staticmethod
+    def _positive_logits(a, b, offset, scale, rows: int = 4096):
+        """scale * (a_i . b_{i + offset}) accumulated in float64 and rounded once to fp32, the way
+        the autograd Function takes the positive logits it subtracts (0 where i + offset is out
+        of range); None when no row has its positive in range."""
+        na, nb = a.shape[0], b.shape[0]
+        lo, hi = max(0, -offset), min(na, nb - offset)
+        if lo >= hi:
+            return None
+        out = torch.zeros(na, dtype=torch.float32, device=a.device)
+        for i in range(lo, hi, rows):  # O(rows * D) float64 scratch
+            j = min(i + rows, hi)
+            out[i:j] = scale * (a[i:j].double() * b[i + offset : j + offset].double()).sum(dim=1)
+        return out
+
+    @staticmethod
+    def _transposed(pos, offset, m):
+        """The positive logits indexed by column (column j's positive is row j - offset)."""
+        if pos is None:
+            return None
+        n = pos.shape[0]
+        lo, hi = max(0, -offset), min(n, m - offset)
+        out = torch.zeros(m, dtype=torch.float32, device=pos.device)
+        out[lo + offset : hi + offset] = pos[lo:hi]
+        return out
+
     def _device_ctx(self, t: torch.Tensor):
         return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
     # ---- forward ----------------------------------------------------------------------------
 
-    def _row_pass(self, a, b, a_ids, b_ids, offset, scale, bias, bound, mode, col_sum):
+    def _row_pass(self, a, b, a_ids, b_ids, pos, offset, scale, bias, bound, mode, col_sum):
         na, nb, d = a.shape[0], b.shape[0], a.shape[1]
         split = self._num_splits(na, nb, a.device, MAX_SPLITS)
         buf = torch.empty((split, na), dtype=torch.float32, device=a.device)
         fixed_col = col_sum is not None
         grid = lambda meta: (triton.cdiv(na, meta["BLOCK_N"]), 1, split)  # noqa: E731
         _sc_forward_kernel[grid](
-            a, b, a_ids, b_ids, buf, col_sum if fixed_col else torch.empty(1, device=a.device),
+            a, b, a_ids, b_ids, buf if pos is None else pos, buf,
+            col_sum if fixed_col else torch.empty(1, device=a.device),
             na, nb, d, a.stride(0), b.stride(0), int(offset), float(scale), float(bias), float(bound), split,
             _bucket(na), _bucket(nb), _bucket(d),
-            MODE=int(mode), FIXED_COL=fixed_col, UPCAST=INTERPRET and a.dtype == torch.bfloat16,
-            PRECISION=self._precision(a.dtype),
+            MODE=int(mode), FIXED_COL=fixed_col, HAS_POS=pos is not None,
+            UPCAST=INTERPRET and a.dtype == torch.bfloat16, PRECISION=self._precision(a.dtype),
         )  # fmt: skip
         if split == 1:
             return buf[0]
@@ -665,18 +716,20 @@ class TritonSoftContrastiveCore:
         fixed = need_col and self._fixed_max(float(logit_bound)) and self._use_atomics()
         col_sum = torch.zeros(m, **f32) if fixed else None
         with self._device_ctx(u):
-            row = self._row_pass(u, v, r_ids, c_ids, row_offset, scale, bias, logit_bound, mode, col_sum)
+            pos = self._positive_logits(u, v, int(row_offset), float(scale))
+            row = self._row_pass(u, v, r_ids, c_ids, pos, row_offset, scale, bias, logit_bound, mode, col_sum)
             if not need_col:
                 col = empty
             elif fixed:
                 col = col_sum.log_().add_(float(logit_bound))
             else:  # column-owned pass: the same kernel on the transposed problem
-                col = self._row_pass(v, u, c_ids, r_ids, -row_offset, scale, bias, logit_bound, mode, None)
+                pos_t = self._transposed(pos, int(row_offset), m)
+                col = self._row_pass(v, u, c_ids, r_ids, pos_t, -row_offset, scale, bias, logit_bound, mode, None)
         return row, col
 
     # ---- backward ---------------------------------------------------------------------------
 
-    def _weighted_pass(self, a, b, a_ids, b_ids, offset, scale, bias, bound, mode, a_stat, b_stat, a_w, b_w, wsum):
+    def _weighted_pass(self, a, b, a_ids, b_ids, pos, offset, scale, bias, bound, mode, a_stat, b_stat, a_w, b_w, wsum):
         na, nb, d = a.shape[0], b.shape[0], a.shape[1]
         split = self._num_splits(na, nb, a.device, MAX_SPLITS)
         f32 = dict(dtype=torch.float32, device=a.device)
@@ -692,13 +745,13 @@ class TritonSoftContrastiveCore:
             return (triton.cdiv(na, meta["BLOCK_N"]), chunks, split)
 
         _sc_backward_kernel[grid](
-            a, b, a_ids, b_ids,
+            a, b, a_ids, b_ids, dummy if pos is None else pos,
             dummy if a_stat is None else a_stat, dummy if b_stat is None else b_stat,
             dummy if a_w is None else a_w, dummy if b_w is None else b_w, b_wmax,
             out, wbuf,
             na, nb, d, a.stride(0), b.stride(0), int(offset), float(scale), float(bias), float(bound), split,
             _bucket(na), _bucket(nb), _bucket(d),
-            MODE=int(mode), FIXED=fixed, HAS_AW=a_w is not None, HAS_BW=b_w is not None, NEED_WSUM=wsum,
+            MODE=int(mode), FIXED=fixed, HAS_POS=pos is not None, HAS_AW=a_w is not None, HAS_BW=b_w is not None, NEED_WSUM=wsum,
             UPCAST=INTERPRET and a.dtype == torch.bfloat16, PRECISION=prec, W_PRECISION=prec,
         )  # fmt: skip
         res = out[0] if split == 1 else out.sum(dim=0)
@@ -727,16 +780,19 @@ class TritonSoftContrastiveCore:
         r_ids = self._ids(row_ids if masked else None, col_ids, dummy)
         c_ids = self._ids(col_ids if masked else None, row_ids, dummy)
         common = (scale, bias, logit_bound, mode)
+        off = int(row_offset)
         with self._device_ctx(u):
+            pos = self._positive_logits(u, v, off, float(scale))
             # rows: W v and W 1, W_ij = g_i p_ij + h_j q_ij (or g_i sigmoid)
             gu, wsum = self._weighted_pass(
-                u, v, r_ids, c_ids, row_offset, *common, None if sigmoid else row, col, g, h, True
+                u, v, r_ids, c_ids, pos, off, *common, None if sigmoid else row, col, g, h, True
             )
             # columns: W^T u, the same sum with the roles of rows and columns exchanged
+            pos_t = self._transposed(pos, off, m)
             if sigmoid:
-                gv, _ = self._weighted_pass(v, u, c_ids, r_ids, -row_offset, *common, None, None, None, g, False)
+                gv, _ = self._weighted_pass(v, u, c_ids, r_ids, pos_t, -off, *common, None, None, None, g, False)
             else:
-                gv, _ = self._weighted_pass(v, u, c_ids, r_ids, -row_offset, *common, col, row, h, g, False)
+                gv, _ = self._weighted_pass(v, u, c_ids, r_ids, pos_t, -off, *common, col, row, h, g, False)
         return gu, gv, wsum
 
 
