@@ -26,6 +26,11 @@ with u/v, ids, statistics and weights exchanged and the row offset negated.
   one exp per pair again. W enters ``tl.dot`` in the input dtype (fp16/bf16, like P in
   FlashAttention) after a per-row scale 1 / (|g_i| + max|h|), so fp16 tiles lie in [-1, 1] and
   do not underflow into subnormals; the scale is undone on the fp32 accumulator.
+- The positive pair's logit (column i + row_offset of row i) is taken as the autograd Function
+  takes the one it subtracts: a float64 dot rounded once to fp32 (O(N D), computed by the
+  launcher), substituted in the tiles that cross that diagonal. Small losses are differences of
+  two ~1/tau terms; this way they cancel cleanly (N = 1 gives exactly 0) instead of carrying
+  two independent fp32 roundings.
 - Few row blocks (N < ~34k rows on a 132-SM H100, or few local rows against many gathered
   columns) would idle SMs: the inner dimension is then split over a grid axis (flash-decoding
   style) and partial log-sum-exps / sums are combined with torch (<= 8 splits, O(splits N D)).
@@ -34,7 +39,7 @@ D: the forward keeps an A block resident for D <= 256 and streams 64-wide K chun
 backward holds A's rows in up to 4 resident chunks (D <= 1024; D = 768 is 3 x 256), loads each
 B tile once as the same chunks for both the logits and the product, and keeps the BLOCK_N x D
 fp32 accumulator in registers; that register budget is what sizes its tiles (BLOCK_N = 32 at
-D = 768: ~170 registers/thread, no spills when compiled for sm_90). D > 1024 streams the logits
+D = 768: ~220 registers/thread, no spills when compiled for sm_90 and sm_80). D > 1024 streams the logits
 and recomputes them per group of output chunks.
 
 Precision: fp16/bf16 tiles go to tensor cores with fp32 accumulation; fp32 inputs use
@@ -170,7 +175,7 @@ else:
         _cfg(8, 2, D_SMALL, BLOCK_N=64, BLOCK_M=64, CHUNK=0, N_CHUNK=0),  # sm_80: the others spill at D = 256
         _cfg(8, 2, D_SMALL, BLOCK_N=64, BLOCK_M=128, CHUNK=0, N_CHUNK=0),
         # 256 < D <= 1024: the BLOCK_N x D fp32 accumulator must fit the registers: 32 rows with
-        # 8 warps (~170 registers at D = 768 on sm_90, no spills), 64 rows up to D = 512
+        # 8 warps (~220 registers at D = 768 on sm_90, no spills), 64 rows up to D = 512
         _cfg(8, 2, D_CHUNKED, BLOCK_N=32, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
         _cfg(8, 2, D_CHUNKED, BLOCK_N=32, BLOCK_M=32, CHUNK=0, N_CHUNK=0),
         _cfg(8, 3, D_CHUNKED, BLOCK_N=32, BLOCK_M=32, CHUNK=0, N_CHUNK=0),
