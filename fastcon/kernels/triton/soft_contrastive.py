@@ -39,8 +39,8 @@ D: the forward keeps an A block resident for D <= 256 and streams 64-wide K chun
 backward holds A's rows in up to 4 resident chunks (D <= 1024; D = 768 is 3 x 256), loads each
 B tile once as the same chunks for both the logits and the product, and keeps the BLOCK_N x D
 fp32 accumulator in registers; that register budget is what sizes its tiles (BLOCK_N = 32 at
-D = 768: ~220 registers/thread, no spills when compiled for sm_90 and sm_80). D > 1024 streams the logits
-and recomputes them per group of output chunks.
+D = 768: ~220 registers/thread, no spills when compiled for sm_90 and sm_80). D > 1024
+streams the logits and recomputes them per group of output chunks.
 
 Precision: fp16/bf16 tiles go to tensor cores with fp32 accumulation; fp32 inputs use
 ``input_precision="tf32x3"`` on NVIDIA GPUs (about fp32 accuracy from three TF32 MMAs). Its
