@@ -22,6 +22,9 @@ std::string build_info() { return FASTCON_CUDA_ARCHS; }
 // The SIMD level the CPU kernels use on this machine (chosen at run time).
 std::string cpu_capability();
 
+// The SIMD level of the CPU diffusion kernels (csrc/cpu/bindings.cpp).
+std::string diffusion_cpu_isa();
+
 }  // namespace fastcon
 
 TORCH_LIBRARY(fastcon, m) {
@@ -59,21 +62,29 @@ TORCH_LIBRARY(fastcon, m) {
   m.def("mask_image(Tensor images, int patch, Tensor ids_keep) -> Tensor");
 
   // Diffusion noise schedule (SPEC section 3; contract in reference.diffusion_* / philox_*).
-  // Seeded noise: Philox4x32-10, counter = flat element index, key = seed (see reference).
-  // target: 0 epsilon, 1 x0, 2 v.
-  m.def("philox_uint32(int seed, int n) -> Tensor");
-  m.def("philox_normal(int seed, int n) -> Tensor");
+  // Seeded noise: Philox4x32-10, counter = (idx mod 2^32, idx div 2^32, 0, 0) for flat element
+  // index idx, key = (seed mod 2^32, seed div 2^32); `int seed` carries the unsigned 64-bit seed
+  // in two's complement. The noise-taking ops use `noise` when given and the seed otherwise.
+  // coef_x0 / coef_noise: per-sample coefficients (B,) in the accumulation dtype (float32;
+  // float64 for float64 inputs), e.g. sqrt(alpha_bar[t]) and sqrt(1 - alpha_bar[t]).
+  // target: 0 epsilon, 1 x0, 2 v (= coef_x0 * eps - coef_noise * x0).
+  // (..., 4) int64 counter words in [0, 2^32) -> (..., 4) int64 output words
+  m.def("philox_uint32(Tensor counter, int seed) -> Tensor");
+  // int64 flat element indices (any shape) -> float32 standard normals of the same shape
+  m.def("philox_normal(Tensor index, int seed) -> Tensor");
+  // x_t = coef_x0[b] * x0 + coef_noise[b] * eps, in x0's dtype
   m.def(
-      "diffusion_q_sample(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1m_ab, Tensor? noise, int seed) "
-      "-> Tensor x_t");
-  // Per-sample sums of squared errors (B,), fp32 (fp64 for fp64 inputs).
+      "diffusion_q_sample(Tensor x0, Tensor coef_x0, Tensor coef_noise, Tensor? noise, int seed) -> Tensor x_t");
+  // Per-sample sums of squared errors (B,) in the accumulation dtype.
   m.def(
-      "diffusion_loss(Tensor pred, Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1m_ab, Tensor? noise, "
-      "int seed, int target) -> Tensor sse");
+      "diffusion_loss(Tensor pred, Tensor x0, Tensor coef_x0, Tensor coef_noise, Tensor? noise, int seed, "
+      "int target) -> Tensor sse");
   // grad_pred = 2 (pred - target) * grad_sse[b], target regenerated from the seed.
   m.def(
-      "diffusion_loss_backward(Tensor grad_sse, Tensor pred, Tensor x0, Tensor t, Tensor sqrt_ab, "
-      "Tensor sqrt_1m_ab, Tensor? noise, int seed, int target) -> Tensor grad_pred");
+      "diffusion_loss_backward(Tensor grad_sse, Tensor pred, Tensor x0, Tensor coef_x0, Tensor coef_noise, "
+      "Tensor? noise, int seed, int target) -> Tensor grad_pred");
+  // The SIMD level the CPU diffusion kernels run at (FASTCON_CPU_ISA caps it).
+  m.def("diffusion_cpu_isa() -> str", &fastcon::diffusion_cpu_isa);
 }
 
 FASTCON_PYTHON_MODULE(_C)

@@ -55,3 +55,28 @@ def _mask_image(images, patch, ids_keep):
 
 
 # ---- diffusion -------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("fastcon::philox_uint32")
+def _philox_uint32(counter, seed):
+    return counter.new_empty(counter.shape, dtype=torch.int64)
+
+
+@torch.library.register_fake("fastcon::philox_normal")
+def _philox_normal(index, seed):
+    return index.new_empty(index.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("fastcon::diffusion_q_sample")
+def _diffusion_q_sample(x0, coef_x0, coef_noise, noise, seed):
+    return torch.empty_like(x0)
+
+
+@torch.library.register_fake("fastcon::diffusion_loss")
+def _diffusion_loss(pred, x0, coef_x0, coef_noise, noise, seed, target):
+    return x0.new_empty(x0.shape[0], dtype=_acc(x0))
+
+
+@torch.library.register_fake("fastcon::diffusion_loss_backward")
+def _diffusion_loss_backward(grad_sse, pred, x0, coef_x0, coef_noise, noise, seed, target):
+    return torch.empty_like(pred)
