@@ -362,6 +362,8 @@ def soft_contrastive_loss(
     """
     _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction)
     name, core = _backends.select("soft_contrastive", backend, z1.device)
+    if core is not None:
+        core.kernel_dtype(z1.dtype)  # a backend without kernels for this dtype says so before any work
     if name == "reference":
         return reference.soft_contrastive_loss(
             z1,

@@ -22,10 +22,10 @@ from fastcon.soft_contrastive import _FusedSoftContrastive
 # The fused backends that run on this machine. On a CUDA machine the GPU backends run on CUDA
 # tensors too (see `device_for`); without one, triton runs under the interpreter and the CUDA
 # kernels through their SIMT emulation build.
-FUSED = ["cpu"]
+FUSED = ["cpu", "triton"]
 LOW_PRECISION = {  # storage dtypes each backend is tested with besides float32
     "cpu": [torch.float16, torch.bfloat16],
-    "triton": [torch.float16],  # bf16 tl.dot is wrong under the interpreter
+    "triton": [torch.float16, torch.bfloat16],  # under the interpreter the kernels upcast bf16 tiles
     "cuda_simt": [torch.float16, torch.bfloat16],
 }
 F64 = {"cpu", "cuda_simt"}  # backends with a float64 kernel (gradcheck)
