@@ -15,6 +15,8 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 #define FASTCON_SHARED_POISON(buffer) ((void)0)
+// The launch's dynamic shared memory as a byte array `name`.
+#define FASTCON_DYNAMIC_SHARED(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
 #include <cstdint>

@@ -2,46 +2,53 @@
 // and sc_core_backward). Logit tiles s = scale * u_i . v_j are recomputed, never stored.
 //
 // Design
-// - A block owns BM = 64 rows of one side ("own": u rows, or v rows for column work) and
-//   sweeps 64-row tiles of the other side. Per tile: GEMM1 stages D in BK-wide chunks of both
-//   tiles in shared memory (coalesced, 16-byte vector loads when D allows) and accumulates the
-//   64 x 64 logit tile with warp tiles (tensor cores via WMMA for fp16 / bf16, FMA for fp32 /
-//   fp64, fp32 accumulation, fp64 for fp64), then writes it to shared memory, where every
-//   thread takes one row and 16 interleaved columns (bank-conflict free) for the element-wise
-//   work: exp, masks, row sums (4 threads per row, 2 shuffles), column sums (4 x 16-row
-//   partials in shared memory).
-// - Forward, softmax with a usable logit bound B (|s| <= B promised by normalised inputs,
-//   B <= 40 in fp32): e = exp(s - B) cannot underflow (>= e^-80) nor overflow, so one exp per
-//   pair serves row and column sums at once. Row sums stay in the block; column sums are
-//   atomicAdds of per-tile partials (M atomics per row tile, nothing N x M). Small N splits the
-//   column sweep over gridDim.y (rows then merge by atomics too). The last block to finish
-//   (ticket counter) turns sums into log-sum-exps: one launch.
+// - A block (256 threads) owns BM = 64 rows of one side ("own": u rows, or v rows for column
+//   work) and sweeps 64-row tiles of the other side. The own tile stays resident in dynamic
+//   shared memory for the whole sweep when it fits (D <= ~1400 in bf16 on H100), so only the
+//   other side is streamed. GEMM1 stages the other tile in BK-wide chunks of D (coalesced,
+//   16-byte vector loads when D allows) and accumulates the 64 x 64 logit tile with warp tiles
+//   (tensor cores via WMMA for fp16 / bf16, FMA for fp32 / fp64; fp32 accumulation, fp64 for
+//   fp64), then writes it to shared memory, where each thread takes one row and 16
+//   interleaved columns (bank-conflict free) for the element-wise work: exp, masks, row sums
+//   (4 threads per row, 2 shuffles), column sums (4 x 16-row partials in shared memory).
+//   Statistics stay in natural units (exp2 of FMA'd differences times log2 e), and the
+//   positive pair's logit is taken in fp64 like the Function's target term, so a loss made of
+//   a log-sum-exp minus its own dominant logit cancels to fp32 resolution.
+// - Forward, softmax with a usable logit bound B (|s| <= B for normalised inputs; B <= 40 in
+//   fp32): e = exp(s - B) can neither underflow (>= e^-80) nor overflow, so one exp per pair
+//   serves row and column sums at once. Row sums stay in the block; column sums are atomicAdds
+//   of per-tile partials (M atomics per row tile, nothing N x M). Few row tiles split the column
+//   sweep over gridDim.y (row sums then merge by atomics too). The last block to finish (ticket
+//   counter) turns sums into log-sum-exps: one launch.
 // - Forward, softmax without a usable bound (tau < 0.025, normalize=False): an online max per
-//   row (FlashAttention style). Column statistics then need their own running max, so
+//   row (FlashAttention style). Column statistics would need their own running max, so
 //   columns get their own blocks (grid = row tiles + column tiles): twice the GEMM work, no
 //   atomics, still one launch.
 // - Forward, sigmoid: sum of softplus(s + bias) per row; no max needed.
 // - Backward: W_ij = g_i exp(s_ij - r_i) + h_j exp(s_ij - c_j) (or g_i sigmoid(s_ij + b)) is
-//   recomputed per tile and multiplied with the other side's tile (GEMM2, W in the storage
-//   type for tensor cores; fp16 W is scaled by 1 / (max|g| + max|h|) into fp16 range first).
-//   Blocks for rows accumulate W v, blocks for columns W^T u, each in registers (a 64 x 256
-//   slab, split over gridDim.y when D > 256): no atomics, deterministic, one launch; the
-//   price is computing every logit tile twice (as FlashAttention's separate dQ pass does).
+//   recomputed per tile and multiplied with the other side's tile (GEMM2; W in the storage type
+//   for tensor cores, fp16 W first scaled by 1 / (max|g| + max|h|) into fp16 range). Row
+//   blocks accumulate W v, column blocks W^T u, each in registers (a 64 x 256 fp32 slab, split
+//   over gridDim.y when D > 256): no atomics, deterministic, one launch; the price is computing
+//   every logit tile twice (as FlashAttention's separate dQ pass does). ~190-230 registers:
+//   one block (8 warps) per SM.
 //
 // Arithmetic intensity and an H100 SXM roofline (bf16, N = M = 65536; 990 TFLOP/s dense bf16,
-// 3.35 TB/s HBM, ~3.9 T exp/s on MUFU). FLOPs count 2 per multiply-add.
-//   forward (bound usable, symmetric): GEMM 2 N^2 D; N^2 exps; HBM ~2 N D bytes x 2 (inputs
-//     re-read per tile come from L2), so intensity ~N/2 FLOP per HBM byte: compute-bound.
-//       D = 256: 2.2 TFLOP -> 2.2 ms tensor; 4.3 G exp -> 1.1 ms MUFU; bound 2.2 ms
-//       D = 768: 6.6 TFLOP -> 6.7 ms tensor; 1.1 ms MUFU;              bound 6.7 ms
-//   backward: per role GEMM1 2 N^2 D (once per D slab of 256) + GEMM2 2 N^2 D; two roles;
-//     N^2 exps per role.
-//       D = 256: 8 N^2 D = 8.8 TFLOP -> 8.9 ms; 2 x 4.3 G exp -> 2.2 ms;  bound 8.9 ms
-//       D = 768: (3 + 1) x 2 x 2 N^2 D = 26 TFLOP -> 27 ms;              bound 27 ms
-//   Staging from L2: a 64 x 64 tile reads 2 x 64 x D elements for 2 x 64 x 64 x D FLOP,
-//   32 FLOP/byte in bf16; at ~10 TB/s of L2 that caps GEMM1 near 320 TFLOP/s, so expect
-//   ~1/3 of the tensor bound (forward ~6-7 ms at D = 256) until the tiles grow (128 x 128),
-//   loads become cp.async / TMA pipelines and WMMA is replaced by wgmma on sm_90.
+// 3.35 TB/s HBM, ~3.9 T exp/s on MUFU; L2 bandwidth is not published, microbenchmarks report
+// ~5.5-12 TB/s, 10 assumed). 2 FLOP per multiply-add; fixed-max path.
+//   pass      D    tensor          exps           HBM (ideal)         L2 -> smem staging
+//   forward  256   2.2 T  2.2 ms   4.3 G  1.1 ms   68 MB  0.02 ms      34 GB   3.4 ms
+//   backward 256   8.8 T  8.9 ms   8.6 G  2.2 ms  202 MB  0.06 ms     137 GB  13.7 ms
+//   forward  768   6.6 T  6.7 ms   4.3 G  1.1 ms  202 MB  0.06 ms     103 GB  10.3 ms
+//   backward 768  52.8 T 53.3 ms   8.6 G  2.2 ms  605 MB  0.18 ms     825 GB  82.5 ms
+// HBM intensity is ~30,000 FLOP/byte (if the concurrently resident blocks, which sweep the
+// other side in the same order, fetch each streamed tile from HBM about once per wave): far
+// above the ridge (~300), so HBM never binds. The binding limit is the staging of streamed
+// tiles from L2: 64 FLOP per byte with a resident 64-row own tile, i.e. ~1.5x the tensor bound.
+// The backward at D = 768 also recomputes GEMM1 once per 256-wide output slab (3x). Expected,
+// before measuring: forward ~3.5-5 ms (D = 256), backward ~14-20 ms. Next steps on a GPU:
+// 128-row own tiles (128 FLOP/B), sm_90 thread-block clusters multicasting the streamed tile
+// (TMA) and wgmma instead of WMMA, cp.async double buffering of the streamed chunks.
 #include <stdexcept>
 #include <type_traits>
 
@@ -183,20 +190,33 @@ __device__ __forceinline__ void stage_tile(T* dst, int ld, const T* __restrict__
   }
 }
 
-// GEMM1: the logit tile (unscaled dot products) of own rows [i0, i0 + 64) and other rows
-// [j0, j0 + 64) into sm.s. Warp w owns rows 16 (w % 4) and columns 32 (w / 4) of it.
+// The own tile, resident in dynamic shared memory for the whole sweep when it fits: rows
+// [i0, i0 + 64) x all of D (zero-padded to whole BK chunks; row stride ldx), so that GEMM1
+// streams only the other side's tiles (64 FLOP per staged byte instead of 32).
 template <class T>
-__device__ __forceinline__ void logit_tile(const Smem<T>& sm, const T* x, int64_t i0, int64_t nx, const T* y,
-                                           int64_t j0, int64_t ny, int64_t d, bool vec_ok, int tid) {
+__device__ __forceinline__ void stage_resident(T* xres, int ldx, const T* x, int64_t i0, int64_t nx, int64_t d,
+                                               bool vec_ok, int tid) {
+  for (int64_t k0 = 0; k0 < d; k0 += Cfg<T>::BK)
+    stage_tile<T, kBM, Cfg<T>::BK>(xres + k0, ldx, x, i0, nx, k0, d, vec_ok, tid);
+}
+
+// GEMM1: the logit tile (unscaled dot products) of own rows [i0, i0 + 64) and other rows
+// [j0, j0 + 64) into sm.s. Warp w owns rows 16 (w % 4) and columns 32 (w / 4) of it. The own
+// rows come from xres (resident, stride ldx) when given, else are staged chunk by chunk.
+template <class T>
+__device__ __forceinline__ void logit_tile(const Smem<T>& sm, const T* xres, int ldx, const T* x, int64_t i0,
+                                           int64_t nx, const T* y, int64_t j0, int64_t ny, int64_t d, bool vec_ok,
+                                           int tid) {
   using C = Cfg<T>;
   const int warp = tid >> 5, lane = tid & 31, wr = warp & 3, wc = warp >> 2;
   device::WarpTile<T, 2> acc;
   device::tile_zero(acc);
   for (int64_t k0 = 0; k0 < d; k0 += C::BK) {
-    stage_tile<T, kBM, C::BK>(sm.xs, C::LDK, x, i0, nx, k0, d, vec_ok, tid);
+    if (!xres) stage_tile<T, kBM, C::BK>(sm.xs, C::LDK, x, i0, nx, k0, d, vec_ok, tid);
     stage_tile<T, kBN, C::BK>(sm.ys, C::LDK, y, j0, ny, k0, d, vec_ok, tid);
     if (!FASTCON_BROKEN(1)) __syncthreads();  // chunk staged by all threads before any warp reads it
-    device::tile_mma_abt(acc, sm.xs + wr * 16 * C::LDK, C::LDK, sm.ys + wc * 32 * C::LDK, C::LDK, C::BK, lane);
+    const T* a = xres ? xres + wr * 16 * ldx + k0 : sm.xs + wr * 16 * C::LDK;
+    device::tile_mma_abt(acc, a, xres ? ldx : C::LDK, sm.ys + wc * 32 * C::LDK, C::LDK, C::BK, lane);
     if (!FASTCON_BROKEN(3)) __syncthreads();  // every warp done with the chunk before it is overwritten
   }
   device::tile_store(acc, sm.s + wr * 16 * C::LDS + wc * 32, C::LDS, lane);
@@ -237,6 +257,7 @@ struct FwdArgs {
   double scale_d;
   int mode, kind;
   bool need_col, vec_ok;
+  int ldx;  // row stride of the resident own tile in dynamic shared memory, 0 when streamed
   int row_tiles, col_tiles, tiles_per_split;
   A* row;
   A* col;
@@ -249,6 +270,8 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) sc_forward_k
   using C = Cfg<T>;
   __shared__ __align__(128) unsigned char smem[Smem<T>::kBytes];
   FASTCON_SHARED_POISON(smem);
+  FASTCON_DYNAMIC_SHARED(dyn_smem);
+  T* const xres = a.ldx ? reinterpret_cast<T*>(dyn_smem) : nullptr;
   const Smem<T> sm(smem);
   const int tid = threadIdx.x;
 
@@ -272,6 +295,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) sc_forward_k
   const int64_t positive = own + (col_role ? -a.offset : a.offset);
   const A pos_logit = positive_logit(x, own, y, positive, a.d, a.scale_d, own_ok && positive >= 0 && positive < ny, ec);
   const bool col_sums = a.kind == kSumExp && a.need_col;
+  if (xres) stage_resident(xres, a.ldx, x, i0, nx, a.d, a.vec_ok, tid);  // read after GEMM1's first barrier
 
   A run_max = device::neg_inf<A>(), run_sum = 0;  // run_max in natural units
   const int t_begin = blockIdx.y * a.tiles_per_split;
@@ -279,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) sc_forward_k
   for (int t = t_begin; t < t_end; ++t) {
     const int64_t j0 = static_cast<int64_t>(t) * kBN;
     if (masked && tid < kBN) sm.ids[tid] = j0 + tid < ny ? y_ids[j0 + tid] : 0;
-    logit_tile<T>(sm, x, i0, nx, y, j0, ny, a.d, a.vec_ok, tid);
+    logit_tile<T>(sm, xres, a.ldx, x, i0, nx, y, j0, ny, a.d, a.vec_ok, tid);
 
     const int64_t y_end = FASTCON_BROKEN(2) ? ny + 1 : ny;
     A* srow = sm.s + er * C::LDS;
@@ -379,6 +403,7 @@ struct BwdArgs {
   double scale_d;
   int mode;
   bool fixed, vec_ok;
+  int ldx;  // row stride of the resident own tile in dynamic shared memory, 0 when streamed
   const A* row_stat;
   const A* col_stat;
   const A* g;
@@ -397,6 +422,8 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm) sc_backward_ke
   constexpr int TN = C::DS / 32;  // warp output tile: 16 rows x DS / 2 columns
   __shared__ __align__(128) unsigned char smem[Smem<T>::kBytes];
   FASTCON_SHARED_POISON(smem);
+  FASTCON_DYNAMIC_SHARED(dyn_smem);
+  T* const xres = a.ldx ? reinterpret_cast<T*>(dyn_smem) : nullptr;
   const Smem<T> sm(smem);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wr = warp & 3, wc = warp >> 2;
 
@@ -436,6 +463,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm) sc_backward_ke
       if (a.fixed) own_a *= device::exp2_acc((a.bound - own_stat_v) * kLog2e<A>);
     }
   }
+  if (xres) stage_resident(xres, a.ldx, x, i0, nx, a.d, a.vec_ok, tid);  // read after GEMM1's first barrier
   const A wscale = a.weight_max ? A(1) / device::max_acc(A(*a.weight_max), A(1e-30)) : A(1);
 
   device::WarpTile<T, TN> out;
@@ -458,7 +486,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm) sc_backward_ke
       sm.va[tid] = wa;
       sm.vb[tid] = sb;
     }
-    logit_tile<T>(sm, x, i0, nx, y, j0, ny, a.d, a.vec_ok, tid);
+    logit_tile<T>(sm, xres, a.ldx, x, i0, nx, y, j0, ny, a.d, a.vec_ok, tid);
 
     const int64_t y_end = FASTCON_BROKEN(2) ? ny + 1 : ny;
     const A* srow = sm.s + er * C::LDS;
@@ -533,6 +561,28 @@ bool vectorizable(const void* u, const void* v, int64_t d) {
   return d % static_cast<int64_t>(16 / sizeof(T)) == 0 && aligned(u) && aligned(v);
 }
 
+// Dynamic shared memory for the resident own tile, when the device can give it next to the
+// static tiles (else 0: the own tile is staged per chunk like the other side). Sets the
+// kernel's dynamic shared memory limit accordingly.
+template <class T, class K>
+int resident_stride(K kernel, int64_t d, size_t* bytes) {
+  using C = Cfg<T>;
+  const int64_t padded = (d + C::BK - 1) / C::BK * C::BK;
+  const int64_t ldx = padded + (device::kTensorCore<T> ? 8 : 1);  // 16-byte rows for wmma; banks
+  const size_t need = static_cast<size_t>(kBM * ldx) * sizeof(T);
+  int dev = 0, optin = 0;
+  *bytes = 0;
+  if (d == 0 || cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+      Smem<T>::kBytes + need > static_cast<size_t>(optin) ||
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(need)) != cudaSuccess) {
+    (void)cudaGetLastError();  // a refused attribute is not an error: stream the own tile instead
+    return 0;
+  }
+  *bytes = need;
+  return static_cast<int>(ldx);
+}
+
 // A logit bound B works as a fixed max while e^(-2B) stays a normal number.
 template <class A>
 constexpr double kFixedMaxLimit = std::is_same_v<A, double> ? 300.0 : 40.0;
@@ -576,7 +626,9 @@ const char* launch_forward(const kernels::ScForward& p, cudaStream_t stream) {
     grid = dim3(a.row_tiles, device::ceil_div(a.col_tiles, a.tiles_per_split));
   }
   auto kernel = &sc_forward_kernel<T>;
-  FASTCON_LAUNCH(kernel, grid, dim3(kThreads), 0, stream)(a);
+  size_t dyn = 0;
+  a.ldx = resident_stride<T>(kernel, p.d, &dyn);
+  FASTCON_LAUNCH(kernel, grid, dim3(kThreads), dyn, stream)(a);
   return launch_error();
 }
 
@@ -611,7 +663,9 @@ const char* launch_backward(const kernels::ScBackward& p, cudaStream_t stream) {
   a.col_tiles = device::ceil_div(p.m, kBN);
   const int slabs = p.d > 0 ? device::ceil_div(p.d, Cfg<T>::DS) : 1;
   auto kernel = &sc_backward_kernel<T>;
-  FASTCON_LAUNCH(kernel, dim3(a.row_tiles + a.col_tiles, slabs), dim3(kThreads), 0, stream)(a);
+  size_t dyn = 0;
+  a.ldx = resident_stride<T>(kernel, p.d, &dyn);
+  FASTCON_LAUNCH(kernel, dim3(a.row_tiles + a.col_tiles, slabs), dim3(kThreads), dyn, stream)(a);
   return launch_error();
 }
 

@@ -54,7 +54,8 @@ struct Runtime {
   void* ctx = nullptr;
   bool failed = false;
   std::string error;
-  std::vector<unsigned char> dyn_smem;
+  std::vector<unsigned char> dyn_storage;  // dynamic shared memory, used from a 128-byte boundary
+  unsigned char* dyn_smem = nullptr;
   std::vector<std::pair<void*, unsigned long long>> poisoned;
 #if defined(__x86_64__)
   void* sched_sp = nullptr;
@@ -381,7 +382,7 @@ void vote_fn(void* const* posts, unsigned mask) {
     if (mask >> l & 1u) static_cast<VotePost*>(posts[l])->result = ballot;
 }
 
-void* dynamic_shared_memory() { return rt().dyn_smem.data(); }
+void* dynamic_shared_memory() { return rt().dyn_smem; }
 
 void poison_shared(void* p, size_t bytes) {
   Runtime& r = rt();
@@ -446,7 +447,9 @@ void run(dim3 grid, dim3 block, size_t dynamic_smem, void (*thunk)(void*), void*
   ensure_fibers(r.nthreads);
   r.warps.assign((r.nthreads + 31) / 32, {});
   r.warp_exited.assign(r.warps.size(), 0);
-  r.dyn_smem.assign(dynamic_smem, 0xff);
+  r.dyn_storage.assign(dynamic_smem + 128, 0xff);
+  const auto base = reinterpret_cast<uintptr_t>(r.dyn_storage.data());
+  r.dyn_smem = r.dyn_storage.data() + ((128 - base % 128) % 128);
   r.thunk = thunk;
   r.ctx = ctx;
   r.failed = false;
@@ -458,7 +461,7 @@ void run(dim3 grid, dim3 block, size_t dynamic_smem, void (*thunk)(void*), void*
     for (unsigned y = 0; ok && y < grid.y; ++y)
       for (unsigned x = 0; ok && x < grid.x; ++x) {
         g_block_idx = dim3(x, y, z);
-        if (dynamic_smem) std::memset(r.dyn_smem.data(), 0xff, dynamic_smem);
+        if (dynamic_smem) std::memset(r.dyn_smem, 0xff, dynamic_smem);
         ok = run_block();
       }
   r.current = nullptr;

@@ -78,13 +78,19 @@ using uint3 = dim3;
 struct CUstream_st;
 typedef struct CUstream_st* cudaStream_t;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-enum cudaDeviceAttr { cudaDevAttrMaxThreadsPerBlock = 1, cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr {
+  cudaDevAttrMaxThreadsPerBlock = 1,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
 namespace simt {
-// What cudaDeviceGetAttribute reports for the emulated device. Few multiprocessors, so that
-// launch heuristics that split work over the device take their multi-block paths in tests.
+// What cudaDeviceGetAttribute reports for the emulated device: few multiprocessors and little
+// shared memory, so that launch heuristics take their multi-block and low-memory paths on the
+// small shapes of tests.
 constexpr int kEmulatedMultiprocessors = 4;
+constexpr int kEmulatedSharedMemoryOptin = 64 * 1024;
 }  // namespace simt
 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
@@ -95,7 +101,9 @@ inline cudaError_t cudaGetDevice(int* d) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMultiProcessorCount ? simt::kEmulatedMultiprocessors : 1024;
+  *value = attr == cudaDevAttrMultiProcessorCount            ? simt::kEmulatedMultiprocessors
+           : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? simt::kEmulatedSharedMemoryOptin
+                                                             : 1024;
   return cudaSuccess;
 }
 template <class F>
@@ -453,6 +461,10 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
   ::simt::detail::collective(0xffffffffu, "wmma::mma_sync", &post, &detail::mma_fn<T>);
 }
 }  // namespace nvcuda::wmma
+
+// Dynamic shared memory (the launch's smem bytes), poisoned with 0xff at every block start.
+#define FASTCON_DYNAMIC_SHARED(name) \
+  unsigned char* name = static_cast<unsigned char*>(::simt::detail::dynamic_shared_memory())
 
 // Fills a kernel's static shared buffer with 0xff bytes (NaN as floats) when a block starts,
 // so that reading shared memory nobody wrote shows up in the results. No-op on the GPU.
