@@ -48,3 +48,60 @@ def record(benchmark):
         benchmark.extra_info.update(kw)
 
     return _record
+
+
+# --------------------------------------------------------------------------------------------
+# every run leaves its rows in a CSV and a plot (benchmarks/results/), one row per benchmark
+
+
+def pytest_sessionfinish(session, exitstatus):
+    bench = getattr(session.config, "_benchmarksession", None)
+    rows = []
+    for b in getattr(bench, "benchmarks", []):
+        r = b.as_dict(include_data=False, flat=True)
+        r.update({f"extra_info.{k}": v for k, v in (r.pop("extra_info", None) or {}).items()})
+        if r.get("mean") is not None:
+            rows.append(r)
+    if not rows:
+        return
+    import csv
+    import os
+
+    out = os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out, exist_ok=True)
+    keys = ["group", "name", "mean", "min", "stddev", "rounds"]
+    extra = sorted({k for r in rows for k in r if k.startswith("extra_info.")})
+    with open(os.path.join(out, "latest.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys + [k.removeprefix("extra_info.") for k in extra])
+        for r in rows:
+            w.writerow([r.get(k, "") for k in keys + extra])
+    _plot(rows, os.path.join(out, "latest.png"))
+
+
+def _plot(rows, path):
+    """Mean time per benchmark, one panel per group, log scale: fused and reference side by side."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    groups = {}
+    for r in rows:
+        groups.setdefault(r.get("group") or "ungrouped", []).append(r)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(10, 1.2 + 0.32 * len(rows) + 0.6 * len(groups)), squeeze=False)
+    for ax, (group, rs) in zip(axes[:, 0], sorted(groups.items())):
+        names = [r["name"].split("[", 1)[-1].rstrip("]") for r in rs]
+        ax.barh(
+            names, [r["mean"] * 1e3 for r in rs], color=["tab:gray" if "reference" in n else "tab:blue" for n in names]
+        )
+        ax.set_xscale("log")
+        ax.set_title(group, fontsize=9, loc="left")
+        ax.tick_params(labelsize=7)
+        ax.invert_yaxis()
+    axes[-1, 0].set_xlabel("mean time per call (ms, log scale); grey = dense reference")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,348 @@
+"""Two-view training batches from a prepared folder: ``make_loader`` and the torch backend.
+
+Both backends (DALI in ``fastcon.data.dali``, torch here) take the tile order and the view
+ROIs from ``fastcon.data.views``, so for the same settings they yield the same tiles in the
+same order with the same crops and flips; they differ only in who does the work.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastcon import _checks
+from fastcon.data.dataset import TileDataset
+from fastcon.data.views import EpochPlan
+
+BACKENDS = ("auto", "dali", "torch")
+
+
+def render_views(tiles: torch.Tensor, rois: torch.Tensor, crop_size: int, mean, std) -> torch.Tensor:
+    """Resample ``rois`` (B, 4: y0, x0, y1, x1) of ``tiles`` (B, C, H, W) to crop_size, normalised.
+
+    Bilinear at pixel centres with border pixels repeated and no antialiasing: the same
+    samples as ``nvidia.dali.fn.resize(roi_start, roi_end, antialias=False)``.
+    """
+    b, _, h, w = tiles.shape
+    steps = (torch.arange(crop_size, dtype=torch.float32) + 0.5) / crop_size  # (S,)
+    y0, x0, y1, x1 = rois.unbind(-1)
+    ys = y0[:, None] + steps[None] * (y1 - y0)[:, None]  # (B, S) tile pixel coordinates
+    xs = x0[:, None] + steps[None] * (x1 - x0)[:, None]
+    gy = (ys * (2.0 / h) - 1.0)[:, :, None].expand(b, crop_size, crop_size)
+    gx = (xs * (2.0 / w) - 1.0)[:, None, :].expand(b, crop_size, crop_size)
+    out = F.grid_sample(
+        tiles, torch.stack([gx, gy], dim=-1), mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return (out - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+class TwoViewLoader:
+    """An iterable of two-view batches, one epoch per ``iter()``; see ``fastcon.data.make_loader``.
+
+    Position: ``epoch`` and ``step`` (the next batch to yield). Iterating yields the batches of
+    ``epoch`` from ``step`` on, and afterwards moves to the next epoch at step 0.
+    ``set_epoch(epoch, step)`` / ``load_state_dict(state)`` jump anywhere, deterministically.
+    """
+
+    backend = "base"
+
+    def __init__(self, dataset: TileDataset, plan: EpochPlan, *, crop_size: int, label_kind: str, num_workers: int):
+        self.dataset, self.plan, self.crop_size = dataset, plan, crop_size
+        self.label_kind, self.num_workers = label_kind, num_workers
+        if plan.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(dataset)} tiles make no batch of {plan.batch_size} on each of {plan.num_shards} shard(s) "
+                "with drop_last=True; lower batch_size or pass drop_last=False"
+            )
+        self._labels = torch.from_numpy(
+            dataset.labels if label_kind == "fractions" else dataset.multihot.astype(np.float32)
+        )
+        self._scene_ids = torch.from_numpy(dataset.scene_ids)
+        self.epoch, self.step = 0, 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.plan.batch_size
+
+    @property
+    def seed(self) -> int:
+        return self.plan.seed
+
+    # the dataset's metadata, for building the model and logging
+    @property
+    def band_names(self) -> tuple[str, ...]:
+        return self.dataset.band_names
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.dataset.class_names
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.dataset.mean
+
+    @property
+    def std(self) -> np.ndarray:
+        return self.dataset.std
+
+    @property
+    def num_tiles(self) -> int:
+        """Tiles this loader draws from (all shards together)."""
+        return len(self.dataset)
+
+    # ---------------------------------------------------------------- position
+
+    def __len__(self) -> int:
+        """Batches per epoch on this shard (the same on every shard)."""
+        return self.plan.steps_per_epoch
+
+    def set_epoch(self, epoch: int, step: int = 0) -> None:
+        self.epoch = _checks.integer("epoch", epoch, low=0)
+        self.step = _checks.integer("step", step, low=0, high=len(self))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"the state was saved with seed {state['seed']}, this loader uses seed {self.seed}")
+        self.set_epoch(state["epoch"], state["step"])
+
+    # ---------------------------------------------------------------- iteration
+
+    def _finish(self, view1, view2, indices: np.ndarray) -> dict:
+        """The common batch: views plus labels, scene ids and tile ids looked up by tile index."""
+        idx = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
+        labels, scene_ids = self._labels[idx], self._scene_ids[idx]
+        if view1.is_cuda:
+            labels = labels.to(view1.device, non_blocking=True)
+            scene_ids = scene_ids.to(view1.device, non_blocking=True)
+        return {
+            "view1": view1,
+            "view2": view2,
+            "labels": labels,
+            "scene_ids": scene_ids,
+            "tile_ids": [self.dataset.ids[i] for i in idx.tolist()],
+            "indices": idx,
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch, start = self.epoch, self.step
+        for step, batch in enumerate(self._batches(epoch, start), start):
+            self.step = step + 1  # a checkpoint taken after this batch resumes with the next one
+            yield batch
+        self.epoch, self.step = epoch + 1, 0
+
+    def _batches(self, epoch: int, start: int) -> Iterator[dict]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        p = self.plan
+        return (
+            f"{type(self).__name__}({len(self.dataset)} tiles, batch {p.batch_size}, crop {self.crop_size}, "
+            f"{len(self)} steps/epoch, shard {p.shard_id}/{p.num_shards}, epoch {self.epoch} step {self.step})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# torch backend
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Map-style dataset whose items are whole batches, keyed by (epoch, step); small to pickle."""
+
+    def __init__(self, plan: EpochPlan, files: list[str], shape, crop_size: int, mean, std):
+        self.plan, self.files, self.shape, self.crop_size = plan, files, tuple(shape), crop_size
+        self.mean, self.std = torch.as_tensor(mean), torch.as_tensor(std)
+        self._orders = {}
+
+    def _order(self, epoch):
+        if epoch not in self._orders:
+            self._orders = {epoch: self.plan.order(epoch)}  # one epoch at a time: orders can be large
+        return self._orders[epoch]
+
+    def _read(self, i):
+        a = np.load(self.files[i])
+        if a.dtype != np.uint16 or a.shape != self.shape:
+            raise ValueError(f"tile {self.files[i]} is {a.dtype} {a.shape}; expected uint16 {self.shape}")
+        return a
+
+    def __getitem__(self, key):
+        epoch, step = key
+        p = self.plan
+        n = p.batch_size_at(step)
+        indices = self._order(epoch)[step * p.batch_size : step * p.batch_size + n]
+        tiles = torch.from_numpy(np.stack([self._read(i) for i in indices]).astype(np.float32))
+        rois = torch.from_numpy(p.rois(epoch, step)[:, :n])
+        view1 = render_views(tiles, rois[0], self.crop_size, self.mean, self.std)
+        view2 = render_views(tiles, rois[1], self.crop_size, self.mean, self.std) if p.augment else view1
+        return view1, view2, indices
+
+    def __len__(self):
+        return self.plan.steps_per_epoch
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """Yields the (epoch, step) keys of the epoch being iterated."""
+
+    def __init__(self, steps_per_epoch: int):
+        self.steps_per_epoch = steps_per_epoch
+        self.epoch, self.start = 0, 0
+
+    def __iter__(self):
+        return iter([(self.epoch, s) for s in range(self.start, self.steps_per_epoch)])
+
+    def __len__(self):
+        return self.steps_per_epoch - self.start
+
+
+class TorchLoader(TwoViewLoader):
+    """The torch ``DataLoader`` backend: worker processes load whole batches and cut the views."""
+
+    backend = "torch"
+
+    def __init__(self, dataset, plan, *, pin_memory: bool | None = None, **kwargs):
+        super().__init__(dataset, plan, **kwargs)
+        ds = dataset
+        batches = _StepBatches(
+            plan, ds.files, (ds.num_bands, ds.tile_size, ds.tile_size), self.crop_size, ds.mean, ds.std
+        )
+        self._sampler = _StepSampler(plan.steps_per_epoch)
+        workers = self.num_workers
+        self._dataloader = torch.utils.data.DataLoader(
+            batches,
+            batch_size=None,
+            sampler=self._sampler,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+            persistent_workers=workers > 0,  # the plan is a function of the key: no per-epoch restart
+            prefetch_factor=2 if workers > 0 else None,
+            worker_init_fn=_worker_init if workers > 0 else None,
+        )
+
+    def _batches(self, epoch, start):
+        self._sampler.epoch, self._sampler.start = epoch, start
+        for view1, view2, indices in self._dataloader:
+            yield self._finish(view1, view2, indices)
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # one batch per worker process; the processes share the cores
+
+
+# --------------------------------------------------------------------------------------------
+# the factory
+
+
+def dali_available() -> tuple[bool, str]:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        return False, f"nvidia-dali is not installed ({e})"
+    return True, ""
+
+
+def _default_shard(shard_id, num_shards):
+    if shard_id is not None and num_shards is not None:
+        return shard_id, num_shards
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return (dist.get_rank() if shard_id is None else shard_id), (
+            dist.get_world_size() if num_shards is None else num_shards
+        )
+    return (0 if shard_id is None else shard_id), (1 if num_shards is None else num_shards)
+
+
+def make_loader(
+    root,
+    batch_size: int,
+    *,
+    backend: str = "auto",
+    crop_size: int | None = None,
+    scale=(0.2, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    hflip: bool = True,
+    vflip: bool = True,
+    augment: bool = True,
+    shuffle: bool = True,
+    seed: int = 0,
+    shard_id: int | None = None,
+    num_shards: int | None = None,
+    drop_last: bool = True,
+    indices=None,
+    labels: str = "fractions",
+    num_workers: int | None = None,
+    dali_device: str = "auto",
+    epoch: int = 0,
+    step: int = 0,
+) -> TwoViewLoader:
+    """Two-view batches of a prepared folder; the full description is in ``fastcon.data``."""
+    dataset = root if isinstance(root, TileDataset) else TileDataset(root)
+    if indices is not None:
+        dataset = dataset.subset(indices)
+    batch_size = _checks.integer("batch_size", batch_size, low=1)
+    _checks.choice("backend", backend, BACKENDS)
+    crop_size = dataset.tile_size if crop_size is None else _checks.integer("crop_size", crop_size, low=1)
+    scale = _pair("scale", scale, 0.0, 1.0)
+    ratio = _pair("ratio", ratio, 0.0, None)
+    for name, v in (("hflip", hflip), ("vflip", vflip), ("augment", augment), ("shuffle", shuffle)):
+        _checks.boolean(name, v)
+    _checks.boolean("drop_last", drop_last)
+    seed = _checks.integer("seed", seed, low=0)
+    shard_id, num_shards = _default_shard(shard_id, num_shards)
+    num_shards = _checks.integer("num_shards", num_shards, low=1)
+    shard_id = _checks.integer("shard_id", shard_id, low=0, high=num_shards - 1)
+    _checks.choice("labels", labels, ("fractions", "multihot"))
+    if num_workers is None:
+        num_workers = min(4, os.cpu_count() or 1)
+    num_workers = _checks.integer("num_workers", num_workers, low=0)
+    _checks.choice("dali_device", dali_device, ("auto", "cpu", "gpu"))
+    if len(dataset) == 0:
+        raise ValueError(f"{dataset.root} holds no tiles to load (indices select {len(dataset)})")
+
+    if backend == "auto":
+        # DALI wins where it can read into GPU memory; on a CPU-only machine the torch workers are
+        # as fast (benchmarks/test_data.py) and start quicker
+        ok, _ = dali_available()
+        backend = "dali" if ok and torch.cuda.is_available() else "torch"
+    plan = EpochPlan(
+        dataset.indices,
+        batch_size=batch_size,
+        tile_size=dataset.tile_size,
+        seed=seed,
+        shuffle=shuffle,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        drop_last=drop_last,
+        augment=augment,
+        scale=scale,
+        ratio=ratio,
+        hflip=hflip,
+        vflip=vflip,
+    )
+    common = dict(crop_size=crop_size, label_kind=labels, num_workers=num_workers)
+    if backend == "dali":
+        ok, why = dali_available()
+        if not ok:
+            raise RuntimeError(f"backend='dali' needs NVIDIA DALI: {why}; use backend='torch'")
+        from fastcon.data.dali import DALILoader
+
+        loader = DALILoader(dataset, plan, device=dali_device, **common)
+    else:
+        loader = TorchLoader(dataset, plan, **common)
+    loader.set_epoch(epoch, step)
+    return loader
+
+
+def _pair(name, value, low, high):
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise TypeError(f"{name} must be a (min, max) pair, got {value!r}")
+    a = _checks.real(f"{name}[0]", value[0], low=low, high=high, low_open=True)
+    b = _checks.real(f"{name}[1]", value[1], low=low, high=high, low_open=True)
+    if a > b:
+        raise ValueError(f"{name} must be (min, max) with min <= max, got {value!r}")
+    return (a, b)
