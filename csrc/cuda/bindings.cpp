@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -220,6 +221,310 @@ std::tuple<Tensor, Tensor, Tensor> sc_backward_op(const Tensor& u_in, const Tens
   return {grad_u, grad_v, wsum};
 }
 
+#if !defined(FASTCON_BINDINGS_LOSS_ONLY)
+// ---- Siamese masking ---------------------------------------------------------------------------
+// The public API (fastcon/masking.py) checks everything, ids values included; these checks keep
+// direct torch.ops calls memory safe. Reading ids values here would cost a device synchronisation,
+// so the kernels themselves stay in bounds whatever ids hold.
+
+void check_rows(const char* op, const Tensor& x, const char* name, int64_t dims) {
+  TORCH_CHECK(x.device().type() == kDevice, op, ": ", name, " must be a ", kDeviceName, " tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == dims, op, ": ", name, " must be ", dims, "-D, got ", x.dim(), "-D");
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble, op, ": ", name,
+              " must be float16, bfloat16, float32 or float64, got ", dtype_name(st));
+}
+
+// ids_keep (B, K) int64 with 1 <= K <= L, on ref's device; returns it contiguous.
+Tensor checked_ids(const char* op, const Tensor& ids_keep, int64_t batch, int64_t length, const Tensor& ref) {
+  TORCH_CHECK(ids_keep.device() == ref.device(), op, ": ids_keep must be on ", ref.device(), ", got ",
+              ids_keep.device());
+  TORCH_CHECK(ids_keep.scalar_type() == at::kLong, op, ": ids_keep must be int64, got ",
+              dtype_name(ids_keep.scalar_type()));
+  TORCH_CHECK(ids_keep.dim() == 2 && ids_keep.size(0) == batch, op, ": ids_keep must have shape (", batch,
+              ", K), got ", ids_keep.sizes());
+  TORCH_CHECK(length <= std::numeric_limits<int32_t>::max(), op, ": L must be < 2^31, got ", length);
+  TORCH_CHECK(ids_keep.size(1) >= 1 && ids_keep.size(1) <= length, op, ": ids_keep must have 1 <= K <= L = ", length,
+              ", got K = ", ids_keep.size(1));
+  return ids_keep.contiguous();
+}
+
+void check_launch(const char* op, const char* err) { TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err); }
+
+Tensor mask_gather_op(const Tensor& tokens, const Tensor& ids_keep, const OptTensor& pos_embed) {
+  constexpr const char* op = "mask_gather";
+  check_rows(op, tokens, "tokens", 3);
+  const int64_t b = tokens.size(0), l = tokens.size(1), d = tokens.size(2);
+  const Tensor ids = checked_ids(op, ids_keep, b, l, tokens);
+  // any batch / row strides (e.g. x[:, 1:] needs no copy); D must be unit-stride
+  const Tensor tok = tokens.stride(2) == 1 ? tokens : tokens.contiguous();
+  Tensor pos;
+  if (pos_embed.has_value()) {
+    pos = *pos_embed;
+    check_rows(op, pos, "pos_embed", 3);
+    TORCH_CHECK(pos.device() == tok.device() && pos.scalar_type() == tok.scalar_type(), op,
+                ": pos_embed must have tokens' dtype and device");
+    TORCH_CHECK((pos.size(0) == 1 || pos.size(0) == b) && pos.size(1) == l && pos.size(2) == d, op,
+                ": pos_embed must have shape (1 or B, L, D) = (1 or ", b, ", ", l, ", ", d, "), got ", pos.sizes());
+    if (pos.stride(2) != 1) pos = pos.contiguous();
+  }
+  Tensor visible = at::empty({b, ids.size(1), d}, tok.options().memory_format(at::MemoryFormat::Contiguous));
+  kernels::MaskGather p{};
+  p.dtype = dtype_of(tok);
+  p.tokens = tok.data_ptr();
+  p.tokens_stride0 = tok.stride(0);
+  p.tokens_stride1 = tok.stride(1);
+  p.pos = pos.defined() ? pos.data_ptr() : nullptr;
+  p.pos_stride0 = pos.defined() && pos.size(0) > 1 ? pos.stride(0) : 0;
+  p.pos_stride1 = pos.defined() ? pos.stride(1) : 0;
+  p.ids = ids.data_ptr<int64_t>();
+  p.out = visible.data_ptr();
+  p.b = b;
+  p.l = l;
+  p.k = ids.size(1);
+  p.d = d;
+  DeviceScope scope(tok);
+  check_launch(op, mask_gather_rows(p, scope.stream));
+  return visible;
+}
+
+std::tuple<Tensor, Tensor> mask_gather_backward_op(const Tensor& grad_visible, const Tensor& ids_keep, int64_t L,
+                                                   bool need_tokens, int64_t pos_batch) {
+  constexpr const char* op = "mask_gather_backward";
+  check_rows(op, grad_visible, "grad_visible", 3);
+  const Tensor gv = grad_visible.contiguous();
+  const int64_t b = gv.size(0), k = gv.size(1), d = gv.size(2);
+  const Tensor ids = checked_ids(op, ids_keep, b, L, gv);
+  TORCH_CHECK(ids.size(1) == k, op, ": ids_keep must have grad_visible's K = ", k, " columns");
+  TORCH_CHECK(pos_batch == 0 || pos_batch == 1 || pos_batch == b, op, ": pos_batch must be 0, 1 or B = ", b);
+  Tensor grad_tokens = need_tokens ? at::empty({b, L, d}, gv.options()) : at::empty({0}, gv.options());
+  Tensor grad_pos = pos_batch > 0 ? at::empty({pos_batch, L, d}, gv.options()) : at::empty({0}, gv.options());
+  kernels::MaskScatter p{};
+  p.dtype = dtype_of(gv);
+  p.src = gv.data_ptr();
+  p.ids = ids.data_ptr<int64_t>();
+  p.b = b;
+  p.l = L;
+  p.k = k;
+  p.d = d;
+  DeviceScope scope(gv);
+  if (pos_batch == 1) {  // grad_pos is the batch sum; grad_tokens comes out of the same pass
+    p.out = need_tokens ? grad_tokens.data_ptr() : nullptr;
+    p.out2 = grad_pos.data_ptr();
+    check_launch(op, mask_batch_sum(p, scope.stream));
+  } else if (need_tokens || pos_batch > 0) {  // per-sample pos_embed: the same rows as grad_tokens
+    p.out = need_tokens ? grad_tokens.data_ptr() : grad_pos.data_ptr();
+    p.out2 = need_tokens && pos_batch > 0 ? grad_pos.data_ptr() : nullptr;
+    check_launch(op, mask_scatter_rows(p, scope.stream));
+  }
+  return {grad_tokens, grad_pos};
+}
+
+Tensor mask_unmask_op(const Tensor& visible, const Tensor& ids_keep, int64_t L, const Tensor& fill) {
+  constexpr const char* op = "mask_unmask";
+  check_rows(op, visible, "visible", 3);
+  const Tensor vis = visible.contiguous();
+  const int64_t b = vis.size(0), k = vis.size(1), d = vis.size(2);
+  const Tensor ids = checked_ids(op, ids_keep, b, L, vis);
+  TORCH_CHECK(ids.size(1) == k, op, ": ids_keep must have visible's K = ", k, " columns");
+  TORCH_CHECK(fill.device() == vis.device() && fill.scalar_type() == vis.scalar_type() && fill.dim() == 1 &&
+                  fill.size(0) == d,
+              op, ": fill must be a (D,) tensor of visible's dtype and device");
+  const Tensor fil = fill.contiguous();
+  Tensor out = at::empty({b, L, d}, vis.options());
+  kernels::MaskScatter p{};
+  p.dtype = dtype_of(vis);
+  p.src = vis.data_ptr();
+  p.fill = fil.data_ptr();
+  p.ids = ids.data_ptr<int64_t>();
+  p.out = out.data_ptr();
+  p.b = b;
+  p.l = L;
+  p.k = k;
+  p.d = d;
+  DeviceScope scope(vis);
+  check_launch(op, mask_scatter_rows(p, scope.stream));
+  return out;
+}
+
+std::tuple<Tensor, Tensor> mask_unmask_backward_op(const Tensor& grad_out, const Tensor& ids_keep, bool need_fill) {
+  constexpr const char* op = "mask_unmask_backward";
+  check_rows(op, grad_out, "grad_out", 3);
+  const Tensor go = grad_out.contiguous();
+  const int64_t b = go.size(0), l = go.size(1), d = go.size(2);
+  const Tensor ids = checked_ids(op, ids_keep, b, l, go);
+  const int64_t k = ids.size(1);
+  Tensor grad_visible = at::empty({b, k, d}, go.options());
+  Tensor grad_fill = at::empty({need_fill ? d : 0}, go.options().dtype(acc_type(go)));
+  DeviceScope scope(go);
+  kernels::MaskGather g{};
+  g.dtype = dtype_of(go);
+  g.tokens = go.data_ptr();
+  g.tokens_stride0 = l * d;
+  g.tokens_stride1 = d;
+  g.ids = ids.data_ptr<int64_t>();
+  g.out = grad_visible.data_ptr();
+  g.b = b;
+  g.l = l;
+  g.k = k;
+  g.d = d;
+  check_launch(op, mask_gather_rows(g, scope.stream));
+  if (need_fill) {
+    Tensor partial = at::empty({kernels::mask_fill_chunks(b, l), d}, go.options().dtype(acc_type(go)));
+    kernels::MaskFillSum f{};
+    f.dtype = dtype_of(go);
+    f.grad_out = go.data_ptr();
+    f.ids = ids.data_ptr<int64_t>();
+    f.workspace = partial.data_ptr();
+    f.out = grad_fill.data_ptr();
+    f.b = b;
+    f.l = l;
+    f.k = k;
+    f.d = d;
+    check_launch(op, mask_fill_sum(f, scope.stream));
+  }
+  return {grad_visible, grad_fill};
+}
+
+Tensor mask_image_op(const Tensor& images, int64_t patch, const Tensor& ids_keep) {
+  constexpr const char* op = "mask_image";
+  check_rows(op, images, "images", 4);
+  const Tensor img = images.contiguous();
+  const int64_t b = img.size(0), c = img.size(1), h = img.size(2), w = img.size(3);
+  TORCH_CHECK(patch >= 1 && h % patch == 0 && w % patch == 0, op, ": patch must divide H = ", h, " and W = ", w);
+  const Tensor ids = checked_ids(op, ids_keep, b, (h / patch) * (w / patch), img);
+  Tensor out = at::empty_like(img);
+  kernels::MaskImage p{};
+  p.dtype = dtype_of(img);
+  p.images = img.data_ptr();
+  p.out = out.data_ptr();
+  p.ids = ids.data_ptr<int64_t>();
+  p.b = b;
+  p.c = c;
+  p.h = h;
+  p.w = w;
+  p.patch = patch;
+  p.k = ids.size(1);
+  DeviceScope scope(img);
+  check_launch(op, mask_image(p, scope.stream));
+  return out;
+}
+
+// ---- diffusion -----------------------------------------------------------------------------------
+// The kernels take contiguous (batch, per_sample) views, per-sample coefficients in the
+// accumulation dtype and the seed as a 64-bit unsigned key (carried by the schema's int64).
+
+kernels::DiffusionBatch make_batch(const char* op, const Tensor& x0, const Tensor& coef_x0, const Tensor& coef_noise,
+                                   const OptTensor& noise, int64_t seed) {
+  TORCH_CHECK(x0.device().type() == kDevice, op, ": x0 must be a ", kDeviceName, " tensor, got ", x0.device());
+  TORCH_CHECK(x0.dim() >= 1 && x0.size(0) >= 1, op, ": x0 must be (B, ...) with B >= 1, got ", x0.sizes());
+  TORCH_CHECK(x0.is_contiguous(), op, ": x0 must be contiguous");
+  const auto st = x0.scalar_type();
+  TORCH_CHECK(st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble, op,
+              ": x0 must be float32, float16, bfloat16 or float64, got ", dtype_name(st));
+  const int64_t b = x0.size(0);
+  for (const Tensor* c : {&coef_x0, &coef_noise}) {
+    TORCH_CHECK(c->device() == x0.device() && c->dim() == 1 && c->size(0) == b && c->scalar_type() == acc_type(x0) &&
+                    c->is_contiguous(),
+                op, ": coefficients must be contiguous (B,) = (", b, ",) tensors of dtype ", dtype_name(acc_type(x0)),
+                " on x0's device, got ", c->sizes(), " ", dtype_name(c->scalar_type()));
+  }
+  if (noise.has_value())
+    TORCH_CHECK(noise->sizes() == x0.sizes() && noise->scalar_type() == st && noise->device() == x0.device() &&
+                    noise->is_contiguous(),
+                op, ": noise must be a contiguous tensor of x0's shape, dtype and device");
+  kernels::DiffusionBatch batch{};
+  batch.dtype = dtype_of(x0);
+  batch.batch = b;
+  batch.per_sample = x0.numel() / b;
+  batch.x0 = x0.data_ptr();
+  batch.noise = noise.has_value() ? noise->data_ptr() : nullptr;
+  batch.coef_x0 = coef_x0.data_ptr();
+  batch.coef_noise = coef_noise.data_ptr();
+  batch.seed = static_cast<uint64_t>(seed);
+  return batch;
+}
+
+void check_target(const char* op, int64_t target) {
+  TORCH_CHECK(target >= 0 && target <= 2, op, ": target must be 0 (epsilon), 1 (x0) or 2 (v), got ", target);
+}
+
+void check_like(const char* op, const Tensor& x, const char* name, const Tensor& x0) {
+  TORCH_CHECK(x.sizes() == x0.sizes() && x.scalar_type() == x0.scalar_type() && x.device() == x0.device() &&
+                  x.is_contiguous(),
+              op, ": ", name, " must be a contiguous tensor of x0's shape, dtype and device");
+}
+
+Tensor philox_uint32_op(const Tensor& counter, int64_t seed) {
+  constexpr const char* op = "philox_uint32";
+  TORCH_CHECK(counter.device().type() == kDevice && counter.scalar_type() == at::kLong && counter.dim() >= 1 &&
+                  counter.size(-1) == 4,
+              op, ": counter must be a ", kDeviceName, " int64 tensor (..., 4) of 32-bit words");
+  const Tensor c = counter.contiguous();
+  Tensor out = at::empty_like(c);
+  DeviceScope scope(c);
+  check_launch(op, philox_words(c.data_ptr<int64_t>(), c.numel() / 4, static_cast<uint64_t>(seed),
+                                out.data_ptr<int64_t>(), scope.stream));
+  return out;
+}
+
+Tensor philox_normal_op(const Tensor& index, int64_t seed) {
+  constexpr const char* op = "philox_normal";
+  TORCH_CHECK(index.device().type() == kDevice && index.scalar_type() == at::kLong, op, ": index must be a ",
+              kDeviceName, " int64 tensor");
+  const Tensor i = index.contiguous();
+  Tensor out = at::empty(i.sizes(), i.options().dtype(at::kFloat));
+  DeviceScope scope(i);
+  check_launch(op, philox_normals(i.data_ptr<int64_t>(), i.numel(), static_cast<uint64_t>(seed),
+                                  out.data_ptr<float>(), scope.stream));
+  return out;
+}
+
+Tensor q_sample_op(const Tensor& x0, const Tensor& coef_x0, const Tensor& coef_noise, const OptTensor& noise,
+                   int64_t seed) {
+  constexpr const char* op = "diffusion_q_sample";
+  const kernels::DiffusionBatch batch = make_batch(op, x0, coef_x0, coef_noise, noise, seed);
+  Tensor out = at::empty_like(x0);
+  DeviceScope scope(x0);
+  check_launch(op, diffusion_q_sample(batch, out.data_ptr(), scope.stream));
+  return out;
+}
+
+Tensor diffusion_loss_op(const Tensor& pred, const Tensor& x0, const Tensor& coef_x0, const Tensor& coef_noise,
+                         const OptTensor& noise, int64_t seed, int64_t target) {
+  constexpr const char* op = "diffusion_loss";
+  const kernels::DiffusionBatch batch = make_batch(op, x0, coef_x0, coef_noise, noise, seed);
+  check_like(op, pred, "pred", x0);
+  check_target(op, target);
+  const auto acc = x0.options().dtype(acc_type(x0));
+  Tensor sse = at::empty({batch.batch}, acc);
+  Tensor partial = at::empty({batch.batch * kernels::diffusion_loss_chunks(batch.per_sample)}, acc);
+  Tensor tickets = at::zeros({batch.batch}, x0.options().dtype(at::kInt));
+  DeviceScope scope(x0);
+  check_launch(op, diffusion_loss(batch, pred.data_ptr(), static_cast<int>(target), sse.data_ptr(),
+                                  partial.data_ptr(), reinterpret_cast<unsigned*>(tickets.data_ptr<int>()),
+                                  scope.stream));
+  return sse;
+}
+
+Tensor diffusion_loss_backward_op(const Tensor& grad_sse, const Tensor& pred, const Tensor& x0,
+                                  const Tensor& coef_x0, const Tensor& coef_noise, const OptTensor& noise,
+                                  int64_t seed, int64_t target) {
+  constexpr const char* op = "diffusion_loss_backward";
+  const kernels::DiffusionBatch batch = make_batch(op, x0, coef_x0, coef_noise, noise, seed);
+  check_like(op, pred, "pred", x0);
+  check_target(op, target);
+  TORCH_CHECK(grad_sse.device() == x0.device() && grad_sse.dim() == 1 && grad_sse.size(0) == batch.batch &&
+                  grad_sse.scalar_type() == acc_type(x0) && grad_sse.is_contiguous(),
+              op, ": grad_sse must be a contiguous (B,) tensor of dtype ", dtype_name(acc_type(x0)));
+  Tensor grad = at::empty_like(pred);
+  DeviceScope scope(x0);
+  check_launch(op, diffusion_loss_backward(batch, pred.data_ptr(), grad_sse.data_ptr(), static_cast<int>(target),
+                                           grad.data_ptr(), scope.stream));
+  return grad;
+}
+#endif  // !FASTCON_BINDINGS_LOSS_ONLY
+
 }  // namespace
 
 // ---- registration -------------------------------------------------------------------------------
@@ -230,13 +535,43 @@ void register_soft_contrastive(torch::Library& m) {
   m.impl("sc_backward", TORCH_FN(sc_backward_op));
 }
 
+#if !defined(FASTCON_BINDINGS_LOSS_ONLY)
+void register_masking(torch::Library& m) {
+  m.impl("mask_gather", TORCH_FN(mask_gather_op));
+  m.impl("mask_gather_backward", TORCH_FN(mask_gather_backward_op));
+  m.impl("mask_unmask", TORCH_FN(mask_unmask_op));
+  m.impl("mask_unmask_backward", TORCH_FN(mask_unmask_backward_op));
+  m.impl("mask_image", TORCH_FN(mask_image_op));
+}
+
+void register_diffusion(torch::Library& m) {
+  m.impl("philox_uint32", TORCH_FN(philox_uint32_op));
+  m.impl("philox_normal", TORCH_FN(philox_normal_op));
+  m.impl("diffusion_q_sample", TORCH_FN(q_sample_op));
+  m.impl("diffusion_loss", TORCH_FN(diffusion_loss_op));
+  m.impl("diffusion_loss_backward", TORCH_FN(diffusion_loss_backward_op));
+}
+#endif
+
 // The ops `register_ops` implements (the SIMT module mirrors their fastcon schemas).
 std::vector<const char*> op_names() {
   std::vector<const char*> ops = {"sc_forward", "sc_backward"};
+#if !defined(FASTCON_BINDINGS_LOSS_ONLY)
+  for (const char* op : {"mask_gather", "mask_gather_backward", "mask_unmask", "mask_unmask_backward", "mask_image",
+                         "philox_uint32", "philox_normal", "diffusion_q_sample", "diffusion_loss",
+                         "diffusion_loss_backward"})
+    ops.push_back(op);
+#endif
   return ops;
 }
 
-void register_ops(torch::Library& m) { register_soft_contrastive(m); }
+void register_ops(torch::Library& m) {
+  register_soft_contrastive(m);
+#if !defined(FASTCON_BINDINGS_LOSS_ONLY)
+  register_masking(m);
+  register_diffusion(m);
+#endif
+}
 
 }  // namespace fastcon::FASTCON_KERNEL_NS
 

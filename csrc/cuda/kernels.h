@@ -55,6 +55,75 @@ struct ScBackward {
   void* wsum;
 };
 
+// ---- Siamese masking (contract: fastcon.reference.mask_*) -------------------------------------
+// ids (B, K) int64 contiguous, rows sorted ascending (checked by the public API; the kernels stay
+// in bounds whatever they hold). Row-major tensors of `dtype`.
+
+// out (B, K, D) = tokens[b, ids[b, k]] (+ pos[b or 0, ids[b, k]]), tokens / pos with row strides
+// (stride0, stride1, 1); pos_stride0 = 0 for a table shared by the batch.
+struct MaskGather {
+  DType dtype;
+  const void* tokens;
+  int64_t tokens_stride0, tokens_stride1;
+  const void* pos;
+  int64_t pos_stride0, pos_stride1;
+  const int64_t* ids;
+  void* out;
+  int64_t b, l, k, d;
+};
+
+// Scatter: out (B, L, D)[b, l] = src (B, K, D)[b, k] where ids[b, k] == l, else fill (D,) or 0;
+// out2 (optional) gets the same values. Batch sum: out (optional) as above with zeros, out2
+// (1, L, D) = its sum over b.
+struct MaskScatter {
+  DType dtype;
+  const void* src;
+  const void* fill;
+  const int64_t* ids;
+  void* out;
+  void* out2;
+  int64_t b, l, k, d;
+};
+
+// out (D,) accumulation type = sum of grad_out (B, L, D) over the rows not in ids; workspace
+// holds mask_fill_chunks(B, L) x D accumulation-type partial sums.
+struct MaskFillSum {
+  DType dtype;
+  const void* grad_out;
+  const int64_t* ids;
+  void* workspace;
+  void* out;
+  int64_t b, l, k, d;
+};
+constexpr int64_t kMaskFillRows = 64;
+inline int64_t mask_fill_chunks(int64_t b, int64_t l) { return (b * l + kMaskFillRows - 1) / kMaskFillRows; }
+
+// out (B, C, H, W) = images with the pixels of patches not in ids set to 0.
+struct MaskImage {
+  DType dtype;
+  const void* images;
+  void* out;
+  const int64_t* ids;
+  int64_t b, c, h, w, patch, k;
+};
+
+// ---- diffusion (contract: fastcon.reference.diffusion_*, philox_*) -------------------------------
+// x0 (and noise, pred, outputs): batch x per_sample contiguous elements of `dtype`; coef_x0 /
+// coef_noise (batch,) in the accumulation type; noise null = seeded (Philox, counter = flat index).
+struct DiffusionBatch {
+  DType dtype;
+  int64_t batch, per_sample;
+  const void* x0;
+  const void* noise;
+  const void* coef_x0;
+  const void* coef_noise;
+  uint64_t seed;
+};
+// diffusion_loss: per sample, loss_chunks(per_sample) partial sums (workspace, accumulation
+// type) and one zero-filled ticket counter (unsigned) per sample.
+constexpr int64_t kDiffusionChunk = 4096;
+inline int64_t diffusion_loss_chunks(int64_t per_sample) { return (per_sample + kDiffusionChunk - 1) / kDiffusionChunk; }
+
 }  // namespace fastcon::kernels
 
 #endif  // FASTCON_CUDA_KERNELS_H_TYPES
@@ -69,6 +138,20 @@ struct ScBackward {
 namespace fastcon::FASTCON_KERNEL_NS {
 const char* sc_forward(const kernels::ScForward& p, cudaStream_t stream);
 const char* sc_backward(const kernels::ScBackward& p, cudaStream_t stream);
+#if !defined(FASTCON_BINDINGS_LOSS_ONLY)
+const char* mask_gather_rows(const kernels::MaskGather& p, cudaStream_t stream);
+const char* mask_scatter_rows(const kernels::MaskScatter& p, cudaStream_t stream);
+const char* mask_batch_sum(const kernels::MaskScatter& p, cudaStream_t stream);
+const char* mask_fill_sum(const kernels::MaskFillSum& p, cudaStream_t stream);
+const char* mask_image(const kernels::MaskImage& p, cudaStream_t stream);
+const char* philox_words(const int64_t* counter, int64_t n, uint64_t seed, int64_t* out, cudaStream_t stream);
+const char* philox_normals(const int64_t* index, int64_t n, uint64_t seed, float* out, cudaStream_t stream);
+const char* diffusion_q_sample(const kernels::DiffusionBatch& p, void* x_t, cudaStream_t stream);
+const char* diffusion_loss(const kernels::DiffusionBatch& p, const void* pred, int target, void* sse,
+                           void* workspace, unsigned* tickets, cudaStream_t stream);
+const char* diffusion_loss_backward(const kernels::DiffusionBatch& p, const void* pred, const void* grad_sse,
+                                    int target, void* grad_pred, cudaStream_t stream);
+#endif
 #if defined(FASTCON_SIMT)
 // Test builds only: which deliberate bug the broken kernels compile in (0 = none).
 void set_break_variant(int variant);

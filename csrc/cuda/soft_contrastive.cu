@@ -73,6 +73,7 @@ void set_break_variant(int variant) {
 #define FASTCON_BROKEN(k) false
 #endif
 
+namespace sc_impl {
 namespace {
 
 using device::Acc;
@@ -670,23 +671,24 @@ const char* launch_backward(const kernels::ScBackward& p, cudaStream_t stream) {
 }
 
 }  // namespace
+}  // namespace sc_impl
 
 const char* sc_forward(const kernels::ScForward& p, cudaStream_t stream) {
   switch (p.dtype) {
-    case kernels::DType::f16: return launch_forward<__half>(p, stream);
-    case kernels::DType::bf16: return launch_forward<__nv_bfloat16>(p, stream);
-    case kernels::DType::f32: return launch_forward<float>(p, stream);
-    case kernels::DType::f64: return launch_forward<double>(p, stream);
+    case kernels::DType::f16: return sc_impl::launch_forward<__half>(p, stream);
+    case kernels::DType::bf16: return sc_impl::launch_forward<__nv_bfloat16>(p, stream);
+    case kernels::DType::f32: return sc_impl::launch_forward<float>(p, stream);
+    case kernels::DType::f64: return sc_impl::launch_forward<double>(p, stream);
   }
   return "sc_forward: unsupported dtype";
 }
 
 const char* sc_backward(const kernels::ScBackward& p, cudaStream_t stream) {
   switch (p.dtype) {
-    case kernels::DType::f16: return launch_backward<__half>(p, stream);
-    case kernels::DType::bf16: return launch_backward<__nv_bfloat16>(p, stream);
-    case kernels::DType::f32: return launch_backward<float>(p, stream);
-    case kernels::DType::f64: return launch_backward<double>(p, stream);
+    case kernels::DType::f16: return sc_impl::launch_backward<__half>(p, stream);
+    case kernels::DType::bf16: return sc_impl::launch_backward<__nv_bfloat16>(p, stream);
+    case kernels::DType::f32: return sc_impl::launch_backward<float>(p, stream);
+    case kernels::DType::f64: return sc_impl::launch_backward<double>(p, stream);
   }
   return "sc_backward: unsupported dtype";
 }

@@ -4,4 +4,6 @@
 #define FASTCON_KERNEL_NS simt_gpu
 #include "cuda/common.cuh"
 // (list every csrc/cuda/*.cu kernel file here)
+#include "cuda/diffusion.cu"
+#include "cuda/masking.cu"
 #include "cuda/soft_contrastive.cu"
