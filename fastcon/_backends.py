@@ -30,9 +30,10 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 # emulation layer (csrc/simt). Tests select it by name to check the CUDA kernels' numerics.
 TEST_BACKENDS = ("cuda_simt",)
 
-# auto: first available backend that implements the op, per device type. On CUDA devices the
-# hand-written CUDA kernels come first: they are tuned per op with WMMA tensor-core tiles and
-# need no JIT warm-up; triton is the fallback when the extension was built without CUDA.
+# auto: first available backend that implements the op, per device type (the rule is spelled out
+# in the module docstring). On CUDA devices the hand-written CUDA kernels come first: they need no
+# JIT warm-up and use tensor cores (WMMA) for fp16 / bf16; triton covers what they cannot run
+# (a build without CUDA, a GPU architecture without cubins in the build, an op without CUDA kernels).
 _AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
     "cuda": ("cuda", "triton", "reference"),
