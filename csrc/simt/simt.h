@@ -39,7 +39,15 @@
 // - math is the host libm's (expf, exp2f, log1pf, ...), not the GPU's approximate MUFU
 //   versions, and float arithmetic is not contracted into FMAs as nvcc does: results agree
 //   with the GPU to rounding, not bit for bit;
+// - the emulated device reports 4 multiprocessors and a 64 KiB shared-memory opt-in limit
+//   (kEmulated* below), so that launch heuristics take their multi-block and low-memory paths
+//   on test-sized problems; dynamic shared memory is 128-byte aligned and 0xff-poisoned per block;
+// - Linux only (mmap'd stacks with guard pages; the fast context switch is x86-64 assembly,
+//   other architectures use ucontext);
 // - it is slow (a fiber switch per thread per barrier): keep test shapes small.
+//
+// Tests: tests/test_simt.py (this layer), tests/test_simt_catches_bugs.py (the emulated suite
+// fails on deliberately broken kernels), and every op suite's "cuda_simt" backend.
 #pragma once
 
 #ifndef FASTCON_SIMT
