@@ -22,7 +22,7 @@ from fastcon.soft_contrastive import _FusedSoftContrastive
 # The fused backends that run on this machine. On a CUDA machine the GPU backends run on CUDA
 # tensors too (see `device_for`); without one, triton runs under the interpreter and the CUDA
 # kernels through their SIMT emulation build.
-FUSED = ["cpu", "triton"]
+FUSED = ["cpu", "triton", "cuda_simt"]
 LOW_PRECISION = {  # storage dtypes each backend is tested with besides float32
     "cpu": [torch.float16, torch.bfloat16],
     "triton": [torch.float16, torch.bfloat16],  # under the interpreter the kernels upcast bf16 tiles
