@@ -4,8 +4,10 @@
 Public API
 - ``soft_contrastive_loss`` / ``SoftContrastiveLoss``: the multi-label soft contrastive loss
 - ``backends()``: which of reference / cpu / triton / cuda can run here, and why
+- ``distributed``: the loss over a torch.distributed process group (``group=`` argument)
 """
 
+from fastcon import distributed
 from fastcon._backends import BackendError, BackendInfo, backends
 from fastcon.soft_contrastive import SoftContrastiveLoss, soft_contrastive_loss
 
@@ -16,5 +18,6 @@ __all__ = [
     "BackendInfo",
     "SoftContrastiveLoss",
     "backends",
+    "distributed",
     "soft_contrastive_loss",
 ]
