@@ -78,9 +78,9 @@ def resolve_group(group):
     """``group`` as a ProcessGroup: ``True`` or ``WORLD`` is the default group."""
     if group is True or group is WORLD:
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "group: torch.distributed is not initialised; call torch.distributed.init_process_group() "
-                "first (torchrun sets up its environment), or pass group=None for a single process"
+            raise ValueError(
+                "group=True needs torch.distributed to be initialised: call torch.distributed.init_process_group() "
+                "first (under torchrun), or pass group=None for a single process"
             )
         return dist.group.WORLD
     if isinstance(group, dist.ProcessGroup):
