@@ -22,6 +22,9 @@ std::string build_info() { return FASTCON_CUDA_ARCHS; }
 // The SIMD level the CPU kernels use on this machine (chosen at run time).
 std::string cpu_capability();
 
+// The SIMD level of the CPU diffusion kernels (csrc/cpu/bindings.cpp).
+std::string diffusion_cpu_isa();
+
 }  // namespace fastcon
 
 TORCH_LIBRARY(fastcon, m) {
@@ -43,31 +46,45 @@ TORCH_LIBRARY(fastcon, m) {
   // visible[b, k] = tokens[b, ids[b, k]] + pos_embed[b or 0, ids[b, k]]
   m.def("mask_gather(Tensor tokens, Tensor ids_keep, Tensor? pos_embed) -> Tensor visible");
   // One pass over grad_visible: scatter into grad_tokens (B, L, D; zeros elsewhere) when
-  // need_tokens, and into grad_pos (pos_batch, L, D), summed over b when pos_batch == 1.
+  // need_tokens, and into grad_pos (pos_batch, L, D), summed over b when pos_batch == 1
+  // (pos_batch 0: no pos_embed gradient). Outputs not wanted are empty (0,) tensors.
   m.def(
       "mask_gather_backward(Tensor grad_visible, Tensor ids_keep, int L, bool need_tokens, int pos_batch) "
       "-> (Tensor grad_tokens, Tensor grad_pos)");
   // out[b, l] = visible[b, k] where ids_keep[b, k] == l, fill (D,) elsewhere.
   m.def("mask_unmask(Tensor visible, Tensor ids_keep, int L, Tensor fill) -> Tensor");
+  // One pass over grad_out (B, L, D): grad_visible = its rows at ids_keep; grad_fill (D,), when
+  // need_fill, = its sum over the dropped rows in the accumulation dtype (fp32; fp64 for fp64).
+  m.def(
+      "mask_unmask_backward(Tensor grad_out, Tensor ids_keep, bool need_fill) "
+      "-> (Tensor grad_visible, Tensor grad_fill)");
   // images (B, C, H, W) with the pixels of dropped patch-grid cells set to zero.
   m.def("mask_image(Tensor images, int patch, Tensor ids_keep) -> Tensor");
 
   // Diffusion noise schedule (SPEC section 3; contract in reference.diffusion_* / philox_*).
-  // Seeded noise: Philox4x32-10, counter = flat element index, key = seed (see reference).
-  // target: 0 epsilon, 1 x0, 2 v.
-  m.def("philox_uint32(int seed, int n) -> Tensor");
-  m.def("philox_normal(int seed, int n) -> Tensor");
+  // Seeded noise: Philox4x32-10, counter = (idx mod 2^32, idx div 2^32, 0, 0) for flat element
+  // index idx, key = (seed mod 2^32, seed div 2^32); `int seed` carries the unsigned 64-bit seed
+  // in two's complement. The noise-taking ops use `noise` when given and the seed otherwise.
+  // coef_x0 / coef_noise: per-sample coefficients (B,) in the accumulation dtype (float32;
+  // float64 for float64 inputs), e.g. sqrt(alpha_bar[t]) and sqrt(1 - alpha_bar[t]).
+  // target: 0 epsilon, 1 x0, 2 v (= coef_x0 * eps - coef_noise * x0).
+  // (..., 4) int64 counter words in [0, 2^32) -> (..., 4) int64 output words
+  m.def("philox_uint32(Tensor counter, int seed) -> Tensor");
+  // int64 flat element indices (any shape) -> float32 standard normals of the same shape
+  m.def("philox_normal(Tensor index, int seed) -> Tensor");
+  // x_t = coef_x0[b] * x0 + coef_noise[b] * eps, in x0's dtype
   m.def(
-      "diffusion_q_sample(Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1m_ab, Tensor? noise, int seed) "
-      "-> Tensor x_t");
-  // Per-sample sums of squared errors (B,), fp32 (fp64 for fp64 inputs).
+      "diffusion_q_sample(Tensor x0, Tensor coef_x0, Tensor coef_noise, Tensor? noise, int seed) -> Tensor x_t");
+  // Per-sample sums of squared errors (B,) in the accumulation dtype.
   m.def(
-      "diffusion_loss(Tensor pred, Tensor x0, Tensor t, Tensor sqrt_ab, Tensor sqrt_1m_ab, Tensor? noise, "
-      "int seed, int target) -> Tensor sse");
+      "diffusion_loss(Tensor pred, Tensor x0, Tensor coef_x0, Tensor coef_noise, Tensor? noise, int seed, "
+      "int target) -> Tensor sse");
   // grad_pred = 2 (pred - target) * grad_sse[b], target regenerated from the seed.
   m.def(
-      "diffusion_loss_backward(Tensor grad_sse, Tensor pred, Tensor x0, Tensor t, Tensor sqrt_ab, "
-      "Tensor sqrt_1m_ab, Tensor? noise, int seed, int target) -> Tensor grad_pred");
+      "diffusion_loss_backward(Tensor grad_sse, Tensor pred, Tensor x0, Tensor coef_x0, Tensor coef_noise, "
+      "Tensor? noise, int seed, int target) -> Tensor grad_pred");
+  // The SIMD level the CPU diffusion kernels run at (FASTCON_CPU_ISA caps it).
+  m.def("diffusion_cpu_isa() -> str", &fastcon::diffusion_cpu_isa);
 }
 
 FASTCON_PYTHON_MODULE(_C)

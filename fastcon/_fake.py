@@ -24,4 +24,59 @@ def _sc_backward(u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, m
 # ---- Siamese masking -----------------------------------------------------------------------
 
 
+@torch.library.register_fake("fastcon::mask_gather")
+def _mask_gather(tokens, ids_keep, pos_embed):
+    return tokens.new_empty(tokens.shape[0], ids_keep.shape[1], tokens.shape[2])
+
+
+@torch.library.register_fake("fastcon::mask_gather_backward")
+def _mask_gather_backward(grad_visible, ids_keep, L, need_tokens, pos_batch):
+    b, _, d = grad_visible.shape
+    grad_tokens = grad_visible.new_empty(b, L, d) if need_tokens else grad_visible.new_empty(0)
+    grad_pos = grad_visible.new_empty(pos_batch, L, d) if pos_batch > 0 else grad_visible.new_empty(0)
+    return grad_tokens, grad_pos
+
+
+@torch.library.register_fake("fastcon::mask_unmask")
+def _mask_unmask(visible, ids_keep, L, fill):
+    return visible.new_empty(visible.shape[0], L, visible.shape[2])
+
+
+@torch.library.register_fake("fastcon::mask_unmask_backward")
+def _mask_unmask_backward(grad_out, ids_keep, need_fill):
+    b, _, d = grad_out.shape
+    grad_fill = grad_out.new_empty(d if need_fill else 0, dtype=_acc(grad_out))
+    return grad_out.new_empty(b, ids_keep.shape[1], d), grad_fill
+
+
+@torch.library.register_fake("fastcon::mask_image")
+def _mask_image(images, patch, ids_keep):
+    return torch.empty_like(images, memory_format=torch.contiguous_format)
+
+
 # ---- diffusion -------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("fastcon::philox_uint32")
+def _philox_uint32(counter, seed):
+    return counter.new_empty(counter.shape, dtype=torch.int64)
+
+
+@torch.library.register_fake("fastcon::philox_normal")
+def _philox_normal(index, seed):
+    return index.new_empty(index.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("fastcon::diffusion_q_sample")
+def _diffusion_q_sample(x0, coef_x0, coef_noise, noise, seed):
+    return torch.empty_like(x0)
+
+
+@torch.library.register_fake("fastcon::diffusion_loss")
+def _diffusion_loss(pred, x0, coef_x0, coef_noise, noise, seed, target):
+    return x0.new_empty(x0.shape[0], dtype=_acc(x0))
+
+
+@torch.library.register_fake("fastcon::diffusion_loss_backward")
+def _diffusion_loss_backward(grad_sse, pred, x0, coef_x0, coef_noise, noise, seed, target):
+    return torch.empty_like(pred)

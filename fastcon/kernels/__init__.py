@@ -1,0 +1,1 @@
+"""Kernel implementations behind the public ops (one subpackage per kernel language)."""
