@@ -10,7 +10,8 @@ Two ways to bring the columns to the rows:
 - ``"gather"``: all-gather z2 (in the kernel's storage dtype), one kernel pass of n local rows
   against the N = W * n global columns; the column log-sum-exps of the symmetric loss are
   combined exactly across ranks (max-shifted log-sum-exp all-reduce), and backward
-  reduce-scatters the column gradients to their owners. Per rank O(N * D) memory, 3 collectives.
+  reduce-scatters the column gradients to their owners. Per rank O(N * D + n * C) memory, and
+  the fewest, largest messages: the fast choice while the gathered N x D fits.
 - ``"ring"`` (Inf-CL style): the z2 blocks circulate with ``isend`` / ``irecv``; each rank scores
   its rows against one visiting block at a time while the next block arrives. The column
   statistics (forward) and column gradients (backward) of a block travel with it and reach its
@@ -65,9 +66,10 @@ WORLD = _World()
 # same two ranks; gloo matches messages by tag (NCCL by posting order, which is the same on all ranks)
 _TAG_BLOCK, _TAG_ACC, _TAG_SCENE = 11, 12, 13
 
-# torch >= 2.10 names the single-tensor collectives *_single; older versions *_tensor / *_into_tensor
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# recent torch names the single-tensor collectives *_single, older versions *_into_tensor / *_tensor
+# (getattr: a torch built without distributed support still imports fastcon)
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,8 +78,10 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 def resolve_group(group):
     """``group`` as a ProcessGroup: ``True`` or ``WORLD`` is the default group."""
+    if not dist.is_available():
+        raise ValueError("group: this build of torch has no torch.distributed support; pass group=None")
     if group is True or group is WORLD:
-        if not (dist.is_available() and dist.is_initialized()):
+        if not dist.is_initialized():
             raise ValueError(
                 "group=True needs torch.distributed to be initialised: call torch.distributed.init_process_group() "
                 "first (under torchrun), or pass group=None for a single process"
@@ -113,7 +117,7 @@ def _check_same_on_all_ranks(comm, z1, labels, opts: dict) -> None:
         if any(x != values[0] for x in values):
             if name == "z1 dtype":
                 values = [str(_DTYPES[int(x)]) for x in values]
-            elif float(values[0]).is_integer():
+            elif all(float(x).is_integer() for x in values):
                 values = [int(x) for x in values]
             raise ValueError(
                 f"{name} must be equal on all ranks of the group, got {values} on ranks 0..{comm.world - 1}"
@@ -142,13 +146,15 @@ class _Comm:
     def __init__(self, group):
         self.group = group
         self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of the group")
         self.world = dist.get_world_size(group)
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.world)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world)
 
-    def all_reduce(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op=None) -> torch.Tensor:
         x = x.contiguous()
-        dist.all_reduce(x, op=op, group=self.group)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -353,7 +359,6 @@ class _DistributedSoftContrastive(torch.autograd.Function):
             (temperature.dtype, temperature.device),
             None if bias is None else (bias.dtype, bias.device),
         )
-        ctx.n_saved = len(saved)
         ctx.save_for_backward(uk, vk, ids, row, col, r_sum, n1, n2, *saved)
         return out
 
@@ -441,8 +446,16 @@ def soft_contrastive_loss(
         "temperature": _value(temperature),
         "bias": 0.0 if bias is None else _value(bias),
     }
+    # a backend missing on one rank is reported on every rank, rather than leaving the others in a collective
+    try:
+        name, core = _backends.select("soft_contrastive", backend, z1.device)
+        unavailable = None
+    except _backends.BackendError as e:
+        unavailable = e
+    opts["backend available (1 yes, 0 no)"] = unavailable is None
     _check_same_on_all_ranks(comm, z1, labels, opts)
-    name, core = _backends.select("soft_contrastive", backend, z1.device)
+    if unavailable is not None:
+        raise unavailable
     if name == "reference":
         core = _DenseCore()
     acc = torch.float64 if z1.dtype == torch.float64 else torch.float32

@@ -42,6 +42,7 @@ CASES = [
     ("scene_big_ids", "softmax", 0.3, True, True, "none", 0.2, 8),
     ("scene_ignore", "softmax_sym", 0.0, True, True, "none", 0.1, 9),
     ("scene_ignore", "softmax", 0.0, True, False, "mean", 0.05, 6),
+    ("scene_ignore_spanning", "softmax_sym", 0.0, True, True, "mean", 0.1, 8),
     ("none", "softmax_sym", 0.0, True, True, "mean", 0.01, 17),
     ("none", "softmax", 0.3, True, False, "sum", 0.1, 5),
     ("multi_hot", "sigmoid", 0.3, True, True, "mean", 0.1, 10),
@@ -69,17 +70,22 @@ def global_inputs(case, world: int, seed: int):
     scale = 1.0 if norm else 0.3
     z1 = torch.randn(big, 11, generator=gen, dtype=torch.float64) * scale
     z2 = z1 + 0.7 * scale * torch.randn(big, 11, generator=gen, dtype=torch.float64)
-    kind = {"scene_ignore": "scene", "scene_big_ids": "scene"}.get(labels_kind, labels_kind)
+    kind = labels_kind if labels_kind in ("multi_hot", "fractions", "zero_rows", "none") else "scene"
     labels = make_labels(kind, big, 4, gen)
     if labels_kind == "scene_big_ids":  # arbitrary int64 ids, not 0..S-1
         labels = labels * 7_919_000_003 - 2**40
+    if labels_kind == "scene_ignore_spanning":
+        # one scene over rank 0 and half of rank 1, the rest all different: on rank 0, half of rank
+        # 1's columns have every pair masked (a -inf partial log-sum-exp), and so do rank 0's rows there
+        idx = torch.arange(big)
+        labels = torch.where(idx < n + n // 2, 0, idx)
     upstream = torch.rand(big, generator=gen, dtype=torch.float64) if red == "none" else None
     return z1, z2, labels, upstream
 
 
 def case_kwargs(case):
     labels_kind, lossconf, hw, norm, learn, red, tau, n = case
-    return _kw(lossconf, labels_kind, hw, norm, red, tau=tau)
+    return _kw(lossconf, "scene_ignore" if "ignore" in labels_kind else labels_kind, hw, norm, red, tau=tau)
 
 
 def run_case(case, world, rank, group, mode, backend, dtype, seed):
@@ -183,9 +189,9 @@ def cross_rank_errors(world, rank, group):
     msgs = {}
     z = torch.randn(6, 5)
 
-    def attempt(name, *args, **kw):
+    def attempt(name, *args, backend="reference", **kw):
         try:
-            fastcon.soft_contrastive_loss(*args, backend="reference", group=group, **kw)
+            fastcon.soft_contrastive_loss(*args, backend=backend, group=group, **kw)
             msgs[name] = None
         except (ValueError, TypeError) as e:
             msgs[name] = f"{type(e).__name__}: {e}"
@@ -198,6 +204,7 @@ def cross_rank_errors(world, rank, group):
     attempt("options", z, z, symmetric=rank != 0)
     attempt("dtype", z.double() if rank == 0 else z, z.double() if rank == 0 else z)
     attempt("mode", z, z, distributed="ring" if rank == 0 else "gather")
+    attempt("backend", z, z, backend="cuda" if rank == 0 else "reference")  # CPU tensors: cuda unavailable on rank 0
     return msgs
 
 
@@ -327,6 +334,7 @@ CROSS_RANK_ERRORS = {
     "options": r"symmetric must be equal on all ranks of the group",
     "dtype": r"z1 dtype must be equal on all ranks of the group, got \['torch.float64', 'torch.float32'",
     "mode": r"distributed mode must be equal on all ranks of the group",
+    "backend": r"backend available \(1 yes, 0 no\) must be equal on all ranks of the group, got \[0, 1(, 1)?\]",
 }
 
 
