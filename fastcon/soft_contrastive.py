@@ -476,6 +476,8 @@ class SoftContrastiveLoss(nn.Module):
 
     A learnable temperature is stored as ``log_scale = log(1 / tau)`` (as in CLIP / SigLIP) so
     that it stays positive; ``max_scale`` clamps 1 / tau from above (CLIP uses 100).
+    ``group`` / ``distributed``: the loss of the global batch over a process group (see
+    ``soft_contrastive_loss``); under DDP, scale the loss by the world size before backward.
     """
 
     def __init__(
