@@ -23,12 +23,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_soft_contrastive import _kw, assert_rel, make_labels
+from test_soft_contrastive import FUSED, _kw, assert_rel, make_labels
 
 import fastcon
 from fastcon import reference
 
-FUSED_BACKEND = "reference"  # the backend checked in fp32; the dense contract until the CPU kernel lands
+# the backend checked in fp32: the fused CPU kernel once it is declared landed in test_soft_contrastive
+# (FUSED), the dense kernel contract before
+FUSED_BACKEND = "cpu" if "cpu" in FUSED else "reference"
 WORLD_SIZES = [2, 3]
 MODES = ["gather", "ring"]
 TIMEOUT_S = 300  # per spawned group; the whole run takes well under a minute when nothing hangs
