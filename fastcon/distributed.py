@@ -458,6 +458,7 @@ def soft_contrastive_loss(
         raise unavailable
     if name == "reference":
         core = _DenseCore()
+    core.kernel_dtype(z1.dtype)  # a backend without kernels for this dtype says so before any work
     acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
     tau = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature), dtype=acc)
     b = None if bias is None else (bias if isinstance(bias, torch.Tensor) else torch.tensor(float(bias), dtype=acc))

@@ -203,27 +203,27 @@ def _normalize(z1, z2, normalize: bool, kdt: torch.dtype, acc: torch.dtype):
 def _per_sample_losses(mode, need_col, hw, scale, bias_v, u, v, row, col, t: Targets):
     """Per-sample losses from the kernel statistics (row / col log-sum-exps or softplus sums) and
     the target sums. Returns (per-sample losses, target row sums R or None)."""
-    d = (u * v).sum(dim=1)  # u_i . v_i, unscaled
+    sd = _logit_dot(u, v, scale)  # s_ii, the positive logits
     if mode == MODE_SOFTMAX_IGNORE:
-        per_a = row - scale * d
-        per_b = col - scale * d if need_col else None
+        per_a = row - sd
+        per_b = col - sd if need_col else None
         r_sum = None
     elif mode == MODE_SOFTMAX:
         ones = torch.ones_like(t.nn)
         sums = t.full_many([(ones, None), (v, None)] + ([(u, None)] if need_col else []))
         r_sum = next(sums)
-        ts = scale * (u * next(sums)).sum(dim=1)  # sum_j T_ij s_ij
-        per_a = row - hw * scale * d - (1 - hw) * ts / r_sum
+        ts = _logit_dot(u, next(sums), scale)  # sum_j T_ij s_ij
+        per_a = row - hw * sd - (1 - hw) * ts / r_sum
         if need_col:  # T is symmetric here: column sums equal row sums
-            tsc = scale * (v * next(sums)).sum(dim=1)
-            per_b = col - hw * scale * d - (1 - hw) * tsc / r_sum
+            tsc = _logit_dot(v, next(sums), scale)
+            per_b = col - hw * sd - (1 - hw) * tsc / r_sum
         else:
             per_b = None
     else:  # sigmoid: sum_j T'_ij x_ij = hw x_ii + (1 - hw) (sum_j T_ij s_ij + bias R_i)
         sums = t.full_many([(torch.ones_like(t.nn), None), (v, None)])
         r_sum = next(sums)
-        ts = scale * (u * next(sums)).sum(dim=1)
-        per_a = row - hw * (scale * d + bias_v) - (1 - hw) * (ts + bias_v * r_sum)
+        ts = _logit_dot(u, next(sums), scale)
+        per_a = row - hw * (sd + bias_v) - (1 - hw) * (ts + bias_v * r_sum)
         per_b = None
     per = (per_a + per_b) / 2 if per_b is not None else per_a
     return per, r_sum
@@ -339,6 +339,17 @@ class _FusedSoftContrastive(torch.autograd.Function):
         )
 
 
+def _logit_dot(a: torch.Tensor, b: torch.Tensor, scale: float, rows: int = 4096) -> torch.Tensor:
+    """scale * (a_i . b_i) accumulated in float64 and rounded once to a's dtype, in row chunks
+    (O(rows * D) extra memory). These positive / target logits are subtracted from log-sum-exps of
+    the same size (about 1 / tau): a small loss is their difference, so they must carry no
+    rounding beyond the one the kernels' own (float64-accumulated) positive logits carry."""
+    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
+    for i in range(0, a.shape[0], rows):
+        out[i : i + rows] = scale * (a[i : i + rows].double() * b[i : i + rows].double()).sum(dim=1)
+    return out
+
+
 def _norm_backward(du: torch.Tensor, u: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
     """Backward of u = z / max(||z||, eps): (du - u (u . du)) / ||z|| where ||z|| > eps, du / eps otherwise."""
     if norm is None:
@@ -450,6 +461,8 @@ def soft_contrastive_loss(
             group=group, mode=distributed,
         )  # fmt: skip
     name, core = _backends.select("soft_contrastive", backend, z1.device)
+    if core is not None:
+        core.kernel_dtype(z1.dtype)  # a backend without kernels for this dtype says so before any work
     if name == "reference":
         return reference.soft_contrastive_loss(
             z1,
