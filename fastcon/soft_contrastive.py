@@ -552,4 +552,6 @@ class SoftContrastiveLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={float(self.temperature):.4g}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"temperature={float(self.temperature.detach()):.4g}, " + ", ".join(
+            f"{k}={v!r}" for k, v in self.options.items()
+        )
