@@ -415,20 +415,6 @@ def _value(x) -> float:
     return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
 
-class _DenseCore:
-    """backend="reference" on a process group: the kernel contract evaluated densely
-    (``reference.sc_core_*``, n x N per rank), for checks on any device."""
-
-    def kernel_dtype(self, dtype):
-        return dtype
-
-    def forward(self, *args):
-        return reference.sc_core_forward(*args)
-
-    def backward(self, *args):
-        return reference.sc_core_backward(*args)
-
-
 def soft_contrastive_loss(
     z1, z2, labels, *, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction, backend,
     group, mode,
@@ -457,7 +443,7 @@ def soft_contrastive_loss(
     if unavailable is not None:
         raise unavailable
     if name == "reference":
-        core = _DenseCore()
+        core = reference.DenseCore()
     core.kernel_dtype(z1.dtype)  # a backend without kernels for this dtype says so before any work
     acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
     tau = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature), dtype=acc)
