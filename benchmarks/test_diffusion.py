@@ -96,7 +96,7 @@ def test_diffusion_step(benchmark, record, shape, kind, threads):
     info = dict(
         backend=kind,
         threads=threads,
-        simd=torch.ops.fastcon.diffusion_cpu_isa() if kind != "reference" else "",
+        simd=torch.ops.fastcon.cpu_capability() if kind != "reference" else "",
         peak_mib=round(peak_mib(step), 1),
         batch_mib=round(n * 4 / 2**20, 1),
         cpu_ms=round(min(cpu_times) * 1e3, 1),  # CPU time of all threads: steadier than wall time when shared
