@@ -17,6 +17,12 @@ from fastcon.soft_contrastive import SoftContrastiveLoss, soft_contrastive_loss
 
 __version__ = "0.1.0"
 
+# Load the compiled ops now (a missing build only makes the cpu/cuda backends unavailable), so
+# that their fake kernels are registered before anyone traces them with torch.compile.
+from fastcon._backends import load_extension as _load_extension
+
+_load_extension()
+
 __all__ = [
     "BackendError",
     "BackendInfo",
