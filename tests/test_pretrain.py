@@ -254,15 +254,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _env():
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
     env.pop("FASTCON_BACKEND", None)
     return env
 
 
 def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(sample, tmp_path):
     out = str(tmp_path / "killed")
-    # the default worker-process loader here, to cover resuming it too
+    # the default worker-process loader here, to cover resuming it too; the subprocess keeps torch's
+    # thread count, as this process does (float sums depend on it)
     args = [*TINY, "data.num_workers=1", "train.steps=400", "checkpoint.every=1000", f"data.root={sample}"]
     cmd = [sys.executable, os.path.join(EXAMPLES, "pretrain.py"), "--config", os.path.join(CONFIGS, "demo.yaml")]
     proc = subprocess.Popen(
@@ -361,7 +362,8 @@ def test_torchrun_two_processes_agree_on_the_loss(sample, tmp_path):
         f"data.root={sample}", f"run.out_dir={out}", "train.steps=3", "data.batch_size=8", "log.rank_losses=true",
         "run.device=cpu",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
+    # one thread per process: two processes share the cores
+    proc = subprocess.run(cmd, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 rank(s)" in proc.stdout
     ranks = [np.loadtxt(os.path.join(out, f"rank{r}_losses.csv"), delimiter=",") for r in (0, 1)]

@@ -92,19 +92,37 @@ class LinearProbe:
         return ((x - self.mean) / self.std) @ self.weight.T + self.bias
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, weight_decay: float, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logistic regressions, loss mean BCE + weight_decay / 2 * ||W||^2, by full-batch L-BFGS (deterministic)."""
-    w = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+def _fit_many(x: torch.Tensor, y: torch.Tensor, sample_weights: torch.Tensor, weight_decays, iters: int):
+    """K independent logistic-regression problems at once: problem k minimises the
+    ``sample_weights[k]``-weighted mean BCE plus ``weight_decays[k] / 2 * ||W_k||^2``. Their sum
+    separates, so one full-batch L-BFGS over all of them finds each one's optimum (every problem
+    is strictly convex), with one small batched product per evaluation instead of K.
+    Returns W (K, C, F) and b (K, C)."""
+    k, c, f = len(weight_decays), y.shape[1], x.shape[1]
+    wd = torch.as_tensor(weight_decays, dtype=torch.float64)
+    sw = sample_weights / sample_weights.sum(dim=1, keepdim=True)  # (K, N), rows sum to 1
+    w = torch.zeros(k, c, f, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(k, c, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1.0, max_iter=iters, history_size=20, tolerance_grad=1e-10, tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )  # fmt: skip
 
     def closure():
         opt.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(x @ w.T + b, y) + 0.5 * weight_decay * (w * w).sum()
+        logits = torch.einsum("nf,kcf->knc", x, w) + b[:, None, :]
+        bce = F.binary_cross_entropy_with_logits(logits, y.expand(k, -1, -1), reduction="none").mean(dim=2)
+        loss = (sw * bce).sum() + 0.5 * (wd * (w * w).sum(dim=(1, 2))).sum()
         loss.backward()
         return loss
 
-    opt.step(closure)
+    # a small problem: one thread avoids OpenMP synchronisation that costs more than the work
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        opt.step(closure)
+    finally:
+        torch.set_num_threads(threads)
     return w.detach(), b.detach()
 
 
@@ -120,18 +138,18 @@ def fit_linear_probe(
     x, y = x.double(), (y > 0).double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     xs = (x - mean) / std
-    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    chunks = order.chunk(folds)
+    n = x.shape[0]
+    fold_of = torch.empty(n, dtype=torch.long)
+    fold_of[torch.randperm(n, generator=torch.Generator().manual_seed(seed))] = torch.arange(n) % folds
+    # every (weight decay, fold) problem in one batched fit
+    grid = [(wd, k) for wd in weight_decays for k in range(folds)]
+    train_mask = torch.stack([(fold_of != k).double() for _, k in grid])
+    w, b = _fit_many(xs, y, train_mask, [wd for wd, _ in grid], iters)
     cv = {}
-    for wd in weight_decays:
-        maps = []
-        for k in range(folds):
-            held = chunks[k]
-            train = torch.cat([chunks[j] for j in range(folds) if j != k])
-            w, b = _fit(xs[train], y[train], wd, iters)
-            m, _ = mean_average_precision(xs[held] @ w.T + b, y[held])
-            maps.append(m)
-        cv[wd] = sum(maps) / len(maps)
+    for i, (wd, k) in enumerate(grid):
+        held = fold_of == k
+        m, _ = mean_average_precision(xs[held] @ w[i].T + b[i], y[held])
+        cv[wd] = cv.get(wd, 0.0) + m / folds
     best = max(cv, key=lambda wd: (cv[wd], wd))  # ties: the stronger regularisation
-    w, b = _fit(xs, y, best, iters)
-    return LinearProbe(w, b, mean, std, best, cv)
+    w, b = _fit_many(xs, y, torch.ones(1, n, dtype=torch.float64), [best], iters)
+    return LinearProbe(w[0], b[0], mean, std, best, cv)
