@@ -7,8 +7,13 @@ Backends
   tensors when ``TRITON_INTERPRET=1`` (the interpreter; used by the tests).
 - ``cuda``: fused CUDA C++ kernels in ``fastcon._C`` (csrc/cuda), for CUDA tensors.
 
-``backend="auto"`` picks, per op, the fastest backend available for the input's device (see
-``_AUTO_ORDER``); the environment variable ``FASTCON_BACKEND`` replaces that choice.
+``backend="auto"`` takes, per op, the first backend in ``_AUTO_ORDER[device type]`` that
+implements the op and can run here: for CPU tensors ``cpu`` then ``reference``; for CUDA
+tensors ``cuda`` (when ``fastcon._C`` holds machine code the device can run: a cubin of the
+same major architecture and a minor version no newer than the device's, e.g. sm_80 code on
+sm_86), then ``triton`` (JIT-compiled for any device, also the fallback for ops or GPUs the
+CUDA kernels do not cover), then ``reference``. The environment variable ``FASTCON_BACKEND``
+replaces that choice.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ BACKENDS = ("reference", "cpu", "triton", "cuda")
 # emulation layer (csrc/simt). Tests select it by name to check the CUDA kernels' numerics.
 TEST_BACKENDS = ("cuda_simt",)
 
-# auto: first available backend that implements the op, per device type. On CUDA devices the
-# hand-written CUDA kernels come first: they are tuned per op with WMMA tensor-core tiles and
-# need no JIT warm-up; triton is the fallback when the extension was built without CUDA.
+# auto: first available backend that implements the op, per device type (the rule is spelled out
+# in the module docstring). On CUDA devices the hand-written CUDA kernels come first: they need no
+# JIT warm-up and use tensor cores (WMMA) for fp16 / bf16; triton covers what they cannot run
+# (a build without CUDA, a GPU architecture without cubins in the build, an op without CUDA kernels).
 _AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
     "cuda": ("cuda", "triton", "reference"),
@@ -76,6 +82,17 @@ def cuda_archs() -> list[str]:
     return cubin_archs(mod.__file__)
 
 
+def cubin_runs_on(archs: list[str], capability: tuple[int, int]) -> bool:
+    """Whether one of the cubins (``sm_XY`` tags) runs on a device of compute ``capability``:
+    cubins are binary compatible within a major architecture, from their minor version up."""
+    for arch in archs:
+        digits = arch.removeprefix("sm_").rstrip("a")
+        major, minor = int(digits[:-1]), int(digits[-1])
+        if major == capability[0] and minor <= capability[1]:
+            return True
+    return False
+
+
 def _triton_status() -> tuple[bool, str]:
     try:
         import triton  # noqa: F401
@@ -108,7 +125,11 @@ def _status(name: str) -> tuple[bool, str]:
         where = "compiled for " + ", ".join(archs)
         if not torch.cuda.is_available():
             return False, where + "; no CUDA device"
-        return True, where + f"; device {torch.cuda.get_device_name()}"
+        cap = torch.cuda.get_device_capability()
+        device = f"device {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]})"
+        if not cubin_runs_on(archs, cap):
+            return False, where + f"; {device} needs code for its own architecture (set TORCH_CUDA_ARCH_LIST)"
+        return True, where + "; " + device
     if name == "cuda_simt":
         mod, err = load_extension("_C_simt")
         return (mod is not None), ("CUDA kernel sources on the SIMT emulator (tests only)" if mod else err)

@@ -161,12 +161,16 @@ class _FusedLoss(torch.autograd.Function):
 
 
 class _OpsCore:
-    """The diffusion ops registered with TORCH_LIBRARY (csrc/), dispatched by device."""
+    """The diffusion ops registered with TORCH_LIBRARY (csrc/), dispatched by device: namespace
+    fastcon of fastcon._C (cpu and cuda kernels), or fastcon_simt of fastcon._C_simt (the CUDA
+    kernels on the SIMT emulator, tests only)."""
 
-    @staticmethod
-    def _ops():
-        _backends.load_extension()
-        return torch.ops.fastcon
+    def __init__(self, namespace: str = "fastcon", ext: str = "_C"):
+        self.namespace, self.ext = namespace, ext
+
+    def _ops(self):
+        _backends.load_extension(self.ext)
+        return getattr(torch.ops, self.namespace)
 
     def q_sample(self, x0, coef_x0, coef_noise, noise, seed):
         return self._ops().diffusion_q_sample(x0, coef_x0, coef_noise, noise, seed)
@@ -179,6 +183,9 @@ class _OpsCore:
 
     def normal(self, index, seed):
         return self._ops().philox_normal(index, seed)
+
+    def philox_uint32(self, counter, seed):
+        return self._ops().philox_uint32(counter, seed)
 
 
 class _ReferenceCore:
@@ -197,6 +204,8 @@ def _triton_core():
 _backends.register("diffusion", "reference", _ReferenceCore)
 _backends.register("diffusion", "cpu", _OpsCore)
 _backends.register("diffusion", "triton", _triton_core)
+_backends.register("diffusion", "cuda", _OpsCore)  # csrc/cuda, CUDA tensors
+_backends.register("diffusion", "cuda_simt", lambda: _OpsCore("fastcon_simt", "_C_simt"))  # tests only
 
 
 def seeded_noise(seed: int, shape, *, device: str | torch.device = "cpu", backend: str = "auto") -> torch.Tensor:
@@ -302,7 +311,7 @@ class NoiseSchedule:
             seed: int in [0, 2^64): eps is drawn inside the kernel from the Philox stream of
                 this seed (element = flat row-major index in x0's shape) and never stored.
                 Use a fresh seed per step (and per rank). Not together with noise.
-            backend: "auto", "reference", "cpu" or "triton".
+            backend: "auto", "reference", "cpu", "triton" or "cuda".
 
         Returns: (x_t, noise): with ``seed``, noise is None (``loss(..., seed=seed)`` regenerates
         it); with ``noise``, that tensor; with neither, eps is drawn by ``torch.randn_like(x0)``
@@ -343,7 +352,7 @@ class NoiseSchedule:
             target: "epsilon" (eps), "x0" (the clean batch) or "v" (sqrt(alpha_bar) eps -
                 sqrt(1 - alpha_bar) x0, Salimans and Ho 2022).
             reduction: "mean" (over all elements), "sum", or "none": per-sample means (B,).
-            backend: "auto", "reference", "cpu" or "triton".
+            backend: "auto", "reference", "cpu", "triton" or "cuda".
 
         Returns: the loss in fp32 (fp64 for fp64 inputs). Gradients flow to pred (and to x0 /
         noise through the target when they require grad).

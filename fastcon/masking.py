@@ -240,6 +240,8 @@ for _op in OPS:
     _backends.register(_op, "reference", lambda: None)
     _backends.register(_op, "cpu", lambda: _OpsImpl("fastcon", "_C"))
     _backends.register(_op, "triton", _triton_impl)
+    _backends.register(_op, "cuda", lambda: _OpsImpl("fastcon", "_C"))  # csrc/cuda, CUDA tensors
+    _backends.register(_op, "cuda_simt", lambda: _OpsImpl("fastcon_simt", "_C_simt"))  # tests only
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ def siamese_mask(
         ids_keep: (B, K) int64 kept positions, rows sorted ascending and unique: pass the ids of
             one branch to mask another branch alike. Drawn from ``generator`` when None.
         generator: torch.Generator on tokens' device for drawing ids_keep (reproducible masks).
-        backend: "auto", "reference", "cpu" or "triton" (see ``fastcon.backends()``).
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (see ``fastcon.backends()``).
 
     Returns: ``(visible, ids_keep)``: visible (B, K, D) in tokens' dtype,
     ``visible[b, k] = tokens[b, ids_keep[b, k]] + pos_embed[b or 0, ids_keep[b, k]]``; gradients
@@ -314,7 +316,7 @@ def unmask(
         L: the full sequence length (K <= L; every id < L).
         fill: what goes at the dropped positions: a number, or a learned mask token of D values,
             shape (D,) or (1, 1, D), visible's dtype and device (its gradient is returned).
-        backend: "auto", "reference", "cpu" or "triton".
+        backend: "auto", "reference", "cpu", "triton" or "cuda".
 
     Returns: (B, L, D) in visible's dtype; gradients flow to visible and to a tensor fill.
     """
@@ -342,7 +344,7 @@ def mask_image(images: torch.Tensor, patch: int, ids_keep: torch.Tensor, *, back
         patch: the patch size; must divide H and W. Patch (i, j) of the (H / patch) x (W / patch)
             grid is position i * (W / patch) + j (row-major, as ViT patch tokens are numbered).
         ids_keep: (B, K) int64 kept positions (as returned by ``siamese_mask`` for L = number of patches).
-        backend: "auto", "reference", "cpu" or "triton".
+        backend: "auto", "reference", "cpu", "triton" or "cuda".
 
     Returns: a new (B, C, H, W) tensor, dropped pixels exactly 0 (even NaN ones); the gradient is
     masked alike.

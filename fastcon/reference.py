@@ -117,7 +117,13 @@ def _pair_mask(row_ids, col_ids, row_offset, n, m, device):
 def sc_core_forward(u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mode, need_col):
     """row (N,): logsumexp_j s_ij (softmax modes) or sum_j softplus(s_ij + bias) (sigmoid);
     col (M,): logsumexp_i s_ij when need_col (softmax modes), else empty. s = scale * u v^T.
-    ``logit_bound`` is only a hint to kernels (|s| <= bound when > 0) and changes no result."""
+    ``logit_bound`` is only a hint to kernels (|s| <= bound when > 0) and changes no result.
+
+    Precision: the Function subtracts the positive logits s_{i, i + row_offset} (accumulated in
+    float64, rounded once: soft_contrastive._logit_dot) from these statistics. Kernels take the
+    positive pair's logit the same way (scale * float64 dot, rounded to the storage dtype) in
+    forward and backward, so that small losses (the difference of two ~1/tau terms) cancel
+    cleanly instead of carrying two independent fp32 roundings of the dot product."""
     del logit_bound
     acc = torch.float64 if u.dtype == torch.float64 else torch.float32
     s = (u.to(acc) @ v.to(acc).T) * scale

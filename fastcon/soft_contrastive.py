@@ -170,24 +170,24 @@ class _FusedSoftContrastive(torch.autograd.Function):
 
         row, col = core.forward(uk, vk, ids, ids, 0, scale, bias_v, bound, mode, need_col)
         t = Targets(None if scene_ignore else labels, n, acc, z1.device)
-        d = (u * v).sum(dim=1)  # u_i . v_i, unscaled
+        sd = _logit_dot(u, v, scale)  # s_ii, the positive logits
         if mode == MODE_SOFTMAX_IGNORE:
-            per_a = row - scale * d
-            per_b = col - scale * d if need_col else None
+            per_a = row - sd
+            per_b = col - sd if need_col else None
             r_sum = None
         elif mode == MODE_SOFTMAX:
             r_sum = t.row_sums()
-            ts = scale * (u * t.full(v)).sum(dim=1)  # sum_j T_ij s_ij
-            per_a = row - hard_weight * scale * d - (1 - hard_weight) * ts / r_sum
+            ts = _logit_dot(u, t.full(v), scale)  # sum_j T_ij s_ij
+            per_a = row - hard_weight * sd - (1 - hard_weight) * ts / r_sum
             if need_col:  # T is symmetric here: column sums equal row sums
-                tsc = scale * (v * t.full(u)).sum(dim=1)
-                per_b = col - hard_weight * scale * d - (1 - hard_weight) * tsc / r_sum
+                tsc = _logit_dot(v, t.full(u), scale)
+                per_b = col - hard_weight * sd - (1 - hard_weight) * tsc / r_sum
             else:
                 per_b = None
         else:  # sigmoid: sum_j T'_ij x_ij = hw x_ii + (1 - hw) (sum_j T_ij s_ij + bias R_i)
             r_sum = t.row_sums()
-            ts = scale * (u * t.full(v)).sum(dim=1)
-            per_a = row - hard_weight * (scale * d + bias_v) - (1 - hard_weight) * (ts + bias_v * r_sum)
+            ts = _logit_dot(u, t.full(v), scale)
+            per_a = row - hard_weight * (sd + bias_v) - (1 - hard_weight) * (ts + bias_v * r_sum)
             per_b = None
         per = (per_a + per_b) / 2 if per_b is not None else per_a
         out = per.mean() if reduction == "mean" else (per.sum() if reduction == "sum" else per)
@@ -258,6 +258,17 @@ class _FusedSoftContrastive(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _logit_dot(a: torch.Tensor, b: torch.Tensor, scale: float, rows: int = 4096) -> torch.Tensor:
+    """scale * (a_i . b_i) accumulated in float64 and rounded once to a's dtype, in row chunks
+    (O(rows * D) extra memory). These positive / target logits are subtracted from log-sum-exps of
+    the same size (about 1 / tau): a small loss is their difference, so they must carry no
+    rounding beyond the one the kernels' own (float64-accumulated) positive logits carry."""
+    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
+    for i in range(0, a.shape[0], rows):
+        out[i : i + rows] = scale * (a[i : i + rows].double() * b[i : i + rows].double()).sum(dim=1)
+    return out
 
 
 def _norm_backward(du: torch.Tensor, u: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
@@ -351,6 +362,8 @@ def soft_contrastive_loss(
     """
     _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction)
     name, core = _backends.select("soft_contrastive", backend, z1.device)
+    if core is not None:
+        core.kernel_dtype(z1.dtype)  # a backend without kernels for this dtype says so before any work
     if name == "reference":
         return reference.soft_contrastive_loss(
             z1,

@@ -99,3 +99,17 @@ def test_unavailable_cuda_backend_is_a_clear_error():
     z = torch.randn(4, 8)
     with pytest.raises(fastcon.BackendError, match="cuda backend is unavailable here: .*(no CUDA device|without CUDA)"):
         fastcon.soft_contrastive_loss(z, z, backend="cuda")
+
+
+def test_cuda_auto_rule_follows_cubin_compatibility():
+    """auto takes the cuda backend only on devices the embedded cubins run on: same major
+    architecture, device minor >= cubin minor; other GPUs fall through to triton."""
+    archs = ["sm_80", "sm_90"]
+    assert _backends.cubin_runs_on(archs, (8, 0))
+    assert _backends.cubin_runs_on(archs, (8, 6))  # A10 / RTX 30xx run sm_80 code
+    assert _backends.cubin_runs_on(archs, (8, 9))
+    assert _backends.cubin_runs_on(archs, (9, 0))
+    assert not _backends.cubin_runs_on(archs, (7, 5))
+    assert not _backends.cubin_runs_on(archs, (10, 0))
+    assert not _backends.cubin_runs_on(["sm_86"], (8, 0))
+    assert _backends._AUTO_ORDER["cuda"][:2] == ("cuda", "triton")

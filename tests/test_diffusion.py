@@ -23,11 +23,12 @@ from fastcon import _backends, reference
 from fastcon._memory import PeakMemory, rss_peak_supported
 from fastcon.diffusion import NoiseSchedule, seeded_noise
 
-FUSED = ["cpu", "triton"]
+FUSED = ["cpu", "triton", "cuda_simt"]
 DTYPES = {  # storage dtypes each fused backend is tested with (bf16 elementwise is fine in C++;
     # the Triton interpreter has no bf16 arrays)
     "cpu": [torch.float32, torch.float16, torch.bfloat16],
     "triton": [torch.float32, torch.float16],
+    "cuda_simt": [torch.float32, torch.float16, torch.bfloat16],
 }
 BACKEND_DTYPES = [(b, d) for b in FUSED for d in DTYPES[b]]
 SHAPES = [(3, 5, 7), (2, 3, 17, 19)]  # odd sizes: partial vectors and partial blocks everywhere
@@ -36,7 +37,7 @@ _backends.load_extension()  # the raw ops (torch.ops.fastcon.*) are registered o
 
 
 def device_for(backend: str) -> str:
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return "cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
 
 
 def ops_seed(seed: int) -> int:

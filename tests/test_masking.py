@@ -32,12 +32,13 @@ from fastcon._memory import PeakMemory, rss_peak_supported
 
 _EXT, _EXT_ERROR = _backends.load_extension()  # the raw-op tests call torch.ops.fastcon.* directly
 
-FUSED = ["cpu", "triton"]
+FUSED = ["cpu", "triton", "cuda_simt"]
 # bf16 is tested on cpu only: the Triton interpreter truncates fp32 -> bf16 (a GPU rounds to
 # nearest even), so its bf16 results are not the ones a GPU gives.
 DTYPES = {
     "cpu": [torch.float32, torch.float16, torch.bfloat16],
     "triton": [torch.float32, torch.float16],
+    "cuda_simt": [torch.float32, torch.float16, torch.bfloat16],
 }
 BACKEND_DTYPES = [(b, dt) for b in FUSED for dt in DTYPES[b]]
 BACKEND_DTYPE_IDS = [f"{b}-{str(dt)[6:]}" for b, dt in BACKEND_DTYPES]

@@ -17,6 +17,17 @@
 #define FASTCON_HOST_DEVICE inline
 #endif
 
+// fp32 multiply and add that are never fused into an FMA: nvcc contracts a * b + c by default
+// (-fmad=true), which would change the transform's last bits on the GPU. The _rn intrinsics are
+// never contracted; elsewhere the callers compile with contraction off.
+#if defined(__CUDA_ARCH__)
+#define FASTCON_FMUL(a, b) __fmul_rn((a), (b))
+#define FASTCON_FADD(a, b) __fadd_rn((a), (b))
+#else
+#define FASTCON_FMUL(a, b) ((a) * (b))
+#define FASTCON_FADD(a, b) ((a) + (b))
+#endif
+
 namespace fastcon::philox {
 
 // Round multipliers and Weyl key increments of Philox4x32 (Random123's PHILOX_M4x32_*, PHILOX_W32_*).
@@ -58,15 +69,15 @@ FASTCON_HOST_DEVICE Words element_counter(uint64_t idx) {
 }
 
 // ---- the normal transform, in fp32 -------------------------------------------------------------
-// Written without fused multiply-adds (compile with contraction off) so that every ISA of the
-// CPU backend, scalar or SIMD, gives the same bits. Within 2 ulp of max(1, sqrt(-2 ln u1)) of
-// the exact value (fastcon/reference.py computes it in float64; 1.997 ulp measured over all 2^23
-// values of each uniform). nvcc contracts to FMAs by default: a few ulp, still within spec;
-// with -fmad=false (and IEEE sqrt, the default) it should give the CPU's bits (untested: no GPU here).
+// Written without fused multiply-adds (compile with contraction off; FASTCON_FMUL / FASTCON_FADD
+// keep nvcc from contracting) so that every ISA of the CPU backend, scalar or SIMD, and the CUDA
+// kernels (IEEE sqrt, nvcc's default) give the same bits. Within 2 ulp of max(1, sqrt(-2 ln u1))
+// of the exact value (fastcon/reference.py computes it in float64; 1.997 ulp measured over all
+// 2^23 values of each uniform).
 
 // u = (w >> 9) * 2^-23 + 2^-24: the top 23 bits, centred, exactly representable, in (0, 1).
 FASTCON_HOST_DEVICE float uniform_open(uint32_t w) {
-  return static_cast<float>(w >> 9) * 1.1920928955078125e-07f + 5.9604644775390625e-08f;
+  return FASTCON_FADD(FASTCON_FMUL(static_cast<float>(w >> 9), 1.1920928955078125e-07f), 5.9604644775390625e-08f);
 }
 
 FASTCON_HOST_DEVICE uint32_t float_bits(float x) {
@@ -113,17 +124,17 @@ FASTCON_HOST_DEVICE float minus_two_log(float u) {
   const float m = bits_float(mant | (0x3F800000u - (big << 23)));    // 1.mant, halved when big
   const float e = static_cast<float>((bits >> 23) + big) - 127.0f;
   const float f = m - 1.0f;  // exact
-  const float f2 = f * f;
+  const float f2 = FASTCON_FMUL(f, f);
   float p = kLog7;
-  p = p * f + kLog6;
-  p = p * f + kLog5;
-  p = p * f + kLog4;
-  p = p * f + kLog3;
-  p = p * f + kLog2;
-  p = p * f + kLog1;
-  p = p * f + kLog0;
-  const float ln_m = f + (f2 * -0.5f + (f2 * f) * p);
-  const float ln_u = e * kLn2Hi + (e * kLn2Lo + ln_m);
+  p = FASTCON_FADD(FASTCON_FMUL(p, f), kLog6);
+  p = FASTCON_FADD(FASTCON_FMUL(p, f), kLog5);
+  p = FASTCON_FADD(FASTCON_FMUL(p, f), kLog4);
+  p = FASTCON_FADD(FASTCON_FMUL(p, f), kLog3);
+  p = FASTCON_FADD(FASTCON_FMUL(p, f), kLog2);
+  p = FASTCON_FADD(FASTCON_FMUL(p, f), kLog1);
+  p = FASTCON_FADD(FASTCON_FMUL(p, f), kLog0);
+  const float ln_m = FASTCON_FADD(f, FASTCON_FADD(FASTCON_FMUL(f2, -0.5f), FASTCON_FMUL(FASTCON_FMUL(f2, f), p)));
+  const float ln_u = FASTCON_FADD(FASTCON_FMUL(e, kLn2Hi), FASTCON_FADD(FASTCON_FMUL(e, kLn2Lo), ln_m));
   return -2.0f * ln_u;
 }
 
@@ -133,20 +144,20 @@ FASTCON_HOST_DEVICE float cos_two_pi(float u) {
   using namespace coef;
   const float one_minus = 1.0f - u;
   const float b = u < one_minus ? u : one_minus;
-  const float x = (0.25f - b) * kTwoPi;
-  const float x2 = x * x;
+  const float x = FASTCON_FMUL(0.25f - b, kTwoPi);
+  const float x2 = FASTCON_FMUL(x, x);
   float q = kSin4;
-  q = q * x2 + kSin3;
-  q = q * x2 + kSin2;
-  q = q * x2 + kSin1;
-  q = q * x2 + kSin0;
-  return x + (x * x2) * q;
+  q = FASTCON_FADD(FASTCON_FMUL(q, x2), kSin3);
+  q = FASTCON_FADD(FASTCON_FMUL(q, x2), kSin2);
+  q = FASTCON_FADD(FASTCON_FMUL(q, x2), kSin1);
+  q = FASTCON_FADD(FASTCON_FMUL(q, x2), kSin0);
+  return FASTCON_FADD(x, FASTCON_FMUL(FASTCON_FMUL(x, x2), q));
 }
 
 // The standard normal of one element from its Philox words 0 and 1 (Box-Muller, cosine branch).
 FASTCON_HOST_DEVICE float normal_from_words(uint32_t w0, uint32_t w1) {
   const float r = sqrtf(minus_two_log(uniform_open(w0)));
-  return r * cos_two_pi(uniform_open(w1));
+  return FASTCON_FMUL(r, cos_two_pi(uniform_open(w1)));
 }
 
 FASTCON_HOST_DEVICE float normal_at(uint64_t idx, uint64_t seed) {

@@ -1,0 +1,92 @@
+"""Forward + backward of fastcon.soft_contrastive_loss: the fused cpu backend against the dense
+reference, measured side by side in one run (``pytest benchmarks/test_soft_contrastive.py
+--benchmark-only``).
+
+extra_info of every row: peak memory of one step (MiB), achieved GFLOP/s counting 6 N^2 D flops
+(the forward logits and the backward's two products; recomputing logits is not counted), the
+machine's torch.mm GFLOP/s on the (N x D) @ (D x N) product and the ratio of the two; cpu rows
+add the speed-up over the reference measured just before them. On a machine shared with other
+jobs wall times swing several-fold between rounds; ``cpu_seconds`` (process CPU time of the best
+round, all threads) and ``cpu_time_ratio_vs_reference`` are what contention inflates least.
+
+Excluded: the reference at N = 16384. It holds several N x N fp32 matrices of 1 GiB each (about
+6.4 GiB at the peak, from the 1.6 GiB measured at N = 8192) on a machine whose memory other jobs
+share; those rows are skipped with that reason and the cpu rows record ``reference: excluded``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import matmul_gflops, peak_mib  # benchmarks/conftest.py (pytest puts its folder on sys.path)
+
+import fastcon
+
+C = 9
+SIZES = [(1024, 128), (1024, 512), (4096, 128), (4096, 512), (8192, 128), (16384, 128), (16384, 512)]
+REFERENCE_MAX_N = 8192  # above this the dense reference needs several GiB (see module docstring)
+ROUNDS = {1024: 5, 4096: 3, 8192: 2, 16384: 2}
+
+_best_time: dict[tuple[int, int, str], float] = {}  # best wall time per (n, d, backend)
+_best_cpu: dict[tuple[int, int, str], float] = {}  # best process CPU time (all threads) per step
+
+
+def _inputs(n: int, d: int):
+    gen = torch.Generator().manual_seed(n + d)
+    z1 = torch.randn(n, d, generator=gen).requires_grad_()
+    z2 = (z1.detach() + 0.7 * torch.randn(n, d, generator=gen)).requires_grad_()
+    labels = (torch.rand(n, C, generator=gen) < 0.3).float()
+    return z1, z2, labels
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "backend"),
+    [(n, d, b) for n, d in SIZES for b in ("reference", "cpu")],
+    ids=lambda x: str(x),
+)
+def test_soft_contrastive_fwd_bwd(benchmark, record, n, d, backend):
+    benchmark.group = f"soft_contrastive fwd+bwd N={n} D={d} C={C}"
+    if backend == "reference" and n > REFERENCE_MAX_N:
+        pytest.skip(f"reference excluded at N={n}: several {n}x{n} fp32 matrices of {n * n * 4 / 2**30:.0f} GiB")
+    if backend not in [b.name for b in fastcon.backends() if b.available]:
+        pytest.skip(f"{backend} backend unavailable: {fastcon.backends()[backend].status}")
+    z1, z2, labels = _inputs(n, d)
+
+    def step():
+        loss = fastcon.soft_contrastive_loss(z1, z2, labels, temperature=0.1, backend=backend)
+        torch.autograd.grad(loss, (z1, z2))
+
+    step()  # warm-up: extension, thread pool, allocator
+    times, cpu_times = [], []
+
+    def timed():
+        t, c = time.perf_counter(), time.process_time()
+        step()
+        times.append(time.perf_counter() - t)
+        cpu_times.append(time.process_time() - c)
+
+    benchmark.pedantic(timed, rounds=ROUNDS[n], iterations=1)
+    best = min(times)
+    _best_cpu[(n, d, backend)] = min(cpu_times)
+    _best_time[(n, d, backend)] = best
+    gflops = 6.0 * n * n * d / best / 1e9
+    mm = matmul_gflops(n, d)
+    info = dict(
+        backend=backend,
+        threads=torch.get_num_threads(),
+        cpu_seconds=round(min(cpu_times), 4),
+        peak_mib=round(peak_mib(step), 1),
+        gflops=round(gflops, 1),
+        matmul_gflops=round(mm, 1),
+        fraction_of_matmul=round(gflops / mm, 3),
+    )
+    if backend == "cpu":
+        ref = _best_time.get((n, d, "reference"))
+        if n > REFERENCE_MAX_N:
+            info["reference"] = "excluded (memory)"
+        elif ref is not None:
+            info["speedup_vs_reference"] = round(ref / best, 2)
+            info["cpu_time_ratio_vs_reference"] = round(_best_cpu[(n, d, "reference")] / min(cpu_times), 2)
+    record(**info)
