@@ -164,7 +164,7 @@ def build_networks(cfg: Config, bands, device):
     student.to(device)
     if teacher is not None:
         teacher.to(device)
-    if is_cnn(cfg) and m.channels_last:
+    if channels_last(cfg, device):
         student.to(memory_format=torch.channels_last)
         if teacher is not None:
             teacher.to(memory_format=torch.channels_last)
@@ -173,6 +173,15 @@ def build_networks(cfg: Config, bands, device):
 
 def is_cnn(cfg: Config) -> bool:
     return cfg.model.name.startswith("resnet")
+
+
+def channels_last(cfg: Config, device: torch.device) -> bool:
+    """NHWC for CNNs: tensor-core convolutions on GPUs; "auto" keeps NCHW on CPUs, where
+    PyTorch's channels_last BatchNorm is several times slower."""
+    if cfg.model.channels_last not in ("auto", True, False):
+        raise ValueError(f"model.channels_last must be auto, true or false; got {cfg.model.channels_last!r}")
+    want = device.type == "cuda" if cfg.model.channels_last == "auto" else cfg.model.channels_last
+    return is_cnn(cfg) and want
 
 
 def build_optimizer(cfg: Config, student: nn.Module, device):
@@ -244,15 +253,14 @@ def compute_losses(run: Run, batch: dict, micro: int) -> dict:
     dev = info.device
     view1 = batch["view1"].to(dev, non_blocking=True)
     view2 = batch["view2"].to(dev, non_blocking=True)
-    if is_cnn(cfg) and cfg.model.channels_last:
+    if channels_last(cfg, dev):
         view1 = view1.contiguous(memory_format=torch.channels_last)
         view2 = view2.contiguous(memory_format=torch.channels_last)
     # masks and noise: streams fixed by (seed, step, micro-batch, rank), the same after a resume
     key = (cfg.run.seed, run.step, micro, info.rank)
     mask_gen = step_generator(*key, "mask", device=dev)
-    autocast = torch.autocast(
-        dev.type, dtype=run.autocast_dtype or torch.float32, enabled=run.autocast_dtype is not None
-    )
+    bf16 = run.autocast_dtype is not None
+    autocast = torch.autocast(dev.type, dtype=run.autocast_dtype) if bf16 else contextlib.nullcontext()
     t0 = time.perf_counter()
     if cfg.method == "softcon":
         s = cfg.softcon

@@ -35,7 +35,7 @@ DEFAULTS = {
     "method": "softcon",
     "optim": {"lr": 1.0e-4, "betas": [0.9, 0.95], "clip": 3.0},
     "train": {"steps": 100, "stop_at": None, "skip": False},
-    "model": {"name": "vit", "timm_kwargs": {}},
+    "model": {"name": "vit", "timm_kwargs": {}, "fused": "auto"},
 }
 
 
@@ -62,6 +62,12 @@ def test_config_int_where_float_expected_becomes_float():
     cfg = load_config(None, ["optim.clip=1"], defaults=DEFAULTS)
     assert cfg.optim.clip == 1.0
     assert isinstance(cfg.optim.clip, float)
+
+
+def test_config_auto_keys_take_booleans():
+    assert load_config(None, ["model.fused=true"], defaults=DEFAULTS).model.fused is True
+    with pytest.raises(ConfigError, match="model.name must be a string"):
+        load_config(None, ["model.name=true"], defaults=DEFAULTS)
 
 
 def test_config_null_allowed_everywhere():

@@ -10,8 +10,9 @@ A run's configuration is three layers, later ones winning:
 
 A key that is not in the defaults is an error naming the closest known key, so a typo never
 silently does nothing. Values must have the default's type (an int where a float is expected is
-fine; ``null`` is allowed everywhere and means "off" / "automatic"). A mapping whose default is
-empty (``{}``) is open: any keys go (e.g. extra keyword arguments for timm).
+fine; ``null`` is allowed everywhere and means "off" / "automatic"; a key whose default is
+``auto`` also takes ``true`` / ``false``). A mapping whose default is empty (``{}``) is open: any
+keys go (e.g. extra keyword arguments for timm).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _coerce(key: str, value, default):
             except ValueError:
                 pass
     elif isinstance(default, str):
-        if isinstance(value, str):
+        if isinstance(value, str) or (default == "auto" and isinstance(value, bool)):
             return value
     elif isinstance(default, list):
         if isinstance(value, (list, tuple)):
