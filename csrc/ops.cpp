@@ -19,11 +19,8 @@ namespace fastcon {
 // GPU architectures the CUDA kernels were compiled for, comma separated ("" without CUDA).
 std::string build_info() { return FASTCON_CUDA_ARCHS; }
 
-// The SIMD level the CPU kernels use on this machine (chosen at run time).
+// The SIMD level the CPU kernels run at: chosen at run time, capped by FASTCON_CPU_ISA.
 std::string cpu_capability();
-
-// The SIMD level of the CPU diffusion kernels (csrc/cpu/bindings.cpp).
-std::string diffusion_cpu_isa();
 
 }  // namespace fastcon
 
@@ -83,8 +80,6 @@ TORCH_LIBRARY(fastcon, m) {
   m.def(
       "diffusion_loss_backward(Tensor grad_sse, Tensor pred, Tensor x0, Tensor coef_x0, Tensor coef_noise, "
       "Tensor? noise, int seed, int target) -> Tensor grad_pred");
-  // The SIMD level the CPU diffusion kernels run at (FASTCON_CPU_ISA caps it).
-  m.def("diffusion_cpu_isa() -> str", &fastcon::diffusion_cpu_isa);
 }
 
 FASTCON_PYTHON_MODULE(_C)

@@ -6,8 +6,10 @@ Public API
 - ``NoiseSchedule``: DDPM noise schedules with fused, seeded forward noising and loss (SwiMDiff)
 - ``backends()``: which of reference / cpu / triton / cuda can run here, and why
 - ``siamese_mask`` / ``unmask`` / ``mask_image``: Siamese masking of patch tokens (and images)
+- ``distributed``: the loss over a torch.distributed process group (``group=`` argument)
 """
 
+from fastcon import distributed
 from fastcon._backends import BackendError, BackendInfo, backends
 from fastcon.diffusion import NoiseSchedule
 from fastcon.masking import mask_image, siamese_mask, unmask
@@ -21,6 +23,7 @@ __all__ = [
     "NoiseSchedule",
     "SoftContrastiveLoss",
     "backends",
+    "distributed",
     "mask_image",
     "siamese_mask",
     "soft_contrastive_loss",

@@ -155,6 +155,21 @@ def sc_core_backward(u, v, row_ids, col_ids, row_offset, scale, bias, logit_boun
     return w @ v, w.T @ u, w.sum(dim=1)
 
 
+class DenseCore:
+    """The kernel contract above as a "core" object (kernel_dtype / forward / backward), the
+    interface every fused backend provides to the loss's autograd Function: lets the Function's
+    algebra run without a kernel (tests; backend="reference" on a process group)."""
+
+    def kernel_dtype(self, dtype):
+        return dtype
+
+    def forward(self, *args):
+        return sc_core_forward(*args)
+
+    def backward(self, *args):
+        return sc_core_backward(*args)
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Siamese masking
 #

@@ -27,6 +27,7 @@ from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
 LOSSES = ("softmax", "sigmoid")
 REDUCTIONS = ("mean", "sum", "none")
 SCENE_MODES = ("positive", "ignore")
+DISTRIBUTED_MODES = ("gather", "ring")
 _EPS = 1e-12  # the norm floor of the spec: u = z / max(||z||, 1e-12)
 
 
@@ -99,43 +100,163 @@ def _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight
 class Targets:
     """The target similarity T through its off-diagonal formula T~ (T = T~ off the positive
     diagonal, 1 on it; T~_ii = nn_i). ``apply(x)_i = sum_j T~_ij x_j`` for x of shape (N,) or (N, K).
-    Labels ``None`` is T~ = 0, so every formula below also covers plain InfoNCE."""
+    Labels ``None`` is T~ = 0, so every formula below also covers plain InfoNCE.
 
-    def __init__(self, labels: torch.Tensor | None, n: int, acc: torch.dtype, device):
+    Each sum is a projection onto the classes (``lhat^T x``, C x K) or the scenes (per-scene sums),
+    then a lift back to the rows. With a ``reducer`` (fastcon.distributed) the rows are this rank's
+    samples and j runs over the global batch: the reducer sums the projections over the ranks
+    (``all_reduce`` of the C x K sums; per-scene sums with ``scene_index`` / ``scene_sum``)."""
+
+    def __init__(self, labels: torch.Tensor | None, n: int, acc: torch.dtype, device, reducer=None):
         self.kind = "none" if labels is None else ("scene" if labels.dim() == 1 else "labels")
+        self._reduce = None
         if self.kind == "labels":
             l = labels.to(acc)
             norm = l.norm(dim=1, keepdim=True)
             self.lhat = torch.where(norm > 0, l / norm.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(l))
             self.nn = (self.lhat * self.lhat).sum(dim=1)
+            self._reduce = None if reducer is None else reducer.all_reduce
         elif self.kind == "scene":
-            _, self.inverse = torch.unique(labels, return_inverse=True)
-            self.num_scenes = int(self.inverse.max()) + 1
+            if reducer is None:
+                _, self.inverse = torch.unique(labels, return_inverse=True)
+                self.num_scenes = int(self.inverse.max()) + 1
+            else:
+                self.inverse, self.num_scenes = reducer.scene_index(labels)
+                self._reduce = reducer.scene_sum
             self.nn = torch.ones(n, dtype=acc, device=device)
         else:
             self.nn = torch.zeros(n, dtype=acc, device=device)
 
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "labels":
+            return self.lhat.T @ x
+        return x.new_zeros((self.num_scenes, *x.shape[1:])).index_add_(0, self.inverse, x)
+
+    def _lift(self, p: torch.Tensor) -> torch.Tensor:
+        return self.lhat @ p if self.kind == "labels" else p[self.inverse]
+
     def apply(self, x: torch.Tensor) -> torch.Tensor | None:
         """sum_j T~_ij x_j; None stands for zeros (no labels)."""
-        if self.kind == "labels":
-            return self.lhat @ (self.lhat.T @ x)
-        if self.kind == "scene":
-            sums = x.new_zeros((self.num_scenes, *x.shape[1:])).index_add_(0, self.inverse, x)
-            return sums[self.inverse]
-        return None
+        if self.kind == "none":
+            return None
+        p = self._project(x)
+        return self._lift(p if self._reduce is None else self._reduce(p))
 
     def full(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """sum_j T_ij (w_j x_j) with the true diagonal T_ii = 1, for x (N, D) and optional w (N,)."""
-        wx = x if w is None else w[:, None] * x
+        """sum_j T_ij (w_j x_j) with the true diagonal T_ii = 1, for x (N,) or (N, D) and optional w (N,)."""
+        wx = _weighted(x, w)
         off = self.apply(wx)
-        diag = (1 - self.nn)[:, None] * wx
+        diag = _weighted(wx, 1 - self.nn)
         return diag if off is None else off.add_(diag)
+
+    def full_many(self, items):
+        """``full(x, w)`` for each (x, w) in items, yielded one at a time. With a reducer, the
+        projections of all items are summed over the ranks in one communication; without one,
+        each is computed only when the caller asks for it (no extra memory)."""
+        if self._reduce is None:
+            for x, w in items:
+                yield self.full(x, w)
+            return
+        projs = [self._project(_weighted(x, w)) for x, w in items]
+        widths = [p[0].numel() for p in projs]
+        total = self._reduce(torch.cat([p.reshape(p.shape[0], -1) for p in projs], dim=1))
+        del projs
+        for (x, w), chunk in zip(items, total.split(widths, dim=1)):
+            wx = _weighted(x, w)
+            off = self._lift(chunk.reshape(chunk.shape[0], *x.shape[1:]))
+            yield off.add_(_weighted(wx, 1 - self.nn))
 
     def row_sums(self) -> torch.Tensor:
         """R_i = sum_j T_ij."""
         ones = torch.ones_like(self.nn)
         off = self.apply(ones)
         return (1 - self.nn) + (0 if off is None else off)
+
+
+def _weighted(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """w_i x_i for x (N,) or (N, K)."""
+    if w is None:
+        return x
+    return w * x if x.dim() == 1 else w[:, None] * x
+
+
+# --------------------------------------------------------------------------------------------
+# the algebra around the kernel pass, shared by the single-process Function and the distributed
+# one (fastcon.distributed): rows are the local samples, column sums run over the whole batch
+
+
+def _normalize(z1, z2, normalize: bool, kdt: torch.dtype, acc: torch.dtype):
+    """Unit rows in the accumulation dtype, handed to the kernel in its storage dtype ``kdt``.
+    Returns (uk, vk) for the kernel, (u, v) = the values the kernel sees in ``acc`` (for the target
+    terms), and the row norms (None without normalisation) for the backward."""
+    z1a, z2a = z1.to(acc), z2.to(acc)
+    if normalize:
+        n1 = z1a.norm(dim=1).clamp_min_(_EPS)
+        n2 = z2a.norm(dim=1).clamp_min_(_EPS)
+        z1a, z2a = z1a / n1[:, None], z2a / n2[:, None]
+    else:
+        n1 = n2 = None
+    uk, vk = z1a.to(kdt).contiguous(), z2a.to(kdt).contiguous()
+    return uk, vk, uk.to(acc), vk.to(acc), n1, n2
+
+
+def _per_sample_losses(mode, need_col, hw, scale, bias_v, u, v, row, col, t: Targets):
+    """Per-sample losses from the kernel statistics (row / col log-sum-exps or softplus sums) and
+    the target sums. Returns (per-sample losses, target row sums R or None)."""
+    sd = _logit_dot(u, v, scale)  # s_ii, the positive logits
+    if mode == MODE_SOFTMAX_IGNORE:
+        per_a = row - sd
+        per_b = col - sd if need_col else None
+        r_sum = None
+    elif mode == MODE_SOFTMAX:
+        ones = torch.ones_like(t.nn)
+        sums = t.full_many([(ones, None), (v, None)] + ([(u, None)] if need_col else []))
+        r_sum = next(sums)
+        ts = _logit_dot(u, next(sums), scale)  # sum_j T_ij s_ij
+        per_a = row - hw * sd - (1 - hw) * ts / r_sum
+        if need_col:  # T is symmetric here: column sums equal row sums
+            tsc = _logit_dot(v, next(sums), scale)
+            per_b = col - hw * sd - (1 - hw) * tsc / r_sum
+        else:
+            per_b = None
+    else:  # sigmoid: sum_j T'_ij x_ij = hw x_ii + (1 - hw) (sum_j T_ij s_ij + bias R_i)
+        sums = t.full_many([(torch.ones_like(t.nn), None), (v, None)])
+        r_sum = next(sums)
+        ts = _logit_dot(u, next(sums), scale)
+        per_a = row - hw * (sd + bias_v) - (1 - hw) * (ts + bias_v * r_sum)
+        per_b = None
+    per = (per_a + per_b) / 2 if per_b is not None else per_a
+    return per, r_sum
+
+
+def _subtract_targets(mode, hw, g, h, r_sum, u, v, t: Targets, gu, gv) -> None:
+    """GU_i = sum_j G_ij v_j and GV_j = sum_i G_ij u_i, where G = dL/ds: the kernel gives the
+    softmax / sigmoid part in gu, gv; this subtracts the target part, in place."""
+    if mode == MODE_SOFTMAX_IGNORE:
+        gu.sub_((g + (h if h is not None else 0))[:, None] * v)
+        gv.sub_((g + (h if h is not None else 0))[:, None] * u)
+    elif mode == MODE_SOFTMAX:
+        # - g_i sum_j P'_ij v_j  and  - sum_i g_i P'_ij u_i
+        items = [(v, None), (u, g / r_sum)] + ([(v, h / r_sum), (u, None)] if h is not None else [])
+        sums = t.full_many(items)
+        gu.sub_(((1 - hw) * g / r_sum)[:, None] * next(sums)).sub_((hw * g)[:, None] * v)
+        gv.sub_((1 - hw) * next(sums)).sub_((hw * g)[:, None] * u)
+        if h is not None:  # - sum_j h_j Q'_ij v_j  and  - h_j sum_i Q'_ij u_i  (C_j = R_j)
+            gu.sub_((1 - hw) * next(sums)).sub_((hw * h)[:, None] * v)
+            gv.sub_(((1 - hw) * h / r_sum)[:, None] * next(sums)).sub_((hw * h)[:, None] * u)
+    else:  # sigmoid: G_ij = g_i (sigmoid(x_ij) - T'_ij)
+        sums = t.full_many([(v, None), (u, g)])
+        gu.sub_(((1 - hw) * g)[:, None] * next(sums)).sub_((hw * g)[:, None] * v)
+        gv.sub_((1 - hw) * next(sums)).sub_((hw * g)[:, None] * u)
+
+
+def _scalar_grads(scale, hw, g, r_sum, u, gu, wsum):
+    """(dL/dtau, dL/dbias) from this process's rows, before gu is scaled:
+    dL/dtau = -scale^2 * sum_ij G_ij (u_i . v_j) = -scale^2 * sum_i u_i . GU_i;
+    dL/dbias = sum_ij G_ij (sigmoid only; None otherwise)."""
+    d_tau = -(scale**2) * (u * gu).sum()
+    d_bias = None if r_sum is None else wsum.sum() - (g * (hw + (1 - hw) * r_sum)).sum()
+    return d_tau, d_bias
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,43 +274,14 @@ class _FusedSoftContrastive(torch.autograd.Function):
         mode = MODE_SIGMOID if loss == "sigmoid" else (MODE_SOFTMAX_IGNORE if scene_ignore else MODE_SOFTMAX)
         need_col = loss == "softmax" and symmetric
 
-        # normalise in the accumulation dtype, then hand the kernel its storage dtype
-        z1a, z2a = z1.to(acc), z2.to(acc)
-        if normalize:
-            n1 = z1a.norm(dim=1).clamp_min_(_EPS)
-            n2 = z2a.norm(dim=1).clamp_min_(_EPS)
-            z1a, z2a = z1a / n1[:, None], z2a / n2[:, None]
-        else:
-            n1 = n2 = None
         kdt = core.kernel_dtype(z1.dtype)
-        uk, vk = z1a.to(kdt).contiguous(), z2a.to(kdt).contiguous()
-        u, v = uk.to(acc), vk.to(acc)  # the values the kernel sees, for the target terms
-        del z1a, z2a
+        uk, vk, u, v, n1, n2 = _normalize(z1, z2, normalize, kdt, acc)
         ids = labels if scene_ignore else None
         bound = scale if normalize else 0.0  # |s_ij| <= 1/tau for unit vectors
 
         row, col = core.forward(uk, vk, ids, ids, 0, scale, bias_v, bound, mode, need_col)
         t = Targets(None if scene_ignore else labels, n, acc, z1.device)
-        sd = _logit_dot(u, v, scale)  # s_ii, the positive logits
-        if mode == MODE_SOFTMAX_IGNORE:
-            per_a = row - sd
-            per_b = col - sd if need_col else None
-            r_sum = None
-        elif mode == MODE_SOFTMAX:
-            r_sum = t.row_sums()
-            ts = _logit_dot(u, t.full(v), scale)  # sum_j T_ij s_ij
-            per_a = row - hard_weight * sd - (1 - hard_weight) * ts / r_sum
-            if need_col:  # T is symmetric here: column sums equal row sums
-                tsc = _logit_dot(v, t.full(u), scale)
-                per_b = col - hard_weight * sd - (1 - hard_weight) * tsc / r_sum
-            else:
-                per_b = None
-        else:  # sigmoid: sum_j T'_ij x_ij = hw x_ii + (1 - hw) (sum_j T_ij s_ij + bias R_i)
-            r_sum = t.row_sums()
-            ts = _logit_dot(u, t.full(v), scale)
-            per_a = row - hard_weight * (sd + bias_v) - (1 - hard_weight) * (ts + bias_v * r_sum)
-            per_b = None
-        per = (per_a + per_b) / 2 if per_b is not None else per_a
+        per, r_sum = _per_sample_losses(mode, need_col, hard_weight, scale, bias_v, u, v, row, col, t)
         out = per.mean() if reduction == "mean" else (per.sum() if reduction == "sum" else per)
 
         ctx.cfg = (mode, need_col, hard_weight, normalize, reduction, scale, bias_v, bound, kdt)
@@ -224,29 +316,16 @@ class _FusedSoftContrastive(torch.autograd.Function):
             uk, vk, ids, ids, 0, scale, bias_v, bound, mode, row, col if need_col else None, g, h
         )
         u, v = uk.to(acc), vk.to(acc)
-        # GU_i = sum_j G_ij v_j and GV_j = sum_i G_ij u_i, where G = dL/ds: kernel part minus targets
         gu, gv = ku, kv
-        if mode == MODE_SOFTMAX_IGNORE:
-            gu.sub_((g + (h if h is not None else 0))[:, None] * v)
-            gv.sub_((g + (h if h is not None else 0))[:, None] * u)
-        elif mode == MODE_SOFTMAX:
-            # - g_i sum_j P'_ij v_j  and  - sum_i g_i P'_ij u_i
-            gu.sub_(((1 - hw) * g / r_sum)[:, None] * t.full(v)).sub_((hw * g)[:, None] * v)
-            gv.sub_((1 - hw) * t.full(u, g / r_sum)).sub_((hw * g)[:, None] * u)
-            if h is not None:  # - sum_j h_j Q'_ij v_j  and  - h_j sum_i Q'_ij u_i  (C_j = R_j)
-                gu.sub_((1 - hw) * t.full(v, h / r_sum)).sub_((hw * h)[:, None] * v)
-                gv.sub_(((1 - hw) * h / r_sum)[:, None] * t.full(u)).sub_((hw * h)[:, None] * u)
-        else:  # sigmoid: G_ij = g_i (sigmoid(x_ij) - T'_ij)
-            gu.sub_(((1 - hw) * g)[:, None] * t.full(v)).sub_((hw * g)[:, None] * v)
-            gv.sub_((1 - hw) * t.full(u, g)).sub_((hw * g)[:, None] * u)
+        _subtract_targets(mode, hw, g, h, r_sum, u, v, t, gu, gv)
 
         z_dtype, tau_meta, bias_meta = ctx.metas
         need_z1, need_z2, need_tau, need_bias = ctx.needs_input_grad[:4]
         d_tau = d_bias = None
-        if need_tau:  # dL/dtau = -scale^2 * sum_ij G_ij (u_i . v_j) = -scale^2 * sum_i u_i . GU_i
-            d_tau = (-(scale**2) * (u * gu).sum()).to(dtype=tau_meta[0], device=tau_meta[1])
-        if need_bias:  # dL/dbias = sum_ij G_ij
-            d_bias = (wsum.sum() - (g * (hw + (1 - hw) * r_sum)).sum()).to(dtype=bias_meta[0], device=bias_meta[1])
+        if need_tau or need_bias:
+            d_tau, d_bias = _scalar_grads(scale, hw, g, r_sum, u, gu, wsum)
+            d_tau = d_tau.to(dtype=tau_meta[0], device=tau_meta[1]) if need_tau else None
+            d_bias = d_bias.to(dtype=bias_meta[0], device=bias_meta[1]) if need_bias else None
         d_z1 = _norm_backward(gu.mul_(scale), u, n1) if need_z1 else None
         d_z2 = _norm_backward(gv.mul_(scale), v, n2) if need_z2 else None
         return (
@@ -339,6 +418,8 @@ def soft_contrastive_loss(
     normalize: bool = True,
     reduction: str = "mean",
     backend: str = "auto",
+    group=None,
+    distributed: str = "gather",
 ) -> torch.Tensor:
     """Soft-target contrastive loss between two views, fused so that no N x N matrix is stored.
 
@@ -356,11 +437,29 @@ def soft_contrastive_loss(
         normalize: L2-normalise the embeddings first.
         reduction: "mean", "sum" or "none" (per-sample losses, shape (N,)).
         backend: "auto", "reference", "cpu", "triton" or "cuda" (see ``fastcon.backends()``).
+        group: None for one process; a ``torch.distributed`` ProcessGroup (``True`` or
+            ``fastcon.distributed.WORLD`` for the default group) to compute the loss of the
+            global batch, every rank passing its own N local rows (N equal on all ranks).
+        distributed: with a group, "gather" (all-gather z2; O(W N (D + C)) memory per rank) or
+            "ring" (z2 blocks circulate; O(N (D + C)) per rank, any world size W). No effect
+            without a group.
 
     Returns: the loss in fp32 (fp64 for fp64 inputs); gradients flow to z1, z2 and to tensor
-    temperature / bias.
+    temperature / bias. With a group: every rank gets the loss of the global batch (its own
+    samples' per-sample losses for reduction="none") and the exact gradient rows of its samples;
+    temperature and bias get 1 / W of their gradient on each rank (DDP averages: scale the loss
+    by W for single-process gradients; see fastcon.distributed).
     """
     _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction)
+    _checks.choice("distributed", distributed, DISTRIBUTED_MODES)
+    if group is not None:
+        from fastcon import distributed as dist_loss
+
+        return dist_loss.soft_contrastive_loss(
+            z1, z2, labels, temperature=temperature, loss=loss, symmetric=symmetric, scene_mode=scene_mode,
+            hard_weight=hard_weight, bias=bias, normalize=normalize, reduction=reduction, backend=backend,
+            group=group, mode=distributed,
+        )  # fmt: skip
     name, core = _backends.select("soft_contrastive", backend, z1.device)
     if core is not None:
         core.kernel_dtype(z1.dtype)  # a backend without kernels for this dtype says so before any work
@@ -390,6 +489,8 @@ class SoftContrastiveLoss(nn.Module):
 
     A learnable temperature is stored as ``log_scale = log(1 / tau)`` (as in CLIP / SigLIP) so
     that it stays positive; ``max_scale`` clamps 1 / tau from above (CLIP uses 100).
+    ``group`` / ``distributed``: the loss of the global batch over a process group (see
+    ``soft_contrastive_loss``); under DDP, scale the loss by the world size before backward.
     """
 
     def __init__(
@@ -407,6 +508,8 @@ class SoftContrastiveLoss(nn.Module):
         normalize: bool = True,
         reduction: str = "mean",
         backend: str = "auto",
+        group=None,
+        distributed: str = "gather",
     ):
         super().__init__()
         _checks.real("temperature", temperature, low=0.0, low_open=True)
@@ -435,14 +538,20 @@ class SoftContrastiveLoss(nn.Module):
             normalize=normalize,
             reduction=reduction,
             backend=backend,
+            distributed=distributed,
         )
+        self.group = group  # a ProcessGroup is not an option to print or copy
 
     @property
     def temperature(self) -> torch.Tensor:
         return 1.0 / self.log_scale.clamp(max=math.log(self.max_scale)).exp()
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return soft_contrastive_loss(z1, z2, labels, temperature=self.temperature, bias=self.bias, **self.options)
+        return soft_contrastive_loss(
+            z1, z2, labels, temperature=self.temperature, bias=self.bias, group=self.group, **self.options
+        )
 
     def extra_repr(self) -> str:
-        return f"temperature={float(self.temperature):.4g}, " + ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"temperature={float(self.temperature.detach()):.4g}, " + ", ".join(
+            f"{k}={v!r}" for k, v in self.options.items()
+        )

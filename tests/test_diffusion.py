@@ -173,7 +173,7 @@ def test_cpu_simd_levels_give_identical_bits(level, monkeypatch):
 
     best_out = run()
     monkeypatch.setenv("FASTCON_CPU_ISA", level)
-    assert ops.diffusion_cpu_isa() == SIMD_LEVELS[level]
+    assert ops.cpu_capability() == SIMD_LEVELS[level]
     for i, (x, y) in enumerate(zip(run(), best_out)):
         assert torch.equal(x, y), f"output {i} differs between {level} and {best}"
 

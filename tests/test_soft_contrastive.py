@@ -213,19 +213,6 @@ def test_kernel_contract_without_column_weights(backend):
 # 2. the Function's target algebra, kernel-free
 
 
-class DenseCore:
-    """The kernel contract computed densely: isolates the Function's low-rank algebra."""
-
-    def kernel_dtype(self, dtype):
-        return dtype
-
-    def forward(self, *args):
-        return reference.sc_core_forward(*args)
-
-    def backward(self, *args):
-        return reference.sc_core_backward(*args)
-
-
 def _option_grid():
     for labels, lossconf, hw, norm, learn, red in itertools.product(
         LABEL_KINDS + ["scene_ignore"],
@@ -273,7 +260,7 @@ def test_function_algebra_all_options_float64():
                 k["reduction"],
                 k.get("scene_mode") == "ignore",
             )
-            return _FusedSoftContrastive.apply(a, b, tau, bias, lab, cfg, DenseCore())
+            return _FusedSoftContrastive.apply(a, b, tau, bias, lab, cfg, reference.DenseCore())
 
         out, grads = loss_and_grads(
             via_dense_core, z1, z2, labels, kw, dtype=torch.float64, device="cpu",

@@ -15,7 +15,7 @@
 
 namespace fastcon {
 
-std::string cpu_capability() { return cpu::isa_name(cpu::detect_isa()); }
+std::string cpu_capability() { return cpu::isa_name(cpu::active_isa()); }
 
 }  // namespace fastcon
 
@@ -399,7 +399,6 @@ at::Tensor loss_backward(const at::Tensor& grad_sse, const at::Tensor& pred, con
 }  // namespace fastcon::diffusion_cpu
 
 namespace fastcon {
-std::string diffusion_cpu_isa() { return cpu::diffusion::isa(); }
 }  // namespace fastcon
 
 TORCH_LIBRARY_IMPL(fastcon, CPU, m) {

@@ -356,33 +356,9 @@ struct V {
 #pragma GCC pop_options
 
 // ================================================================================================
-// run-time choice of the level
+// run-time choice of the level (cpu::active_isa, csrc/cpu/simd.h)
 
-namespace {
 
-Isa active_isa() {
-  Isa best = detect_isa();
-  const char* cap = std::getenv("FASTCON_CPU_ISA");
-  if (cap != nullptr && *cap != '\0') {
-    const std::string c(cap);
-    Isa want;
-    if (c == "scalar") {
-      want = Isa::kScalar;
-    } else if (c == "avx2") {
-      want = Isa::kAvx2;
-    } else if (c == "avx512") {
-      want = Isa::kAvx512;
-    } else {
-      throw std::invalid_argument("FASTCON_CPU_ISA must be scalar, avx2 or avx512, got '" + c + "'");
-    }
-    if (static_cast<int>(want) < static_cast<int>(best)) best = want;
-  }
-  return best;
-}
-
-}  // namespace
-
-const char* isa() { return isa_name(active_isa()); }
 
 void q_sample(const Batch& batch, void* x_t) {
   switch (active_isa()) {

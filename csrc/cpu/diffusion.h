@@ -44,8 +44,4 @@ void philox_words(const int64_t* counter, int64_t n, uint64_t seed, int64_t* out
 // out[i] = the seeded normal of flat element index[i].
 void philox_normal(const int64_t* index, int64_t n, uint64_t seed, float* out, int num_threads);
 
-// The SIMD level the kernels use now: the machine's best, capped by the environment variable
-// FASTCON_CPU_ISA (scalar | avx2 | avx512), which tests use to compare the levels.
-const char* isa();
-
 }  // namespace fastcon::cpu::diffusion

@@ -148,18 +148,6 @@ struct RowOps {
   void (*stream_zero)(void*, size_t);
 };
 
-// FASTCON_CPU_ISA=scalar|avx2 caps the instruction set, so that tests can run every path on
-// one machine; by default the best one the CPU has.
-Isa masking_isa() {
-  static const Isa isa = [] {
-    Isa best = detect_isa();
-    const char* cap = std::getenv("FASTCON_CPU_ISA");
-    if (cap != nullptr && std::string(cap) == "scalar") return Isa::kScalar;
-    if (cap != nullptr && std::string(cap) == "avx2" && best == Isa::kAvx512) return Isa::kAvx2;
-    return best;
-  }();
-  return isa;
-}
 
 #define FASTCON_ROW_OPS(ns)                                                                                  \
   RowOps<T> {                                                                                                \
@@ -170,7 +158,7 @@ Isa masking_isa() {
 template <class T>
 const RowOps<T>& row_ops() {
   static const RowOps<T> ops = [] {
-    switch (masking_isa()) {
+    switch (active_isa()) {
 #ifdef FASTCON_MASKING_X86
       case Isa::kAvx512: return FASTCON_ROW_OPS(avx512);
       case Isa::kAvx2: return FASTCON_ROW_OPS(avx2);

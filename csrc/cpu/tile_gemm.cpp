@@ -209,11 +209,7 @@ void gemm_builtin(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T
 
 }  // namespace
 
-bool avx512_enabled() {
-  static const bool cpu_has = detect_isa() == Isa::kAvx512;
-  const char* env = std::getenv("FASTCON_CPU_ISA");
-  return cpu_has && !(env && std::strcmp(env, "scalar") == 0);
-}
+bool avx512_enabled() { return active_isa() == Isa::kAvx512; }
 
 const char* tile_gemm_backend(bool is_double) {
   if (builtin_forced()) return "builtin";

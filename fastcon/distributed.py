@@ -1,0 +1,452 @@
+"""The soft contrastive loss over a ``torch.distributed`` process group (SPEC section 4).
+
+Every rank holds its ``n`` local rows of z1, z2 and labels; the loss and the gradients are those
+of the single-process loss over the global batch of ``W * n`` rows (rank order). Rank r's rows
+are scored against all global columns with the fused kernels' row offset (the positive of local
+row i is global column ``r * n + i``), so nothing of size N x N exists anywhere.
+
+Two ways to bring the columns to the rows:
+
+- ``"gather"``: all-gather z2 (in the kernel's storage dtype), one kernel pass of n local rows
+  against the N = W * n global columns; the column log-sum-exps of the symmetric loss are
+  combined exactly across ranks (max-shifted log-sum-exp all-reduce), and backward
+  reduce-scatters the column gradients to their owners. Per rank O(N * D + n * C) memory, and
+  the fewest, largest messages: the fast choice while the gathered N x D fits.
+- ``"ring"`` (Inf-CL style): the z2 blocks circulate with ``isend`` / ``irecv``; each rank scores
+  its rows against one visiting block at a time while the next block arrives. The column
+  statistics (forward) and column gradients (backward) of a block travel with it and reach its
+  owner complete after a full turn. At most two remote blocks are resident: per rank
+  O(n * (D + C)) memory whatever the world size, at the price of W sequential steps.
+
+The target terms need no N x N pass either (SPEC section 5): the (C x D) label sums and the
+per-scene sums are summed over the ranks (all-reduce of the C x D sums; per-scene sums by
+global scene index (gather) or by circulating each rank's scene table (ring)).
+
+Gradient convention (see ``soft_contrastive_loss``): on every rank the loss value and the
+z1 / z2 gradient rows equal the single-process ones; temperature and bias, which every rank
+holds a replica of, get 1 / W of the single-process gradient on each rank, so that every
+gradient is this rank's share of the global one and the shares sum to it. DDP averages
+gradients over ranks: call ``(loss * world_size).backward()`` to get the single-process
+gradient for every parameter, or leave the loss unscaled for a uniform 1 / W.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fastcon import _backends, reference
+from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
+from fastcon.soft_contrastive import (
+    DISTRIBUTED_MODES,
+    LOSSES,
+    REDUCTIONS,
+    SCENE_MODES,
+    Targets,
+    _norm_backward,
+    _normalize,
+    _per_sample_losses,
+    _scalar_grads,
+    _subtract_targets,
+)
+
+MODES = DISTRIBUTED_MODES
+
+
+class _World:
+    """``fastcon.distributed.WORLD``: the default process group, resolved when the loss runs."""
+
+    def __repr__(self) -> str:
+        return "fastcon.distributed.WORLD"
+
+
+WORLD = _World()
+
+# p2p message channels: a ring step may have a block and an accumulator in flight between the
+# same two ranks; gloo matches messages by tag (NCCL by posting order, which is the same on all ranks)
+_TAG_BLOCK, _TAG_ACC, _TAG_SCENE = 11, 12, 13
+
+# recent torch names the single-tensor collectives *_single, older versions *_into_tensor / *_tensor
+# (getattr: a torch built without distributed support still imports fastcon)
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks
+
+
+def resolve_group(group):
+    """``group`` as a ProcessGroup: ``True`` or ``WORLD`` is the default group."""
+    if not dist.is_available():
+        raise ValueError("group: this build of torch has no torch.distributed support; pass group=None")
+    if group is True or group is WORLD:
+        if not dist.is_initialized():
+            raise ValueError(
+                "group=True needs torch.distributed to be initialised: call torch.distributed.init_process_group() "
+                "first (under torchrun), or pass group=None for a single process"
+            )
+        return dist.group.WORLD
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    raise TypeError(
+        f"group must be None, True, fastcon.distributed.WORLD or a torch.distributed.ProcessGroup, "
+        f"got {type(group).__name__}"
+    )
+
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_same_on_all_ranks(comm, z1, labels, opts: dict) -> None:
+    """One small all-gather: the local batch size, feature size, dtype, label kind and options
+    must agree on every rank (else the global loss is undefined, or a collective would hang)."""
+    kind = 0 if labels is None else (1 if labels.dim() == 1 else 2)
+    fields = {
+        "local batch size (rows of z1)": z1.shape[0],
+        "feature size D (columns of z1)": z1.shape[1],
+        "z1 dtype": _DTYPES.index(z1.dtype),
+        "labels kind (0 None, 1 scene ids, 2 multi-label)": kind,
+        "number of label classes C": labels.shape[1] if kind == 2 else 0,
+    }
+    fields.update(opts)
+    mine = torch.tensor([float(v) for v in fields.values()], dtype=torch.float64, device=z1.device)
+    every = comm.all_gather(mine[None]).cpu()
+    for k, name in enumerate(fields):
+        values = every[:, k].tolist()
+        if any(x != values[0] for x in values):
+            if name == "z1 dtype":
+                values = [str(_DTYPES[int(x)]) for x in values]
+            elif all(float(x).is_integer() for x in values):
+                values = [int(x) for x in values]
+            raise ValueError(
+                f"{name} must be equal on all ranks of the group, got {values} on ranks 0..{comm.world - 1}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# the process group seen from one rank
+
+
+class _Transfer:
+    """A ring shift in flight: ``wait()`` returns the received tensors. Holds the sent tensors
+    until then (they must not be freed or modified while the send is in flight)."""
+
+    def __init__(self, works, sent, received):
+        self.works, self.sent, self.received = works, sent, received
+
+    def wait(self) -> list[torch.Tensor]:
+        for w in self.works:
+            w.wait()
+        self.works, self.sent = [], None
+        return self.received
+
+
+class _Comm:
+    def __init__(self, group):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of the group")
+        self.world = dist.get_world_size(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.world)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world)
+
+    def all_reduce(self, x: torch.Tensor, op=None) -> torch.Tensor:
+        x = x.contiguous()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty((self.world * x.shape[0], *x.shape[1:]))
+        _all_gather_single(out, x.contiguous(), group=self.group)
+        return out
+
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty((x.shape[0] // self.world, *x.shape[1:]))
+        _reduce_scatter_single(out, x.contiguous(), group=self.group)
+        return out
+
+    def logsumexp(self, x: torch.Tensor) -> torch.Tensor:
+        """log sum_ranks exp(x), elementwise and exact: the max first, then the shifted sums."""
+        m = self.all_reduce(x.clone(), dist.ReduceOp.MAX)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf: exp(-inf) = 0 -> -inf
+        return m + self.all_reduce((x - m).exp_()).log_()
+
+    def shift(self, tensors: list[torch.Tensor], tag: int) -> _Transfer:
+        """Send ``tensors`` to the next rank and receive the previous rank's (same shapes), async."""
+        if self.world == 1:
+            return _Transfer([], None, list(tensors))
+        received = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, tag) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, r, self.prev, self.group, tag) for r in received]
+        return _Transfer(dist.batch_isend_irecv(ops), tensors, received)
+
+
+# --------------------------------------------------------------------------------------------
+# global target sums (the reducer of fastcon.soft_contrastive.Targets)
+
+
+class _GatherTargetSums:
+    """Scene index over the all-gathered scene ids (O(N) ints); per-scene sums all-reduced."""
+
+    def __init__(self, comm: _Comm):
+        self.comm = comm
+
+    def all_reduce(self, p: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(p)
+
+    def scene_index(self, ids: torch.Tensor):
+        every = self.comm.all_gather(ids.to(torch.int64))
+        _, inverse = torch.unique(every, return_inverse=True)
+        n = ids.shape[0]
+        return inverse[self.comm.rank * n : (self.comm.rank + 1) * n], int(inverse.max()) + 1
+
+    def scene_sum(self, table: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(table)
+
+
+class _RingTargetSums(_GatherTargetSums):
+    """Per-scene sums over the scenes present on this rank only (at most n of them): each
+    rank's scene table circulates once around the ring and every rank adds the rows of the
+    scenes it has. O(n * K) memory whatever the world size; the C x D label sums are all-reduced."""
+
+    def scene_index(self, ids: torch.Tensor):
+        self.keys, inverse = torch.unique(ids.to(torch.int64), return_inverse=True)  # sorted
+        # tables travel padded to n rows (equal message sizes): pad keys repeat the last key, pad rows are 0
+        n = ids.shape[0]
+        self.padded_keys = torch.cat([self.keys, self.keys[-1:].expand(n - self.keys.numel())])
+        return inverse, self.keys.numel()
+
+    def scene_sum(self, table: torch.Tensor) -> torch.Tensor:
+        n, k = self.padded_keys.numel(), self.keys.numel()
+        out = table.clone()
+        keys, rows = self.padded_keys, torch.cat([table, table.new_zeros((n - k, *table.shape[1:]))])
+        for _ in range(self.comm.world - 1):
+            keys, rows = self.comm.shift([keys, rows], _TAG_SCENE).wait()
+            pos = torch.searchsorted(self.keys, keys).clamp_(max=k - 1)
+            hit = self.keys[pos] == keys
+            out.index_add_(0, pos[hit], rows[hit])
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# the kernel pass: local rows against the global columns
+
+
+class _GatherPass:
+    """One kernel call of the local rows against the all-gathered columns."""
+
+    def __init__(self, comm: _Comm, core):
+        self.comm, self.core = comm, core
+        self.targets = _GatherTargetSums(comm)
+
+    def forward(self, uk, vk, ids, scale, bias_v, bound, mode, need_col, acc):
+        comm, n = self.comm, uk.shape[0]
+        v_all = comm.all_gather(vk)
+        ids_all = comm.all_gather(ids) if ids is not None else None
+        row, col_part = self.core.forward(uk, v_all, ids, ids_all, comm.rank * n, scale, bias_v, bound, mode, need_col)
+        col_all = comm.logsumexp(col_part.to(acc)) if need_col else None
+        col = col_all[comm.rank * n : (comm.rank + 1) * n] if need_col else None
+        return row.to(acc), col, [v_all, ids_all, col_all]
+
+    def backward(self, saved, uk, vk, ids, scale, bias_v, bound, mode, row, col, g, h, acc):
+        comm, n = self.comm, uk.shape[0]
+        v_all, ids_all, col_all = saved
+        h_all = comm.all_gather(h) if h is not None else None
+        ku, kv_all, wsum = self.core.backward(
+            uk, v_all, ids, ids_all, comm.rank * n, scale, bias_v, bound, mode, row, col_all, g, h_all
+        )
+        return ku.to(acc), comm.reduce_scatter(kv_all.to(acc)), wsum.to(acc)
+
+
+class _RingPass:
+    """W steps; at step k the rows meet the block of rank (r - k) mod W, while the next block is
+    in flight. Column accumulators travel with their block and reach the owner after a full turn."""
+
+    def __init__(self, comm: _Comm, core):
+        self.comm, self.core = comm, core
+        self.targets = _RingTargetSums(comm)
+
+    def forward(self, uk, vk, ids, scale, bias_v, bound, mode, need_col, acc):
+        comm, core, n = self.comm, self.core, uk.shape[0]
+        block = [vk] + ([ids] if ids is not None else [])
+        row = col_acc = None
+        for k in range(comm.world):
+            src = (comm.rank - k) % comm.world
+            nxt = comm.shift(block, _TAG_BLOCK) if k < comm.world - 1 else None
+            blk_ids = block[1] if ids is not None else None
+            row_k, col_k = core.forward(uk, block[0], ids, blk_ids, (comm.rank - src) * n, scale, bias_v, bound, mode, need_col)  # fmt: skip
+            row_k = row_k.to(acc)
+            if row is None:
+                row = row_k
+            elif mode == MODE_SIGMOID:
+                row = row.add_(row_k)
+            else:  # exact running log-sum-exp across blocks
+                row = torch.logaddexp(row, row_k)
+            if need_col:  # this block's column statistic: the partial from upstream ranks, plus ours
+                col_k = col_k.to(acc)
+                if col_acc is not None:
+                    col_k = torch.logaddexp(col_acc.wait()[0], col_k)
+                col_acc = comm.shift([col_k], _TAG_ACC)  # the last shift takes each block home
+            if nxt is not None:
+                block = nxt.wait()
+        col = col_acc.wait()[0] if need_col else None
+        return row, col, []
+
+    def backward(self, saved, uk, vk, ids, scale, bias_v, bound, mode, row, col, g, h, acc):
+        comm, core, n = self.comm, self.core, uk.shape[0]
+        # a block is its columns, their ids, and the column statistic and weights (symmetric softmax)
+        block = [vk] + ([ids] if ids is not None else []) + ([torch.stack([col, h])] if h is not None else [])
+        ku = wsum = dv_acc = None
+        for k in range(comm.world):
+            src = (comm.rank - k) % comm.world
+            nxt = comm.shift(block, _TAG_BLOCK) if k < comm.world - 1 else None
+            blk_ids = block[1] if ids is not None else None
+            blk_col, blk_h = (block[-1][0], block[-1][1]) if h is not None else (None, None)
+            ku_k, kv_k, ws_k = core.backward(
+                uk, block[0], ids, blk_ids, (comm.rank - src) * n, scale, bias_v, bound, mode, row, blk_col, g, blk_h
+            )
+            ku = ku_k.to(acc) if ku is None else ku.add_(ku_k)
+            wsum = ws_k.to(acc) if wsum is None else wsum.add_(ws_k)
+            kv_k = kv_k.to(acc)
+            if dv_acc is not None:  # the block's column gradient so far, from the upstream ranks
+                kv_k = kv_k.add_(dv_acc.wait()[0])
+            dv_acc = comm.shift([kv_k], _TAG_ACC)
+            del kv_k
+            if nxt is not None:
+                block = nxt.wait()
+        return ku, dv_acc.wait()[0], wsum
+
+
+_PASSES = {"gather": _GatherPass, "ring": _RingPass}
+
+
+# --------------------------------------------------------------------------------------------
+# the autograd Function
+
+
+class _DistributedSoftContrastive(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z1, z2, temperature, bias, labels, cfg, kpass):
+        loss, symmetric, hard_weight, normalize, reduction, scene_ignore = cfg
+        comm, n = kpass.comm, z1.shape[0]
+        acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+        scale = 1.0 / float(temperature)
+        bias_v = 0.0 if bias is None else float(bias)
+        mode = MODE_SIGMOID if loss == "sigmoid" else (MODE_SOFTMAX_IGNORE if scene_ignore else MODE_SOFTMAX)
+        need_col = loss == "softmax" and symmetric
+
+        kdt = kpass.core.kernel_dtype(z1.dtype)
+        uk, vk, u, v, n1, n2 = _normalize(z1, z2, normalize, kdt, acc)
+        ids = labels.to(torch.int64).contiguous() if scene_ignore else None
+        bound = scale if normalize else 0.0  # |s_ij| <= 1/tau for unit vectors
+
+        row, col, saved = kpass.forward(uk, vk, ids, scale, bias_v, bound, mode, need_col, acc)
+        t = Targets(None if scene_ignore else labels, n, acc, z1.device, reducer=kpass.targets)
+        per, r_sum = _per_sample_losses(mode, need_col, hard_weight, scale, bias_v, u, v, row, col, t)
+        if reduction == "none":
+            out = per  # this rank's samples
+        else:
+            out = comm.all_reduce(per.sum())
+            if reduction == "mean":
+                out = out / (n * comm.world)
+
+        ctx.cfg = (mode, need_col, hard_weight, normalize, reduction, scale, bias_v, bound)
+        ctx.kpass, ctx.targets = kpass, t
+        ctx.metas = (
+            z1.dtype,
+            (temperature.dtype, temperature.device),
+            None if bias is None else (bias.dtype, bias.device),
+        )
+        ctx.save_for_backward(uk, vk, ids, row, col, r_sum, n1, n2, *saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        mode, need_col, hw, normalize, reduction, scale, bias_v, bound = ctx.cfg
+        uk, vk, ids, row, col, r_sum, n1, n2, *saved = ctx.saved_tensors
+        kpass, t = ctx.kpass, ctx.targets
+        comm, acc, n = kpass.comm, row.dtype, uk.shape[0]
+        go = grad_out.to(acc)
+        # upstream weight of each of this rank's per-sample losses; other ranks' columns come
+        # with their owners' weights (h travels with the block or is all-gathered)
+        if reduction == "mean":
+            w = (go / (n * comm.world)).expand(n)
+        elif reduction == "sum":
+            w = go.expand(n)
+        else:
+            w = go
+        g = (w / 2 if need_col else w).contiguous()
+        h = g if need_col else None
+
+        ku, kv, wsum = kpass.backward(saved, uk, vk, ids, scale, bias_v, bound, mode, row, col, g, h, acc)
+        u, v = uk.to(acc), vk.to(acc)
+        gu, gv = ku, kv
+        _subtract_targets(mode, hw, g, h, r_sum, u, v, t, gu, gv)
+
+        # temperature and bias are replicated: every rank gets the same 1 / W share of the global
+        # gradient (always all-reduced, so that no rank waits on a collective another skips)
+        d_tau, d_bias = _scalar_grads(scale, hw, g, r_sum, u, gu, wsum)
+        parts = torch.stack([d_tau, d_bias if d_bias is not None else torch.zeros_like(d_tau)])
+        parts = comm.all_reduce(parts) / comm.world
+        z_dtype, tau_meta, bias_meta = ctx.metas
+        need_z1, need_z2, need_tau, need_bias = ctx.needs_input_grad[:4]
+        d_tau = parts[0].to(dtype=tau_meta[0], device=tau_meta[1]) if need_tau else None
+        d_bias = parts[1].to(dtype=bias_meta[0], device=bias_meta[1]) if need_bias else None
+        d_z1 = _norm_backward(gu.mul_(scale), u, n1) if need_z1 else None
+        d_z2 = _norm_backward(gv.mul_(scale), v, n2) if need_z2 else None
+        return (
+            None if d_z1 is None else d_z1.to(z_dtype),
+            None if d_z2 is None else d_z2.to(z_dtype),
+            d_tau,
+            d_bias,
+            None,
+            None,
+            None,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# entry point (called by fastcon.soft_contrastive_loss when group is not None)
+
+
+def _value(x) -> float:
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def soft_contrastive_loss(
+    z1, z2, labels, *, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction, backend,
+    group, mode,
+):  # fmt: skip
+    """The distributed loss; arguments were checked by ``fastcon.soft_contrastive_loss``."""
+    comm = _Comm(resolve_group(group))
+    opts = {
+        "distributed mode": MODES.index(mode),
+        "loss": LOSSES.index(loss),
+        "symmetric": symmetric,
+        "scene_mode": SCENE_MODES.index(scene_mode),
+        "hard_weight": float(hard_weight),
+        "normalize": normalize,
+        "reduction": REDUCTIONS.index(reduction),
+        "temperature": _value(temperature),
+        "bias": 0.0 if bias is None else _value(bias),
+    }
+    # a backend missing on one rank is reported on every rank, rather than leaving the others in a collective
+    try:
+        name, core = _backends.select("soft_contrastive", backend, z1.device)
+        unavailable = None
+    except _backends.BackendError as e:
+        unavailable = e
+    opts["backend available (1 yes, 0 no)"] = unavailable is None
+    _check_same_on_all_ranks(comm, z1, labels, opts)
+    if unavailable is not None:
+        raise unavailable
+    if name == "reference":
+        core = reference.DenseCore()
+    core.kernel_dtype(z1.dtype)  # a backend without kernels for this dtype says so before any work
+    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    tau = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature), dtype=acc)
+    b = None if bias is None else (bias if isinstance(bias, torch.Tensor) else torch.tensor(float(bias), dtype=acc))
+    cfg = (loss, symmetric, float(hard_weight), normalize, reduction, scene_mode == "ignore")
+    return _DistributedSoftContrastive.apply(z1, z2, tau, b, labels, cfg, _PASSES[mode](comm, core))
