@@ -238,11 +238,13 @@ def _phase(run: Run, name: str, start: float) -> float:
 
 
 def contrastive(run: Run, z1, z2, labels, **kw):
-    """fastcon.soft_contrastive_loss in fp32, over the global batch under torchrun (negatives from every rank)."""
+    """fastcon.soft_contrastive_loss on fp32 (or wider) embeddings, over the global batch under
+    torchrun (negatives from every rank)."""
     if run.info.distributed:
         kw.update(group=dist.group.WORLD, distributed=run.cfg.ops.distributed)
+    z1, z2 = (z.float() if z.dtype in (torch.float16, torch.bfloat16) else z for z in (z1, z2))
     with torch.autocast(run.info.device.type, enabled=False):
-        return fastcon.soft_contrastive_loss(z1.float(), z2.float(), labels, **kw)
+        return fastcon.soft_contrastive_loss(z1, z2, labels, **kw)
 
 
 def compute_losses(run: Run, batch: dict, micro: int) -> dict:

@@ -392,6 +392,65 @@ def test_torchrun_two_processes_agree_on_the_loss(sample, tmp_path):
     assert [p.name for p in CheckpointDir(os.path.join(out, "checkpoints")).all()] == ["step_00000003.ckpt"]
 
 
+DDP_GRADIENT_SCRIPT = """
+import copy, importlib.util, sys, types
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from fastcon.train import DistInfo, load_config
+
+spec = importlib.util.spec_from_file_location("pretrain", sys.argv[1])
+pretrain = importlib.util.module_from_spec(spec); sys.modules["pretrain"] = pretrain; spec.loader.exec_module(pretrain)
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+n = 6 * world
+x = torch.randn(2 * n, 5, dtype=torch.float64)       # two views of n samples
+target = torch.randn(n, 4, dtype=torch.float64)
+labels = torch.rand(n, 3, dtype=torch.float64)
+model = torch.nn.Linear(5, 4).double()
+single = copy.deepcopy(model)
+for method in ("softcon", "swimdiff"):
+    cfg = load_config(sys.argv[2], [f"method={method}", "swimdiff.lambda_d=0.7"], defaults=pretrain.DEFAULTS)
+
+    def losses(run, net, rows):
+        z = net(torch.cat([x[:n][rows], x[n:][rows]]))
+        z1, z2 = z.chunk(2)
+        lab = labels[rows] if method == "softcon" else (torch.arange(n)[rows] // 3)
+        kw = dict(temperature=0.2, symmetric=True)
+        loss_c = pretrain.contrastive(run, z1, z2, lab, **kw)
+        loss_d = ((z1 - target[rows]) ** 2).mean()  # stands in for the diffusion loss: a local mean
+        return pretrain.ddp_objective(run, loss_c, None if method == "softcon" else loss_d)
+
+    ddp = DDP(model)
+    model.zero_grad()
+    run = types.SimpleNamespace(cfg=cfg, info=DistInfo(rank, world, rank, torch.device("cpu")))
+    mine = torch.arange(rank * (n // world), (rank + 1) * (n // world))
+    losses(run, ddp, mine).backward()
+    single.zero_grad()
+    run1 = types.SimpleNamespace(cfg=cfg, info=DistInfo(0, 1, 0, torch.device("cpu")))
+    losses(run1, single, torch.arange(n)).backward()
+    for p, q in zip(model.parameters(), single.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
+    print(f"rank {rank} {method}: DDP gradients equal the single-process gradients")
+"""
+
+
+def test_ddp_gradients_equal_the_single_process_gradients(tmp_path):
+    """The objective's scaling (contrastive term times W, diffusion-like local mean as is) gives, after
+    DDP's average over 2 gloo ranks, the gradient one process computes on the whole batch."""
+    script = tmp_path / "ddp_gradients.py"
+    script.write_text(DDP_GRADIENT_SCRIPT)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        str(script), os.path.join(EXAMPLES, "pretrain.py"), os.path.join(CONFIGS, "demo.yaml"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank in (0, 1):
+        for method in ("softcon", "swimdiff"):
+            assert f"rank {rank} {method}: DDP gradients equal" in proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # linear probe
 
