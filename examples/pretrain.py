@@ -214,7 +214,8 @@ class Run:
     cfg: Config
     info: DistInfo
     student: nn.Module  # the plain module (state dicts, EMA source)
-    forward: nn.Module  # what is called: student, its DDP wrapper, or a compiled version
+    forward: nn.Module  # what is called: student, its DDP wrapper, or a compiled version of either
+    ddp: nn.parallel.DistributedDataParallel | None
     teacher: EMATeacher | None
     teacher_forward: nn.Module | None
     encoder: nn.Module
@@ -333,8 +334,9 @@ def train_step(run: Run, batches) -> dict:
     for micro in range(accum):
         batch = next(batches)
         images += batch["view1"].shape[0] * info.world_size
-        sync = micro == accum - 1 or not isinstance(run.forward, nn.parallel.DistributedDataParallel)
-        with contextlib.nullcontext() if sync else run.forward.no_sync():
+        # DDP all-reduces gradients after the last micro-batch only
+        sync = micro == accum - 1 or run.ddp is None
+        with contextlib.nullcontext() if sync else run.ddp.no_sync():
             out = compute_losses(run, batch, micro)
             t0 = time.perf_counter()
             out.pop("objective").backward()
@@ -383,11 +385,13 @@ def setup(cfg: Config, info: DistInfo, loader_bands) -> Run:
     seed_everything(cfg.run.seed)  # the same initial weights on every rank
     student, teacher, encoder = build_networks(cfg, loader_bands, info.device)
     if info.distributed and cfg.model.sync_bn and info.device.type == "cuda":
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # BatchNorm statistics of the global batch
+        if teacher is not None:
+            teacher.module = nn.SyncBatchNorm.convert_sync_batchnorm(teacher.module)
     optimizer, scheduler = build_optimizer(cfg, student, info.device)
-    forward = student
+    forward, ddp = student, None
     if info.distributed:
-        forward = nn.parallel.DistributedDataParallel(
+        forward = ddp = nn.parallel.DistributedDataParallel(
             student,
             device_ids=[info.device.index] if info.device.type == "cuda" else None,
             find_unused_parameters=cfg.ddp.find_unused_parameters,
@@ -399,11 +403,12 @@ def setup(cfg: Config, info: DistInfo, loader_bands) -> Run:
     precision = cfg.train.precision
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"train.precision must be auto, bf16 or fp32; got {precision!r}")
-    use_bf16 = precision == "bf16" or (precision == "auto" and info.device.type == "cuda")
+    gpu_bf16 = info.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = precision == "bf16" or (precision == "auto" and gpu_bf16)
     # seed again per rank: dropout / drop path differ across ranks, masks and noise have own streams
     seed_everything(cfg.run.seed + 1000003 * info.rank)
     return Run(
-        cfg, info, student, forward, teacher, teacher_forward, encoder, optimizer, scheduler,
+        cfg, info, student, forward, ddp, teacher, teacher_forward, encoder, optimizer, scheduler,
         torch.bfloat16 if use_bf16 else None,
     )  # fmt: skip
 
