@@ -265,6 +265,14 @@ def test_stop_and_resume_is_bit_identical(sample, tmp_path, name, overrides):
     _compare_runs(full, parts)
 
 
+def test_time_limit_stops_with_a_checkpoint(sample, tmp_path):
+    cfg = config("demo", *TINY, "train.steps=50", "train.max_minutes=0.00001", data=sample, out=tmp_path)
+    summary = pretrain.train(cfg)
+    assert summary["steps"] == 1
+    assert "max_minutes" in summary["end"]
+    assert load_checkpoint(summary["checkpoint"])["step"] == 1
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -472,3 +480,7 @@ def test_linear_probe_pretrained_and_random(sample, tmp_path):
     assert pre["encoder"].endswith("encoder.safetensors")
     assert rnd["encoder"].startswith("random init")
     assert pre["test_map"] != rnd["test_map"]
+    # the final training checkpoint holds the same encoder as encoder.safetensors
+    ckpt = CheckpointDir(tmp_path / "checkpoints").latest()
+    assert linear_probe.main(["--run", str(tmp_path), "--weights", str(ckpt), "--out", str(tmp_path / "c.json")]) == 0
+    assert json.load(open(tmp_path / "c.json"))["test_map"] == pre["test_map"]
