@@ -51,7 +51,14 @@ def main(argv=None) -> int:
     print("\n== 2. pretraining (SoftCon, examples/configs/demo.yaml)")
     cfg = load_config(CONFIG, [f"data.root={args.data}", *args.overrides], defaults=pretrain.DEFAULTS)
     ckpts = CheckpointDir(os.path.join(cfg.run.out_dir, "checkpoints"))
-    if args.fresh and os.path.isdir(cfg.run.out_dir):
+    saved = os.path.join(cfg.run.out_dir, "config.yaml")
+    try:
+        same = load_config(saved, defaults=pretrain.DEFAULTS) == cfg
+    except (OSError, ValueError):  # no run yet, or one written by another version
+        same = False
+    if os.path.isdir(cfg.run.out_dir) and (args.fresh or not same):
+        if not args.fresh:
+            print(f"{cfg.run.out_dir} holds a run of another configuration: starting over")
         shutil.rmtree(cfg.run.out_dir)
     resume = "auto" if ckpts.latest() is not None else None
     if resume:
