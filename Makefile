@@ -16,8 +16,13 @@ CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu
 
 .PHONY: demo test bench lint format setup build clean
 
+# The main job on the bundled real sample: prepare it (data/sample), pretrain SoftCon with
+# examples/configs/demo.yaml (runs/demo; a rerun resumes), linear-probe the pretrained and a
+# randomly initialised encoder. DEMO_ARGS passes options / config overrides, e.g.
+# `make demo DEMO_ARGS="--fresh train.steps=100"`.
+DEMO_ARGS ?=
 demo: build
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py $(DEMO_ARGS)
 
 test: build
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,217 @@
+"""Process-level plumbing of a training run: torchrun/DDP setup, RNG states, stop signals, timing, memory.
+
+- ``init_distributed(device)``: one process, or the process group torchrun describes in its
+  environment (NCCL on GPUs, gloo on CPUs); every rank gets its device.
+- ``rng_state()`` / ``set_rng_state(state)``: torch (CPU and every CUDA device), NumPy and Python
+  ``random`` states as plain tensors and numbers, so they fit a ``weights_only`` checkpoint.
+- ``derived_seed(seed, *keys)`` / ``step_generator``: independent, reproducible random streams
+  for a given (seed, step, rank, purpose), so masks and diffusion noise do not depend on how
+  many random numbers something else drew before, and a resumed run draws the same ones.
+- ``StopRequest``: SIGTERM / SIGINT set a flag that the training loop reads at the end of a step
+  (to checkpoint and exit cleanly); a second SIGINT interrupts at once.
+- ``StepTimer``: per-step time split into waiting for data and computing; ``peak_memory_mib``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# ---------------------------------------------------------------------------------------------
+# devices and process groups
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` is this rank's GPU when there is one, else the CPU."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group torchrun set up (``WORLD_SIZE`` > 1), or run as a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_ranks_any(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one tiny all-reduce)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# randomness
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 (the legacy global state is what libraries draw from)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*keys) -> int:
+    """A 63-bit seed that is a fixed function of ``keys`` (e.g. base seed, step, rank, purpose)."""
+    digest = hashlib.blake2b("/".join(map(str, keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def step_generator(*keys, device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with ``derived_seed(*keys)``."""
+    g = torch.Generator(device=device)
+    g.manual_seed(derived_seed(*keys))
+    return g
+
+
+def rng_state() -> dict:
+    """Every global RNG state, in types a ``weights_only`` checkpoint accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))  # noqa: NPY002
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# stop signals
+
+
+class StopRequest:
+    """Turns SIGTERM / SIGINT into a flag (``bool(stop)``) instead of killing the process mid-step.
+
+    The training loop checks it after each step, writes a checkpoint and exits. A second SIGINT
+    (Ctrl-C twice) raises ``KeyboardInterrupt`` at once. ``restore()`` puts the old handlers back.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signal_name: str | None = None
+        self._previous = {}
+        for sig in signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# timing and memory
+
+
+class StepTimer:
+    """Splits each step into data wait (``data_ready`` - previous ``step_done``) and compute.
+
+    ``step_done`` synchronises the GPU first, so compute time is the device's, not the launch
+    queue's. Totals accumulate until ``reset()`` (at each log line).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+        self._last = time.perf_counter()
+
+    def reset(self) -> None:
+        self.data_s = self.compute_s = 0.0
+        self.steps = self.images = 0
+
+    def data_ready(self) -> None:
+        now = time.perf_counter()
+        self.data_s += now - self._last
+        self._last = now
+
+    def step_done(self, images: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.compute_s += now - self._last
+        self._last = now
+        self.steps += 1
+        self.images += images
+
+    def restart(self) -> None:
+        """Forget the time since the last step (checkpoint writing, evaluation)."""
+        self._last = time.perf_counter()
+
+    @property
+    def images_per_s(self) -> float:
+        total = self.data_s + self.compute_s
+        return self.images / total if total > 0 else float("nan")
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak allocated GPU memory of this process on ``device``, or its peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
