@@ -1,8 +1,8 @@
 """Data pipeline throughput on the bundled real sample: DALI (CPU mode here) vs the torch loader.
 
-One benchmark round = one epoch of two-view batches (253 tiles of 13 x 128 x 128, batch 32,
-random resized crops to 112 x 112, flips, normalisation), with the loader built beforehand as
-a training run would; the DALI loader's per-epoch pipeline build is inside the round. Both
+One benchmark round = one epoch of two-view batches (7 full batches of 32 = 224 of the 253
+tiles of 13 x 128 x 128, random resized crops to 112 x 112, flips, normalisation), with the
+loader built beforehand as a training run would; the DALI loader's per-epoch pipeline build is inside the round. Both
 loaders get the same number of worker threads / processes. ``tiles_per_s`` (extra_info, and a
 side-by-side table printed at the end) is the comparable number; each tile gives two views.
 Preparing the sample from the raw JP2 bands is timed too.

@@ -118,6 +118,13 @@ def main(argv=None) -> int:
     if weights is not None and not os.path.exists(weights):
         print(f"error: {weights} does not exist (pretrain first, or pass --weights / --random-init)", file=sys.stderr)
         return 1
+    if cfg.data.holdout_fraction is None and not args.data:
+        print(
+            f"warning: this run pretrained on every tile of {cfg.data.root} (data.holdout_fraction: null), "
+            "so the test tiles below were seen in pretraining; pass --data with another prepared folder "
+            "for an unseen region",
+            file=sys.stderr,
+        )
     seed = cfg.run.seed if args.seed is None else args.seed
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = probe(cfg, weights, seed=seed, pool=args.pool, device=device)

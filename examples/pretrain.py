@@ -9,8 +9,9 @@
 Every key is documented in examples/configs/defaults.yaml; a config file sets some, the command
 line (`section.key=value`, or `--set section.key=value`) any. A run writes into `run.out_dir`:
 config.yaml (resolved), metrics.csv, loss.png, summary.json, checkpoints/ and, at the end,
-encoder.safetensors (timm layout: `timm.create_model(name, pretrained=True, in_chans=C,
-pretrained_cfg_overlay=dict(file=...))` loads it; so does examples/linear_probe.py).
+encoder.safetensors (timm layout: `timm.create_model(name, pretrained=True, num_classes=0,
+in_chans=C, img_size=crop, **model.timm_kwargs, pretrained_cfg_overlay=dict(file=...))` loads
+it; so does examples/linear_probe.py).
 
 The methods
 - softcon: the online encoder sees a Siamese-masked view (only `mask.keep` of the patch tokens),
@@ -274,6 +275,8 @@ def compute_losses(run: Run, batch: dict, micro: int) -> dict:
         t0 = _phase(run, "forward", t0)
         labels = batch["labels"].to(dev, non_blocking=True) if s.use_labels else None
         kw = dict(temperature=s.temperature, symmetric=s.symmetric, loss=s.loss, hard_weight=s.hard_weight)
+        if s.loss == "sigmoid":
+            kw["bias"] = s.bias
         if s.both_directions:
             p1, p2 = pred.chunk(2)
             k2, k1 = target.chunk(2)

@@ -440,7 +440,7 @@ def soft_contrastive_loss(
         group: None for one process; a ``torch.distributed`` ProcessGroup (``True`` or
             ``fastcon.distributed.WORLD`` for the default group) to compute the loss of the
             global batch, every rank passing its own N local rows (N equal on all ranks).
-        distributed: with a group, "gather" (all-gather z2; O(W N (D + C)) memory per rank) or
+        distributed: with a group, "gather" (all-gather z2; O(W N D + N C) memory per rank) or
             "ring" (z2 blocks circulate; O(N (D + C)) per rank, any world size W). No effect
             without a group.
 

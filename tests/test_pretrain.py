@@ -141,8 +141,9 @@ def assert_same_state(a, b, what=""):
         ("softcon_vits14_s2", TINY + CPU),
         ("swimdiff_resnet50_s2", [*TINY_RESNET, *CPU, "model.channels_last=true"]),  # the GPU memory format
         ("demo", [*TINY, "method=swimdiff", "mask.keep=null", "swimdiff.decoder_width=8"]),  # SwiMDiff on a ViT
+        ("demo", [*TINY, "softcon.loss=sigmoid", "softcon.bias=-1.0", "softcon.use_labels=false"]),
     ],
-    ids=["demo", "softcon_vits14_s2", "swimdiff_resnet50_s2", "swimdiff_vit"],
+    ids=["demo", "softcon_vits14_s2", "swimdiff_resnet50_s2", "swimdiff_vit", "softcon_sigmoid_no_labels"],
 )
 def test_config_family_runs_a_few_steps(sample, tmp_path, name, overrides):
     cfg = config(name, *overrides, "train.steps=2", data=sample, out=tmp_path / "run")

@@ -98,7 +98,7 @@ class DiffusionDecoder(nn.Module):
     ``feature_channels`` / ``feature_strides``: the encoder's maps, fine to coarse (an encoder's
     ``pyramid_channels`` / ``pyramid_strides``; ``DiffusionDecoder.for_encoder`` reads them).
     Equal strides (a ViT) get the DPT neck. ``width``: channels at full resolution; level i uses
-    ``min(width * 2**i, 8 * width)``.
+    ``min(width * 2**(i + 1), 8 * width)``.
     """
 
     def __init__(
