@@ -40,7 +40,8 @@ dali_device="auto", epoch=0, step=0) -> TwoViewLoader``
 - ``backend``: ``"dali"`` (NVIDIA DALI: ``fn.readers.numpy`` straight into GPU memory on a GPU,
   CPU pipeline with ``device_id=None`` elsewhere), ``"torch"`` (a ``DataLoader`` whose workers
   build whole batches), ``"auto"`` = DALI when it is installed and a CUDA device is present,
-  else torch (on CPU-only machines torch is the faster of the two; see benchmarks/test_data.py).
+  else torch (on CPU-only machines the two are about as fast and torch starts quicker; see
+  benchmarks/test_data.py).
 - Each batch is a dict: ``view1``, ``view2`` float32 (B, C, crop, crop), normalised with the
   dataset mean/std, each an independent random resized crop (``scale``, ``ratio``) with random
   horizontal / vertical flips; ``labels`` float32 (B, K) (fractions, or ``labels="multihot"``);

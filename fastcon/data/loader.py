@@ -305,8 +305,9 @@ def make_loader(
         raise ValueError(f"{dataset.root} holds no tiles to load (indices select {len(dataset)})")
 
     if backend == "auto":
-        # DALI wins where it can read into GPU memory; on a CPU-only machine the torch workers are
-        # faster (392 vs 220 tiles/s on 2 cores, benchmarks/test_data.py) and start quicker
+        # DALI wins where it can read into GPU memory; on a CPU-only machine the two are about as
+        # fast (benchmarks/test_data.py: either wins by up to 1.8x from run to run on 2 cores) and
+        # the torch workers start quicker
         ok, _ = dali_available()
         backend = "dali" if ok and torch.cuda.is_available() else "torch"
     plan = EpochPlan(
