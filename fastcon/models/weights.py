@@ -10,20 +10,22 @@ naming the file and the offending keys. Nothing is ever downloaded here.
 Input-layer strategies, for an RGB filter bank ``W`` (O, 3, k, k) with channels R, G, B, its mean
 ``m = (W_R + W_G + W_B) / 3`` and ``C`` target bands:
 
-- ``rgb``: the bands that stand for R, G, B (Sentinel-2 B4, B3, B2) get ``W_R``, ``W_G``, ``W_B``,
-  every other band gets ``m``, and the whole bank is scaled by ``3 / C``.
+- ``rgb``: the bands that stand for R, G, B (Sentinel-2 B4, B3, B2) get ``W_R``, ``W_G``, ``W_B``
+  unchanged; every other band gets ``(3 / C) * m``.
 - ``mean``: every band gets ``(3 / C) * m``.
 - ``timm``: timm's ``adapt_input_conv``: the RGB filters repeated cyclically (R, G, B, R, ...)
   and all scaled by ``3 / C`` (C == 1: the sum of the three filters).
 - ``random``: the model's own fresh initialisation of that layer; all other weights are loaded.
 
-The factor ``3 / C`` keeps the expected activation unchanged: ``sum_c W'_c = W_R + W_G + W_B``
-under ``rgb`` and ``mean`` (under ``timm`` only when 3 divides C: its cyclic repeat weights R, G
-and B unequally otherwise), so an image whose bands are all equal gets the RGB model's response
-to its gray image (with ``C / 3`` times more input channels the layer would otherwise respond
-``C / 3`` times as strongly: 4.3 for 13 bands). The first layer is linear, so under ``rgb`` a
-13-band model fed an RGB image at B4/B3/B2 scaled by ``C / 3`` (other bands zero) reproduces the
-RGB model exactly.
+Why ``rgb`` keeps the RGB filters unscaled: the model is linear in its first layer, so a 13-band
+model fed a 3-channel image at B4/B3/B2 (other bands zero) reproduces the RGB model exactly iff
+those three filters are the originals. ``3 / C`` is the rescaling that keeps the response to an
+image whose bands are all equal unchanged (``sum_c W'_c = W_R + W_G + W_B``); ``mean``
+satisfies it, and ``timm`` when 3 divides C (its cyclic repeat weights R, G and B unequally
+otherwise: 5, 4 and 4 copies for 13 bands); ``rgb`` cannot as well (its exact RGB filters already sum to that), so its
+other bands take the same per-band weight ``3 m / C`` as under ``mean``: for an all-equal image
+the response is ``(2 - 3 / C)`` times the RGB model's (1.77 for 13 bands) instead of ``C / 3``
+(4.3) with unscaled means.
 """
 
 from __future__ import annotations
@@ -213,11 +215,10 @@ def adapt_input_weight(
                 f"strategy 'rgb' needs a red, green or blue band (B4/B3/B2 or a wavelength within 30 nm of "
                 f"665/560/490 nm); bands {list(bands)} have none: use strategy 'mean'"
             )
-        out = mean.expand(-1, c, -1, -1).clone()
+        out = (3.0 / c) * mean.expand(-1, c, -1, -1).clone()
         for rgb_channel, band_index in enumerate(positions):
             if band_index is not None:
                 out[:, band_index] = w[:, rgb_channel]
-        out *= 3.0 / c
     return out.to(weight.dtype)
 
 
