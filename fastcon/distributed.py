@@ -43,7 +43,7 @@ from fastcon.soft_contrastive import (
     REDUCTIONS,
     SCENE_MODES,
     Targets,
-    _norm_backward,
+    _input_grads,
     _normalize,
     _per_sample_losses,
     _scalar_grads,
@@ -390,21 +390,7 @@ class _DistributedSoftContrastive(torch.autograd.Function):
         d_tau, d_bias = _scalar_grads(scale, hw, g, r_sum, u, gu, wsum)
         parts = torch.stack([d_tau, d_bias if d_bias is not None else torch.zeros_like(d_tau)])
         parts = comm.all_reduce(parts) / comm.world
-        z_dtype, tau_meta, bias_meta = ctx.metas
-        need_z1, need_z2, need_tau, need_bias = ctx.needs_input_grad[:4]
-        d_tau = parts[0].to(dtype=tau_meta[0], device=tau_meta[1]) if need_tau else None
-        d_bias = parts[1].to(dtype=bias_meta[0], device=bias_meta[1]) if need_bias else None
-        d_z1 = _norm_backward(gu.mul_(scale), u, n1) if need_z1 else None
-        d_z2 = _norm_backward(gv.mul_(scale), v, n2) if need_z2 else None
-        return (
-            None if d_z1 is None else d_z1.to(z_dtype),
-            None if d_z2 is None else d_z2.to(z_dtype),
-            d_tau,
-            d_bias,
-            None,
-            None,
-            None,
-        )
+        return _input_grads(ctx, scale, gu, gv, u, v, n1, n2, parts[0], parts[1])
 
 
 # --------------------------------------------------------------------------------------------

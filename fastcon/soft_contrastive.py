@@ -319,24 +319,23 @@ class _FusedSoftContrastive(torch.autograd.Function):
         gu, gv = ku, kv
         _subtract_targets(mode, hw, g, h, r_sum, u, v, t, gu, gv)
 
-        z_dtype, tau_meta, bias_meta = ctx.metas
-        need_z1, need_z2, need_tau, need_bias = ctx.needs_input_grad[:4]
         d_tau = d_bias = None
-        if need_tau or need_bias:
+        if any(ctx.needs_input_grad[2:4]):
             d_tau, d_bias = _scalar_grads(scale, hw, g, r_sum, u, gu, wsum)
-            d_tau = d_tau.to(dtype=tau_meta[0], device=tau_meta[1]) if need_tau else None
-            d_bias = d_bias.to(dtype=bias_meta[0], device=bias_meta[1]) if need_bias else None
-        d_z1 = _norm_backward(gu.mul_(scale), u, n1) if need_z1 else None
-        d_z2 = _norm_backward(gv.mul_(scale), v, n2) if need_z2 else None
-        return (
-            None if d_z1 is None else d_z1.to(z_dtype),
-            None if d_z2 is None else d_z2.to(z_dtype),
-            d_tau,
-            d_bias,
-            None,
-            None,
-            None,
-        )
+        return _input_grads(ctx, scale, gu, gv, u, v, n1, n2, d_tau, d_bias)
+
+
+def _input_grads(ctx, scale, gu, gv, u, v, n1, n2, d_tau, d_bias) -> tuple:
+    """The Functions' backward result (z1, z2, temperature, bias, then None for the rest): the
+    logit-space row gradients gu, gv scaled and taken through the normalisation, each in its
+    input's dtype, and only where an input needs one."""
+    z_dtype, tau_meta, bias_meta = ctx.metas
+    need_z1, need_z2, need_tau, need_bias = ctx.needs_input_grad[:4]
+    d_z1 = _norm_backward(gu.mul_(scale), u, n1).to(z_dtype) if need_z1 else None
+    d_z2 = _norm_backward(gv.mul_(scale), v, n2).to(z_dtype) if need_z2 else None
+    d_tau = d_tau.to(dtype=tau_meta[0], device=tau_meta[1]) if need_tau else None
+    d_bias = d_bias.to(dtype=bias_meta[0], device=bias_meta[1]) if need_bias else None
+    return d_z1, d_z2, d_tau, d_bias, None, None, None
 
 
 def _logit_dot(a: torch.Tensor, b: torch.Tensor, scale: float, rows: int = 4096) -> torch.Tensor:
