@@ -499,8 +499,9 @@ def test_gradcheck_unmask_and_mask_image(backend):
 @pytest.mark.skipif(not rss_peak_supported(), reason="needs /proc/self/clear_refs to measure peak memory")
 def test_cpu_memory_is_outputs_only():
     """Forward allocates visible only; backward d tokens and d pos_embed only (plus a B * L int32
-    map): nothing of size (B, L, D) beyond the gradient itself."""
-    b, length, d, k = 32, 64, 512, 32  # tokens 4 MiB
+    map): nothing of size (B, K, D) or (B, L, D) beyond the outputs. Sizes are large enough (tokens
+    64 MiB) that the resident-memory noise of a long test process (a few MiB) cannot decide it."""
+    b, length, d, k = 64, 256, 1024, 128  # tokens 64 MiB, visible 32 MiB
     tokens = torch.randn(b, length, d, requires_grad=True)
     pos = torch.randn(1, length, d, requires_grad=True)
     ids = ids_for(b, length, k)
@@ -512,10 +513,11 @@ def test_cpu_memory_is_outputs_only():
     tokens.grad = pos.grad = None
     with PeakMemory() as fwd:
         visible, _ = fastcon.siamese_mask(tokens, None, pos_embed=pos, ids_keep=ids, backend="cpu")
-    assert fwd.peak_mib <= visible.numel() * 4 * mib + 1.0, fwd.peak_mib
+    slack = 8.0  # MiB; one more (B, K, D) fp32 buffer would be 32
+    assert fwd.peak_mib <= visible.numel() * 4 * mib + slack, fwd.peak_mib
     with PeakMemory() as bwd:
         visible.backward(grad)
-    assert bwd.peak_mib <= (tokens.numel() + pos.numel()) * 4 * mib + 1.0, bwd.peak_mib
+    assert bwd.peak_mib <= (tokens.numel() + pos.numel()) * 4 * mib + slack, bwd.peak_mib
 
 
 def test_fake_kernels_shapes():

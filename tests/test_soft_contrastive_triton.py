@@ -183,9 +183,14 @@ def test_memory_is_linear_in_n():
     step(600, "triton")
     peaks = {}
     for n in (1024, 2048):
-        with PeakMemory(DEV) as m:
-            step(n, "triton")
-        peaks[n] = m.peak_mib
+        # the lower of two runs: allocations of a long test process (collected garbage, caches)
+        # only ever add to a peak, and a real N x N buffer would show in both
+        runs = []
+        for _ in range(2):
+            with PeakMemory(DEV) as m:
+                step(n, "triton")
+            runs.append(m.peak_mib)
+        peaks[n] = min(runs)
     with PeakMemory(DEV) as dense_mem:
         step(1024, "reference")
     nxn_mib = {n: n * n * 4 / 2**20 for n in peaks}
