@@ -445,6 +445,10 @@ for method in ("softcon", "swimdiff"):
     for p, q in zip(model.parameters(), single.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12)
     print(f"rank {rank} {method}: DDP gradients equal the single-process gradients")
+    del ddp
+# leave together: a rank exiting while gloo threads still talk to the other aborts it
+dist.barrier()
+dist.destroy_process_group()
 """
 
 
