@@ -16,10 +16,11 @@ _backends.load_extension()
 ops = torch.ops.fastcon
 
 # Code paths: the AVX-512 tile passes and MKL tile GEMMs are what this machine runs by default;
-# FASTCON_CPU_ISA=scalar and FASTCON_CPU_GEMM=builtin force the portable ones (read on every call).
+# FASTCON_CPU_ISA=avx2 / scalar and FASTCON_CPU_GEMM=builtin force the others (read on every call).
 PATHS = {
     "default": {},
     "builtin_gemm": {"FASTCON_CPU_GEMM": "builtin"},
+    "avx2": {"FASTCON_CPU_ISA": "avx2"},
     "scalar": {"FASTCON_CPU_ISA": "scalar", "FASTCON_CPU_GEMM": "builtin"},
 }
 
@@ -101,14 +102,18 @@ def test_fixed_and_running_max_agree():
         assert rel_err(a, b) <= 1e-6
 
 
-def test_rows_without_pairs():
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("bound", [5.0, 0.0], ids=["fixed_max", "running_max"])
+def test_rows_without_pairs(monkeypatch, path, bound):
     """A row whose pairs are all masked (positive outside [0, M)): -inf forward, no weight backward."""
+    for key, value in PATHS[path].items():
+        monkeypatch.setenv(key, value)
     u, v, _, _, g, h = _problem(4, 6, 8, 10, seed=5)
     ids = torch.zeros(4, dtype=torch.int64), torch.zeros(6, dtype=torch.int64)  # one scene: all masked
-    row, col = ops.sc_forward(u, v, *ids, 10, 5.0, 0.0, 5.0, MODE_SOFTMAX_IGNORE, True)
+    row, col = ops.sc_forward(u, v, *ids, 10, 5.0, 0.0, bound, MODE_SOFTMAX_IGNORE, True)
     assert torch.isneginf(row).all()
     assert torch.isneginf(col).all()
-    gu, gv, wsum = ops.sc_backward(u, v, *ids, 10, 5.0, 0.0, 5.0, MODE_SOFTMAX_IGNORE, row, col, g, h)
+    gu, gv, wsum = ops.sc_backward(u, v, *ids, 10, 5.0, 0.0, bound, MODE_SOFTMAX_IGNORE, row, col, g, h)
     assert torch.equal(gu, torch.zeros_like(gu))
     assert torch.equal(gv, torch.zeros_like(gv))
     assert torch.equal(wsum, torch.zeros_like(wsum))

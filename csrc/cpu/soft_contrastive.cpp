@@ -43,6 +43,7 @@
 #include <immintrin.h>
 #define FASTCON_SC_AVX512 1
 #define FASTCON_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,avx2,bmi2")))
+#define FASTCON_AVX2 __attribute__((target("avx2,fma")))
 #else
 #define FASTCON_SC_AVX512 0
 #endif
@@ -87,7 +88,7 @@ struct Tile {
   bool keep(int64_t r, int64_t j) const { return row_ids[r] != col_ids[j] || j == r + pos; }
 };
 
-// ---- scalar path (double, and float on CPUs without AVX-512) ------------------------------
+// ---- scalar path (double, and float on CPUs without AVX2) ---------------------------------
 
 template <typename T>
 T softplus(T x) {
@@ -390,17 +391,247 @@ FASTCON_AVX512 void bwd_sigmoid_avx512(const Tile<float>& t, float bias, const f
   }
 }
 
+// ---- AVX2 path (float; CPUs with AVX2 + FMA but no AVX-512) --------------------------------
+// The same passes as the AVX-512 ones on 8 lanes. AVX2 has no scalef and no mask registers:
+// 2^n is applied in two halves (each a normal number, so overflow gives inf and underflow is
+// gradual as with scalef) and lane masks are all-ones / all-zero vectors.
+
+// exp with the same range reduction and polynomial as exp_ps above (about 1 ulp)
+FASTCON_AVX2 inline __m256 exp_ps8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // p * 2^n as p * 2^n1 * 2^n2 with n1 = n >> 1, n2 = n - n1, both in [-75, 64]
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1);
+  const __m256i n2 = _mm256_sub_epi32(ni, n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+}
+
+// softplus as softplus_ps above
+FASTCON_AVX2 inline __m256 softplus_ps8(__m256 x) {
+  const __m256 absx = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 y = exp_ps8(_mm256_sub_ps(_mm256_setzero_ps(), absx));
+  const __m256 t = _mm256_div_ps(y, _mm256_add_ps(y, _mm256_set1_ps(2.0f)));
+  const __m256 z = _mm256_mul_ps(t, t);
+  __m256 q = _mm256_set1_ps(1.0f / 13);
+  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(1.0f / 11));
+  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(1.0f / 9));
+  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(1.0f / 7));
+  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(1.0f / 5));
+  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(1.0f / 3));
+  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(1.0f));
+  const __m256 log1p_y = _mm256_mul_ps(_mm256_add_ps(t, t), q);
+  return _mm256_add_ps(_mm256_max_ps(x, _mm256_setzero_ps()), log1p_y);
+}
+
+FASTCON_AVX2 inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+FASTCON_AVX2 inline float hmax8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// lanes j..j+7 inside the tile (all-ones 32-bit lanes)
+FASTCON_AVX2 inline __m256i tail_mask8(int64_t bc, int64_t j) {
+  const int32_t left = static_cast<int32_t>(std::min<int64_t>(bc - j, 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// loads lanes inside the tile, 0 elsewhere (for per-column arrays that are not padded)
+FASTCON_AVX2 inline __m256 load_tail8(const float* p, __m256i tail) { return _mm256_maskload_ps(p, tail); }
+
+// lanes of tile row r that take part: different ids, or the positive pair (as keep_mask)
+FASTCON_AVX2 inline __m256i keep_mask8(const Tile<float>& t, int64_t r, int64_t j, __m256i tail) {
+  const __m256i rid = _mm256_set1_epi64x(t.row_ids[r]);
+  // 64-bit lane masks of the two halves, from the 32-bit tail mask
+  const __m256i tail_lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(tail));
+  const __m256i tail_hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(tail, 1));
+  const __m256i ids_lo = _mm256_maskload_epi64(reinterpret_cast<const long long*>(t.col_ids + j), tail_lo);
+  const __m256i ids_hi = _mm256_maskload_epi64(reinterpret_cast<const long long*>(t.col_ids + j + 4), tail_hi);
+  // equal ids -> all-ones 64-bit lanes; take the low 32 bits of each into 8 lanes
+  const __m256i pick = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+  const __m256i eq_lo = _mm256_permutevar8x32_epi32(_mm256_cmpeq_epi64(ids_lo, rid), pick);
+  const __m256i eq_hi = _mm256_permutevar8x32_epi32(_mm256_cmpeq_epi64(ids_hi, rid), pick);
+  __m256i keep = _mm256_andnot_si256(_mm256_blend_epi32(eq_lo, eq_hi, 0xF0), tail);
+  const int64_t p = r + t.pos - j;
+  if (p >= 0 && p < 8) {
+    const __m256i lane = _mm256_cmpeq_epi32(_mm256_set1_epi32(static_cast<int32_t>(p)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    keep = _mm256_or_si256(keep, _mm256_and_si256(lane, tail));
+  }
+  return keep;
+}
+
+FASTCON_AVX2 inline __m256 masked8(__m256i k, __m256 x) { return _mm256_and_ps(_mm256_castsi256_ps(k), x); }
+
+template <bool Masked>
+FASTCON_AVX2 void fwd_fixed_avx2(const Tile<float>& t, float shift, float* row_out, float* col_out) {
+  for (int64_t j = 0; j < t.bc; j += 8) _mm256_storeu_ps(col_out + j, _mm256_setzero_ps());
+  const __m256 vshift = _mm256_set1_ps(shift);
+  for (int64_t r = 0; r < t.br; ++r) {
+    const float* s = t.s + r * kLds;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < t.bc; j += 8) {
+      const __m256i tail = tail_mask8(t.bc, j);
+      const __m256i k = Masked ? keep_mask8(t, r, j, tail) : tail;
+      const __m256 e = masked8(k, exp_ps8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vshift)));
+      acc = _mm256_add_ps(acc, e);
+      _mm256_storeu_ps(col_out + j, _mm256_add_ps(_mm256_loadu_ps(col_out + j), e));
+    }
+    row_out[r] = hsum8(acc);
+  }
+}
+
+template <bool Masked>
+FASTCON_AVX2 void tile_max_avx2(const Tile<float>& t, float* row_out, float* col_out) {
+  const __m256 ninf = _mm256_set1_ps(kNegInf<float>);
+  for (int64_t j = 0; j < t.bc; j += 8) _mm256_storeu_ps(col_out + j, ninf);
+  for (int64_t r = 0; r < t.br; ++r) {
+    const float* s = t.s + r * kLds;
+    __m256 mx = ninf;
+    for (int64_t j = 0; j < t.bc; j += 8) {
+      const __m256i tail = tail_mask8(t.bc, j);
+      const __m256i k = Masked ? keep_mask8(t, r, j, tail) : tail;
+      const __m256 x = _mm256_blendv_ps(ninf, _mm256_loadu_ps(s + j), _mm256_castsi256_ps(k));
+      mx = _mm256_max_ps(mx, x);
+      _mm256_storeu_ps(col_out + j, _mm256_max_ps(_mm256_loadu_ps(col_out + j), x));
+    }
+    row_out[r] = hmax8(mx);
+  }
+}
+
+template <bool Masked>
+FASTCON_AVX2 void fwd_running_avx2(const Tile<float>& t, const float* row_max, const float* col_max, float* row_out,
+                                   float* col_out) {
+  if (col_max)
+    for (int64_t j = 0; j < t.bc; j += 8) _mm256_storeu_ps(col_out + j, _mm256_setzero_ps());
+  for (int64_t r = 0; r < t.br; ++r) {
+    const float* s = t.s + r * kLds;
+    const __m256 rm = _mm256_set1_ps(row_max[r]);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < t.bc; j += 8) {
+      const __m256i tail = tail_mask8(t.bc, j);
+      const __m256i k = Masked ? keep_mask8(t, r, j, tail) : tail;
+      const __m256 x = _mm256_loadu_ps(s + j);
+      acc = _mm256_add_ps(acc, masked8(k, exp_ps8(_mm256_sub_ps(x, rm))));
+      if (col_max) {
+        const __m256 ec = masked8(k, exp_ps8(_mm256_sub_ps(x, load_tail8(col_max + j, tail))));
+        _mm256_storeu_ps(col_out + j, _mm256_add_ps(_mm256_loadu_ps(col_out + j), ec));
+      }
+    }
+    row_out[r] = hsum8(acc);
+  }
+}
+
+FASTCON_AVX2 void fwd_sigmoid_avx2(const Tile<float>& t, float bias, float* row_out) {
+  const __m256 vb = _mm256_set1_ps(bias);
+  for (int64_t r = 0; r < t.br; ++r) {
+    const float* s = t.s + r * kLds;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < t.bc; j += 8) {
+      const __m256 sp = softplus_ps8(_mm256_add_ps(_mm256_loadu_ps(s + j), vb));
+      acc = _mm256_add_ps(acc, masked8(tail_mask8(t.bc, j), sp));
+    }
+    row_out[r] = hsum8(acc);
+  }
+}
+
+template <bool Masked>
+FASTCON_AVX2 void bwd_fixed_avx2(const Tile<float>& t, float shift, const float* a, const float* b, float* wsum_out) {
+  const __m256 vshift = _mm256_set1_ps(shift);
+  for (int64_t r = 0; r < t.br; ++r) {
+    float* s = t.s + r * kLds;
+    const __m256 va = _mm256_set1_ps(a[r]);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < t.bc; j += 8) {
+      const __m256i tail = tail_mask8(t.bc, j);
+      const __m256i k = Masked ? keep_mask8(t, r, j, tail) : tail;
+      const __m256 coef = b ? _mm256_add_ps(va, load_tail8(b + j, tail)) : va;
+      const __m256 w = masked8(k, _mm256_mul_ps(exp_ps8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vshift)), coef));
+      _mm256_storeu_ps(s + j, w);
+      acc = _mm256_add_ps(acc, w);
+    }
+    wsum_out[r] = hsum8(acc);
+  }
+}
+
+template <bool Masked>
+FASTCON_AVX2 void bwd_running_avx2(const Tile<float>& t, const float* g, const float* lse_r, const float* h,
+                                   const float* lse_c, float* wsum_out) {
+  for (int64_t r = 0; r < t.br; ++r) {
+    float* s = t.s + r * kLds;
+    const __m256 vg = _mm256_set1_ps(g[r]), vl = _mm256_set1_ps(lse_r[r]);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < t.bc; j += 8) {
+      const __m256i tail = tail_mask8(t.bc, j);
+      const __m256i k = Masked ? keep_mask8(t, r, j, tail) : tail;
+      const __m256 x = _mm256_loadu_ps(s + j);
+      __m256 w = _mm256_mul_ps(vg, exp_ps8(_mm256_sub_ps(x, vl)));
+      if (h) {
+        const __m256 ec = exp_ps8(_mm256_sub_ps(x, load_tail8(lse_c + j, tail)));
+        w = _mm256_fmadd_ps(load_tail8(h + j, tail), ec, w);
+      }
+      w = masked8(k, w);
+      _mm256_storeu_ps(s + j, w);
+      acc = _mm256_add_ps(acc, w);
+    }
+    wsum_out[r] = hsum8(acc);
+  }
+}
+
+FASTCON_AVX2 void bwd_sigmoid_avx2(const Tile<float>& t, float bias, const float* g, float* wsum_out) {
+  const __m256 vb = _mm256_set1_ps(bias), one = _mm256_set1_ps(1.0f);
+  for (int64_t r = 0; r < t.br; ++r) {
+    float* s = t.s + r * kLds;
+    const __m256 vg = _mm256_set1_ps(g[r]);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < t.bc; j += 8) {
+      const __m256 x = _mm256_add_ps(_mm256_loadu_ps(s + j), vb);
+      const __m256 e = exp_ps8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+      const __m256 w = masked8(tail_mask8(t.bc, j), _mm256_div_ps(vg, _mm256_add_ps(one, e)));
+      _mm256_storeu_ps(s + j, w);
+      acc = _mm256_add_ps(acc, w);
+    }
+    wsum_out[r] = hsum8(acc);
+  }
+}
+
 #endif  // FASTCON_SC_AVX512
 
 // ---- dispatch of the tile passes -----------------------------------------------------------
 
-// The tile passes: AVX-512 for float when enabled (`vec`, decided once per call), else scalar.
+// The tile passes: AVX-512 or AVX2 for float (`isa`: cpu::active_isa, decided once per call),
+// else scalar.
 #if FASTCON_SC_AVX512
 #define FASTCON_SC_DISPATCH(masked, name, ...)                                             \
   do {                                                                                     \
     if constexpr (std::is_same_v<T, float>) {                                              \
-      if (vec) {                                                                           \
+      if (isa == Isa::kAvx512) {                                                           \
         masked ? name##_avx512<true>(__VA_ARGS__) : name##_avx512<false>(__VA_ARGS__);    \
+        break;                                                                             \
+      }                                                                                    \
+      if (isa == Isa::kAvx2) {                                                             \
+        masked ? name##_avx2<true>(__VA_ARGS__) : name##_avx2<false>(__VA_ARGS__);        \
         break;                                                                             \
       }                                                                                    \
     }                                                                                      \
@@ -409,8 +640,12 @@ FASTCON_AVX512 void bwd_sigmoid_avx512(const Tile<float>& t, float bias, const f
 #define FASTCON_SC_DISPATCH_UNMASKED(name, ...)                                            \
   do {                                                                                     \
     if constexpr (std::is_same_v<T, float>) {                                              \
-      if (vec) {                                                                           \
+      if (isa == Isa::kAvx512) {                                                           \
         name##_avx512(__VA_ARGS__);                                                        \
+        break;                                                                             \
+      }                                                                                    \
+      if (isa == Isa::kAvx2) {                                                             \
+        name##_avx2(__VA_ARGS__);                                                          \
         break;                                                                             \
       }                                                                                    \
     }                                                                                      \
@@ -574,7 +809,7 @@ void sc_forward(const T* u, const T* v, const ScProblem& p, T* row, T* col) {
   }
   const bool fixed = sc_uses_fixed_max<T>(p);
   const T shift = T(fixed ? p.logit_bound : 0.0);
-  [[maybe_unused]] const bool vec = std::is_same_v<T, float> && avx512_enabled();
+  [[maybe_unused]] const Isa isa = std::is_same_v<T, float> ? active_isa() : Isa::kScalar;
   const Split split(n, m);
 
   Buffer<T> tiles(split.threads * kBlockRows * kLds);
@@ -656,7 +891,7 @@ void sc_backward(const T* u, const T* v, const ScProblem& p, const T* row, const
   }
   const bool fixed = sc_uses_fixed_max<T>(p);
   const double shift = fixed ? p.logit_bound : 0.0;
-  [[maybe_unused]] const bool vec = std::is_same_v<T, float> && avx512_enabled();
+  [[maybe_unused]] const Isa isa = std::is_same_v<T, float> ? active_isa() : Isa::kScalar;
   const Split split(n, m);
 
   // Per-row / per-column coefficients of W. Fixed max: W = e (a_i + b_j), a_i = g_i e^{B - r_i};
