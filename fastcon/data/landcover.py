@@ -200,8 +200,9 @@ class VectorLandCover(LandCover):
         return out
 
 
-def open_landcover(path, *, class_field=None, landcover_scheme=None, classes=None) -> LandCover:
-    """A class raster (``landcover_scheme`` or ``classes`` = {code: name}) or polygons (``class_field``)."""
+def open_landcover(path, *, class_field=None, landcover_scheme=None, classes=None, layer=None) -> LandCover:
+    """A class raster (``landcover_scheme`` or ``classes`` = {code: name}) or polygons (``class_field``;
+    ``layer``: a layer name or index of a multi-layer file such as a GeoPackage, default its first)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"land cover {path} does not exist")
@@ -211,7 +212,9 @@ def open_landcover(path, *, class_field=None, landcover_scheme=None, classes=Non
             raise ValueError(f"land cover {path} is a vector layer: pass class_field, the field holding class names")
         if landcover_scheme is not None:
             raise ValueError("landcover_scheme applies to class rasters; polygons are named by class_field")
-        return VectorLandCover(path, class_field, classes)
+        return VectorLandCover(path, class_field, classes, layer=layer)
+    if layer is not None:
+        raise ValueError(f"land cover {path}: layer applies to vector files; a class raster has none")
     if classes is not None and landcover_scheme is not None:
         raise ValueError("pass either landcover_scheme or classes ({code: name}) for a class raster, not both")
     return RasterLandCover(path, classes if classes is not None else (landcover_scheme or "worldcover"))

@@ -291,6 +291,7 @@ def prepare(
     class_field: str | None = None,
     landcover_scheme: str | None = None,
     classes=None,
+    landcover_layer: str | int | None = None,
     label_threshold: float = 0.01,
     scene_block: float | None = None,
     resolution: float | None = None,
@@ -308,7 +309,8 @@ def prepare(
     tile_size, stride: tile edge and step in grid pixels (stride defaults to tile_size).
     landcover: a class raster (with ``landcover_scheme`` = "worldcover" | "dynamicworld" or
         ``classes`` = {code: name}) or a vector layer (with ``class_field``; ``classes`` may fix
-        the class list and order); None for no labels.
+        the class list and order; ``landcover_layer`` picks a layer of a multi-layer file, by
+        name or index, default the first); None for no labels.
     label_threshold: a class is present in the multi-hot vector when its fraction is above this.
     scene_block: scene ids group tiles whose centres fall in the same ``scene_block`` x
         ``scene_block`` block (CRS units, metres; blocks aligned to the CRS origin, so they
@@ -339,9 +341,15 @@ def prepare(
 
     lc = None
     if landcover is not None:
-        lc = open_landcover(landcover, class_field=class_field, landcover_scheme=landcover_scheme, classes=classes)
-    elif class_field is not None or landcover_scheme is not None or classes is not None:
-        raise ValueError("class_field / landcover_scheme / classes need a landcover file")
+        lc = open_landcover(
+            landcover,
+            class_field=class_field,
+            landcover_scheme=landcover_scheme,
+            classes=classes,
+            layer=landcover_layer,
+        )
+    elif any(x is not None for x in (class_field, landcover_scheme, classes, landcover_layer)):
+        raise ValueError("class_field / landcover_scheme / classes / landcover_layer need a landcover file")
 
     scenes, problems = find_inputs(inputs, bs, layout)
     out_dir = os.fspath(out_dir)
