@@ -44,6 +44,7 @@ from fastcon.soft_contrastive import (
     SCENE_MODES,
     Targets,
     _input_grads,
+    _loss_weights,
     _normalize,
     _per_sample_losses,
     _scalar_grads,
@@ -368,17 +369,9 @@ class _DistributedSoftContrastive(torch.autograd.Function):
         uk, vk, ids, row, col, r_sum, n1, n2, *saved = ctx.saved_tensors
         kpass, t = ctx.kpass, ctx.targets
         comm, acc, n = kpass.comm, row.dtype, uk.shape[0]
-        go = grad_out.to(acc)
         # upstream weight of each of this rank's per-sample losses; other ranks' columns come
         # with their owners' weights (h travels with the block or is all-gathered)
-        if reduction == "mean":
-            w = (go / (n * comm.world)).expand(n)
-        elif reduction == "sum":
-            w = go.expand(n)
-        else:
-            w = go
-        g = (w / 2 if need_col else w).contiguous()
-        h = g if need_col else None
+        g, h = _loss_weights(grad_out.to(acc), reduction, need_col, n, n * comm.world)
 
         ku, kv, wsum = kpass.backward(saved, uk, vk, ids, scale, bias_v, bound, mode, row, col, g, h, acc)
         u, v = uk.to(acc), vk.to(acc)

@@ -301,17 +301,7 @@ class _FusedSoftContrastive(torch.autograd.Function):
         t, core = ctx.targets, ctx.core
         acc = row.dtype
         n = uk.shape[0]
-        go = grad_out.to(acc)
-        # upstream weight of each per-sample loss
-        if reduction == "mean":
-            w = (go / n).expand(n)
-        elif reduction == "sum":
-            w = go.expand(n)
-        else:
-            w = go
-        g = (w / 2 if need_col else w).contiguous()
-        h = g if need_col else None
-
+        g, h = _loss_weights(grad_out.to(acc), reduction, need_col, n, n)
         ku, kv, wsum = core.backward(
             uk, vk, ids, ids, 0, scale, bias_v, bound, mode, row, col if need_col else None, g, h
         )
@@ -323,6 +313,20 @@ class _FusedSoftContrastive(torch.autograd.Function):
         if any(ctx.needs_input_grad[2:4]):
             d_tau, d_bias = _scalar_grads(scale, hw, g, r_sum, u, gu, wsum)
         return _input_grads(ctx, scale, gu, gv, u, v, n1, n2, d_tau, d_bias)
+
+
+def _loss_weights(go, reduction, need_col, n, total):
+    """(g, h): the upstream weight of each of the n per-sample losses here (of ``total`` in the
+    mean over the whole batch), halved for the row and the column half of the symmetric softmax
+    (h = g then, None otherwise)."""
+    if reduction == "mean":
+        w = (go / total).expand(n)
+    elif reduction == "sum":
+        w = go.expand(n)
+    else:
+        w = go
+    g = (w / 2 if need_col else w).contiguous()
+    return g, (g if need_col else None)
 
 
 def _input_grads(ctx, scale, gu, gv, u, v, n1, n2, d_tau, d_bias) -> tuple:
