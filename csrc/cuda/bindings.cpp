@@ -128,6 +128,22 @@ Tensor vector_arg(const char* op, const char* name, const Tensor& t, int64_t len
   return t.contiguous();
 }
 
+// The problem both passes score (the ids are set by ids_ptr).
+void set_problem(kernels::ScProblem& p, const Tensor& u, const Tensor& v, int64_t row_offset, double scale,
+                 double bias, double logit_bound, int64_t mode) {
+  p.dtype = dtype_of(u);
+  p.u = u.data_ptr();
+  p.v = v.data_ptr();
+  p.n = u.size(0);
+  p.m = v.size(0);
+  p.d = u.size(1);
+  p.row_offset = row_offset;
+  p.scale = scale;
+  p.bias = bias;
+  p.logit_bound = logit_bound;
+  p.mode = static_cast<int>(mode);
+}
+
 std::tuple<Tensor, Tensor> sc_forward_op(const Tensor& u_in, const Tensor& v_in, const OptTensor& row_ids,
                                          const OptTensor& col_ids, int64_t row_offset, double scale, double bias,
                                          double logit_bound, int64_t mode, bool need_col) {
@@ -144,17 +160,7 @@ std::tuple<Tensor, Tensor> sc_forward_op(const Tensor& u_in, const Tensor& v_in,
   Tensor row = at::zeros({n}, opts);
   Tensor col = at::zeros({need_col && mode != 2 ? m : 0}, opts);
   Tensor counter = at::zeros({1}, u.options().dtype(at::kInt));
-  p.dtype = dtype_of(u);
-  p.u = u.data_ptr();
-  p.v = v.data_ptr();
-  p.n = n;
-  p.m = m;
-  p.d = u.size(1);
-  p.row_offset = row_offset;
-  p.scale = scale;
-  p.bias = bias;
-  p.logit_bound = logit_bound;
-  p.mode = static_cast<int>(mode);
+  set_problem(p, u, v, row_offset, scale, bias, logit_bound, mode);
   p.need_col = need_col && mode != 2;
   p.row = row.data_ptr();
   p.col = col.numel() ? col.data_ptr() : nullptr;
@@ -196,17 +202,7 @@ std::tuple<Tensor, Tensor, Tensor> sc_backward_op(const Tensor& u_in, const Tens
     if (h) weight_max = weight_max + h->abs().max();
     weight_max = weight_max.to(at::kFloat).contiguous();
   }
-  p.dtype = dtype_of(u);
-  p.u = u.data_ptr();
-  p.v = v.data_ptr();
-  p.n = n;
-  p.m = m;
-  p.d = d;
-  p.row_offset = row_offset;
-  p.scale = scale;
-  p.bias = bias;
-  p.logit_bound = logit_bound;
-  p.mode = static_cast<int>(mode);
+  set_problem(p, u, v, row_offset, scale, bias, logit_bound, mode);
   p.row_stat = r.data_ptr();
   p.col_stat = c ? c->data_ptr() : nullptr;
   p.g = g.data_ptr();

@@ -13,11 +13,9 @@ namespace fastcon::kernels {
 
 enum class DType { f16, bf16, f32, f64 };
 
-// Soft contrastive loss, forward blockwise pass (contract: fastcon.reference.sc_core_forward).
-// u (n, d), v (m, d) row-major in `dtype`; ids int64 (mode 1 only). Outputs in the
-// accumulation type (fp32, fp64 for f64): row (n,), col (m,) when need_col and mode != 2.
-// row, col and counter must be zero-filled by the caller.
-struct ScForward {
+// Soft contrastive loss: what both blockwise passes score. u (n, d), v (m, d) row-major in
+// `dtype`; ids int64 (mode 1 only).
+struct ScProblem {
   DType dtype;
   const void* u;
   const void* v;
@@ -26,6 +24,12 @@ struct ScForward {
   int64_t n, m, d, row_offset;
   double scale, bias, logit_bound;
   int mode;
+};
+
+// Forward blockwise pass (contract: fastcon.reference.sc_core_forward). Outputs in the
+// accumulation type (fp32, fp64 for f64): row (n,), col (m,) when need_col and mode != 2.
+// row, col and counter must be zero-filled by the caller.
+struct ScForward : ScProblem {
   bool need_col;
   void* row;
   void* col;
@@ -36,15 +40,7 @@ struct ScForward {
 // col_stat, h (m,) or null; outputs grad_u (n, d), grad_v (m, d), wsum (n,) in the accumulation
 // type. weight_max: for f16 only, a device scalar >= max|g| + max|h| that scales the weight
 // tile into the fp16 range before its tensor-core product (null elsewhere).
-struct ScBackward {
-  DType dtype;
-  const void* u;
-  const void* v;
-  const int64_t* row_ids;
-  const int64_t* col_ids;
-  int64_t n, m, d, row_offset;
-  double scale, bias, logit_bound;
-  int mode;
+struct ScBackward : ScProblem {
   const void* row_stat;
   const void* col_stat;
   const void* g;

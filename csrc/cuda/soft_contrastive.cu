@@ -247,7 +247,7 @@ __device__ __forceinline__ A logit_minus(A dot, bool is_positive, A positive_log
 }
 
 template <class T>
-struct FwdArgs {
+struct ProblemArgs {
   using A = Acc<T>;
   const T* u;
   const T* v;
@@ -256,10 +256,18 @@ struct FwdArgs {
   int64_t n, m, d, offset;
   A scale, bias, bound;
   double scale_d;
-  int mode, kind;
-  bool need_col, vec_ok;
+  int mode;
+  bool vec_ok;
   int ldx;  // row stride of the resident own tile in dynamic shared memory, 0 when streamed
-  int row_tiles, col_tiles, tiles_per_split;
+  int row_tiles, col_tiles;
+};
+
+template <class T>
+struct FwdArgs : ProblemArgs<T> {
+  using A = Acc<T>;
+  int kind;
+  bool need_col;
+  int tiles_per_split;
   A* row;
   A* col;
   unsigned* counter;
@@ -393,18 +401,9 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) sc_forward_k
 }
 
 template <class T>
-struct BwdArgs {
+struct BwdArgs : ProblemArgs<T> {
   using A = Acc<T>;
-  const T* u;
-  const T* v;
-  const int64_t* row_ids;
-  const int64_t* col_ids;
-  int64_t n, m, d, offset;
-  A scale, bias, bound;
-  double scale_d;
-  int mode;
-  bool fixed, vec_ok;
-  int ldx;  // row stride of the resident own tile in dynamic shared memory, 0 when streamed
+  bool fixed;
   const A* row_stat;
   const A* col_stat;
   const A* g;
@@ -413,7 +412,6 @@ struct BwdArgs {
   A* grad_u;
   A* grad_v;
   A* wsum;
-  int row_tiles, col_tiles;
 };
 
 template <class T>
@@ -588,10 +586,10 @@ int resident_stride(K kernel, int64_t d, size_t* bytes) {
 template <class A>
 constexpr double kFixedMaxLimit = std::is_same_v<A, double> ? 300.0 : 40.0;
 
+// The fields both passes share, from the op's parameters (ldx is set at launch).
 template <class T>
-const char* launch_forward(const kernels::ScForward& p, cudaStream_t stream) {
+void set_problem(ProblemArgs<T>& a, const kernels::ScProblem& p) {
   using A = Acc<T>;
-  FwdArgs<T> a{};
   a.u = static_cast<const T*>(p.u);
   a.v = static_cast<const T*>(p.v);
   a.row_ids = p.row_ids;
@@ -605,13 +603,25 @@ const char* launch_forward(const kernels::ScForward& p, cudaStream_t stream) {
   a.bound = static_cast<A>(p.logit_bound);
   a.scale_d = p.scale;
   a.mode = p.mode;
-  const bool softmax = p.mode != 2;
-  const bool fixed = softmax && p.logit_bound > 0 && p.logit_bound <= kFixedMaxLimit<A>;
-  a.kind = !softmax ? kSoftplus : (fixed ? kSumExp : kOnline);
-  a.need_col = softmax && p.need_col;
   a.vec_ok = vectorizable<T>(p.u, p.v, p.d);
   a.row_tiles = device::ceil_div(p.n, kBM);
   a.col_tiles = device::ceil_div(p.m, kBN);
+}
+
+// Softmax modes with a logit bound in range use one fixed max for rows and columns.
+template <class T>
+bool uses_fixed_max(const kernels::ScProblem& p) {
+  return p.mode != 2 && p.logit_bound > 0 && p.logit_bound <= kFixedMaxLimit<Acc<T>>;
+}
+
+template <class T>
+const char* launch_forward(const kernels::ScForward& p, cudaStream_t stream) {
+  using A = Acc<T>;
+  FwdArgs<T> a{};
+  set_problem<T>(a, p);
+  const bool softmax = p.mode != 2;
+  a.kind = !softmax ? kSoftplus : (uses_fixed_max<T>(p) ? kSumExp : kOnline);
+  a.need_col = softmax && p.need_col;
   a.row = static_cast<A*>(p.row);
   a.col = static_cast<A*>(p.col);
   a.counter = p.counter;
@@ -637,21 +647,8 @@ template <class T>
 const char* launch_backward(const kernels::ScBackward& p, cudaStream_t stream) {
   using A = Acc<T>;
   BwdArgs<T> a{};
-  a.u = static_cast<const T*>(p.u);
-  a.v = static_cast<const T*>(p.v);
-  a.row_ids = p.row_ids;
-  a.col_ids = p.col_ids;
-  a.n = p.n;
-  a.m = p.m;
-  a.d = p.d;
-  a.offset = p.row_offset;
-  a.scale = static_cast<A>(p.scale);
-  a.bias = static_cast<A>(p.bias);
-  a.bound = static_cast<A>(p.logit_bound);
-  a.scale_d = p.scale;
-  a.mode = p.mode;
-  a.fixed = p.mode != 2 && p.logit_bound > 0 && p.logit_bound <= kFixedMaxLimit<A>;
-  a.vec_ok = vectorizable<T>(p.u, p.v, p.d);
+  set_problem<T>(a, p);
+  a.fixed = uses_fixed_max<T>(p);
   a.row_stat = static_cast<const A*>(p.row_stat);
   a.col_stat = static_cast<const A*>(p.col_stat);
   a.g = static_cast<const A*>(p.g);
@@ -660,8 +657,6 @@ const char* launch_backward(const kernels::ScBackward& p, cudaStream_t stream) {
   a.grad_u = static_cast<A*>(p.grad_u);
   a.grad_v = static_cast<A*>(p.grad_v);
   a.wsum = static_cast<A*>(p.wsum);
-  a.row_tiles = device::ceil_div(p.n, kBM);
-  a.col_tiles = device::ceil_div(p.m, kBN);
   const int slabs = p.d > 0 ? device::ceil_div(p.d, Cfg<T>::DS) : 1;
   auto kernel = &sc_backward_kernel<T>;
   size_t dyn = 0;
