@@ -85,15 +85,26 @@ def _normal(idx, k0, k1):
 
 
 @triton.jit
-def _target(pred, x, e, a, s, TARGET: tl.constexpr):
-    """pred - target, target = eps (0), x0 (1) or v = a eps - s x0 (2)."""
+def _noise(noise_ptr, idx, mask, k0, k1, SEEDED: tl.constexpr):
+    """The noise at flat indices idx: Philox normals of the seed's key words, or loaded."""
+    if SEEDED:
+        return _normal(idx, k0.to(tl.uint32), k1.to(tl.uint32))
+    else:
+        return tl.load(noise_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _residual(pred_ptr, x0_ptr, noise_ptr, a, s, idx, mask, k0, k1, SEEDED: tl.constexpr, TARGET: tl.constexpr):
+    """pred - target at flat indices idx, target = eps (0), x0 (1) or v = a eps - s x0 (2), in fp32."""
+    p = tl.load(pred_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x0_ptr + idx, mask=mask & (TARGET != 0), other=0.0).to(tl.float32)
     if TARGET == 0:
-        t = e
+        t = _noise(noise_ptr, idx, mask, k0, k1, SEEDED)
     elif TARGET == 1:
         t = x
     else:
-        t = a * e - s * x
-    return pred - t
+        t = a * _noise(noise_ptr, idx, mask, k0, k1, SEEDED) - s * x
+    return p - t
 
 
 @triton.jit(do_not_specialize=["k0", "k1"])
@@ -130,10 +141,7 @@ def _q_sample_kernel(
     a = tl.load(ca_ptr + b)
     s = tl.load(cs_ptr + b)
     x = tl.load(x0_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    if SEEDED:
-        e = _normal(idx, k0.to(tl.uint32), k1.to(tl.uint32))
-    else:
-        e = tl.load(noise_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    e = _noise(noise_ptr, idx, mask, k0, k1, SEEDED)
     tl.store(out_ptr + idx, (a * x + s * e).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -158,15 +166,8 @@ def _loss_kernel(
     idx = b.to(tl.int64) * per_sample + offs
     a = tl.load(ca_ptr + b)
     s = tl.load(cs_ptr + b)
-    p = tl.load(pred_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x0_ptr + idx, mask=mask & (TARGET != 0), other=0.0).to(tl.float32)
-    if TARGET == 1:
-        e = x
-    elif SEEDED:
-        e = _normal(idx, k0.to(tl.uint32), k1.to(tl.uint32))
-    else:
-        e = tl.load(noise_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    d = tl.where(mask, _target(p, x, e, a, s, TARGET), 0.0)
+    r = _residual(pred_ptr, x0_ptr, noise_ptr, a, s, idx, mask, k0, k1, SEEDED, TARGET)
+    d = tl.where(mask, r, 0.0)
     tl.store(partial_ptr + b * tl.num_programs(0) + tl.program_id(0), tl.sum(d * d, axis=0))
 
 
@@ -193,15 +194,7 @@ def _loss_backward_kernel(
     a = tl.load(ca_ptr + b)
     s = tl.load(cs_ptr + b)
     two_w = 2.0 * tl.load(gsse_ptr + b)
-    p = tl.load(pred_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    x = tl.load(x0_ptr + idx, mask=mask & (TARGET != 0), other=0.0).to(tl.float32)
-    if TARGET == 1:
-        e = x
-    elif SEEDED:
-        e = _normal(idx, k0.to(tl.uint32), k1.to(tl.uint32))
-    else:
-        e = tl.load(noise_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-    g = two_w * _target(p, x, e, a, s, TARGET)
+    g = two_w * _residual(pred_ptr, x0_ptr, noise_ptr, a, s, idx, mask, k0, k1, SEEDED, TARGET)
     tl.store(grad_ptr + idx, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
