@@ -41,11 +41,9 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define FASTCON_SC_AVX512 1
-#define FASTCON_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,avx2,bmi2")))
-#define FASTCON_AVX2 __attribute__((target("avx2,fma")))
+#define FASTCON_SC_SIMD 1
 #else
-#define FASTCON_SC_AVX512 0
+#define FASTCON_SC_SIMD 0
 #endif
 
 namespace fastcon::cpu {
@@ -203,435 +201,157 @@ void bwd_sigmoid_scalar(const Tile<T>& t, T bias, const T* g, T* wsum_out) {
   }
 }
 
-// ---- AVX-512 path (float) ------------------------------------------------------------------
-#if FASTCON_SC_AVX512
+// ---- SIMD paths (float) --------------------------------------------------------------------
+// The passes of soft_contrastive_simd.h over a lane type V, compiled once for AVX2 + FMA (8 lanes)
+// and once for AVX-512 (16 lanes), each under its own target pragma.
+#if FASTCON_SC_SIMD
+#define FI inline __attribute__((always_inline))
 
-// exp with Cephes' range reduction and polynomial (about 1 ulp); 0 below -104, inf above 88.7
-FASTCON_AVX512 inline __m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);  // p * 2^n, with IEEE overflow / gradual underflow
-}
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace isa_avx2 {
 
-// softplus(x) = max(x, 0) + log1p(y), y = exp(-|x|) in (0, 1]. log1p(y) = 2 atanh(t) with
-// t = y / (2 + y) <= 1/3: an odd series in t, accurate for tiny y where 1 + y would round.
-FASTCON_AVX512 inline __m512 softplus_ps(__m512 x) {
-  const __m512 y = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
-  const __m512 t = _mm512_div_ps(y, _mm512_add_ps(y, _mm512_set1_ps(2.0f)));
-  const __m512 z = _mm512_mul_ps(t, t);
-  __m512 q = _mm512_set1_ps(1.0f / 13);
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(1.0f / 11));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(1.0f / 9));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(1.0f / 7));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(1.0f / 5));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(1.0f / 3));
-  q = _mm512_fmadd_ps(q, z, _mm512_set1_ps(1.0f));
-  const __m512 log1p_y = _mm512_mul_ps(_mm512_add_ps(t, t), q);
-  return _mm512_add_ps(_mm512_max_ps(x, _mm512_setzero_ps()), log1p_y);
-}
-
-FASTCON_AVX512 inline __mmask16 tail_mask(int64_t bc, int64_t j) {
-  return bc - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (bc - j)) - 1);
-}
-
-// lanes j..j+15 of tile row r that take part: different ids, or the positive pair
-FASTCON_AVX512 inline __mmask16 keep_mask(const Tile<float>& t, int64_t r, int64_t j, __mmask16 tail) {
-  const __m512i rid = _mm512_set1_epi64(t.row_ids[r]);
-  const __mmask8 lo = _mm512_mask_cmpneq_epi64_mask(
-      __mmask8(tail), _mm512_maskz_loadu_epi64(__mmask8(tail), t.col_ids + j), rid);
-  const __mmask8 hi = _mm512_mask_cmpneq_epi64_mask(
-      __mmask8(tail >> 8), _mm512_maskz_loadu_epi64(__mmask8(tail >> 8), t.col_ids + j + 8), rid);
-  __mmask16 keep = __mmask16(lo) | __mmask16(__mmask16(hi) << 8);
-  const int64_t p = r + t.pos - j;
-  if (p >= 0 && p < 16) keep |= __mmask16(1u << p);
-  return keep & tail;
-}
-
-template <bool Masked>
-FASTCON_AVX512 void fwd_fixed_avx512(const Tile<float>& t, float shift, float* row_out, float* col_out) {
-  for (int64_t j = 0; j < t.bc; j += 16) _mm512_storeu_ps(col_out + j, _mm512_setzero_ps());
-  const __m512 vshift = _mm512_set1_ps(shift);
-  for (int64_t r = 0; r < t.br; ++r) {
-    const float* s = t.s + r * kLds;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < t.bc; j += 16) {
-      const __mmask16 tail = tail_mask(t.bc, j);
-      const __mmask16 k = Masked ? keep_mask(t, r, j, tail) : tail;
-      const __m512 e = _mm512_maskz_mov_ps(k, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vshift)));
-      acc = _mm512_add_ps(acc, e);
-      _mm512_storeu_ps(col_out + j, _mm512_add_ps(_mm512_loadu_ps(col_out + j), e));
+// AVX2 has no mask registers and no scalef: masks are all-ones / all-zero 32-bit lanes, and 2^n
+// is applied in two halves (each a normal number, so overflow gives inf and underflow is gradual).
+struct V {
+  static constexpr int64_t kLanes = 8;
+  using F = __m256;
+  using M = __m256i;
+  FI static F zero() { return _mm256_setzero_ps(); }
+  FI static F set1(float x) { return _mm256_set1_ps(x); }
+  FI static F load(const float* p) { return _mm256_loadu_ps(p); }
+  FI static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+  FI static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  FI static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  FI static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  FI static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  FI static F min(F a, F b) { return _mm256_min_ps(a, b); }
+  FI static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  FI static F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  FI static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  FI static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  FI static F round(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  FI static F scale2(F p, F n) {  // n integral in [-150, 128]: halves n1 = n >> 1, n2 = n - n1 in [-75, 64]
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i n1 = _mm256_srai_epi32(ni, 1);
+    const __m256i n2 = _mm256_sub_epi32(ni, n1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    const F f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+    const F f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+  }
+  FI static float hsum(F v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+  }
+  FI static float hmax(F v) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_max_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+  }
+  FI static M tail(int64_t bc, int64_t j) {
+    const int32_t left = static_cast<int32_t>(std::min<int64_t>(bc - j, kLanes));
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  FI static M keep(const Tile<float>& t, int64_t r, int64_t j, M tail) {
+    const __m256i rid = _mm256_set1_epi64x(t.row_ids[r]);
+    // 64-bit lane masks of the two halves, from the 32-bit tail mask
+    const __m256i tail_lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(tail));
+    const __m256i tail_hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(tail, 1));
+    const __m256i ids_lo = _mm256_maskload_epi64(reinterpret_cast<const long long*>(t.col_ids + j), tail_lo);
+    const __m256i ids_hi = _mm256_maskload_epi64(reinterpret_cast<const long long*>(t.col_ids + j + 4), tail_hi);
+    // equal ids -> all-ones 64-bit lanes; take the low 32 bits of each into 8 lanes
+    const __m256i pick = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    const __m256i eq_lo = _mm256_permutevar8x32_epi32(_mm256_cmpeq_epi64(ids_lo, rid), pick);
+    const __m256i eq_hi = _mm256_permutevar8x32_epi32(_mm256_cmpeq_epi64(ids_hi, rid), pick);
+    M k = _mm256_andnot_si256(_mm256_blend_epi32(eq_lo, eq_hi, 0xF0), tail);
+    const int64_t p = r + t.pos - j;
+    if (p >= 0 && p < kLanes) {
+      const __m256i lane = _mm256_cmpeq_epi32(_mm256_set1_epi32(static_cast<int32_t>(p)),
+                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      k = _mm256_or_si256(k, _mm256_and_si256(lane, tail));
     }
-    row_out[r] = _mm512_reduce_add_ps(acc);
+    return k;
   }
-}
+  FI static F zero_unless(M k, F x) { return _mm256_and_ps(_mm256_castsi256_ps(k), x); }
+  FI static F where(M k, F x, F other) { return _mm256_blendv_ps(other, x, _mm256_castsi256_ps(k)); }
+  FI static F load_tail(const float* p, M tail) { return _mm256_maskload_ps(p, tail); }
+};
 
-template <bool Masked>
-FASTCON_AVX512 void tile_max_avx512(const Tile<float>& t, float* row_out, float* col_out) {
-  const __m512 ninf = _mm512_set1_ps(kNegInf<float>);
-  for (int64_t j = 0; j < t.bc; j += 16) _mm512_storeu_ps(col_out + j, ninf);
-  for (int64_t r = 0; r < t.br; ++r) {
-    const float* s = t.s + r * kLds;
-    __m512 mx = ninf;
-    for (int64_t j = 0; j < t.bc; j += 16) {
-      const __mmask16 tail = tail_mask(t.bc, j);
-      const __mmask16 k = Masked ? keep_mask(t, r, j, tail) : tail;
-      const __m512 x = _mm512_mask_mov_ps(ninf, k, _mm512_loadu_ps(s + j));
-      mx = _mm512_max_ps(mx, x);
-      _mm512_storeu_ps(col_out + j, _mm512_max_ps(_mm512_loadu_ps(col_out + j), x));
-    }
-    row_out[r] = _mm512_reduce_max_ps(mx);
+#include "cpu/soft_contrastive_simd.h"
+
+}  // namespace isa_avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma,avx2,bmi2")
+namespace isa_avx512 {
+
+struct V {
+  static constexpr int64_t kLanes = 16;
+  using F = __m512;
+  using M = __mmask16;
+  FI static F zero() { return _mm512_setzero_ps(); }
+  FI static F set1(float x) { return _mm512_set1_ps(x); }
+  FI static F load(const float* p) { return _mm512_loadu_ps(p); }
+  FI static void store(float* p, F x) { _mm512_storeu_ps(p, x); }
+  FI static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  FI static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  FI static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  FI static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  FI static F min(F a, F b) { return _mm512_min_ps(a, b); }
+  FI static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  FI static F abs(F a) { return _mm512_abs_ps(a); }
+  FI static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  FI static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  FI static F round(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  FI static F scale2(F p, F n) { return _mm512_scalef_ps(p, n); }
+  FI static float hsum(F v) { return _mm512_reduce_add_ps(v); }
+  FI static float hmax(F v) { return _mm512_reduce_max_ps(v); }
+  FI static M tail(int64_t bc, int64_t j) {
+    return bc - j >= kLanes ? M(0xFFFF) : M((1u << (bc - j)) - 1);
   }
-}
-
-template <bool Masked>
-FASTCON_AVX512 void fwd_running_avx512(const Tile<float>& t, const float* row_max, const float* col_max,
-                                       float* row_out, float* col_out) {
-  if (col_max)
-    for (int64_t j = 0; j < t.bc; j += 16) _mm512_storeu_ps(col_out + j, _mm512_setzero_ps());
-  for (int64_t r = 0; r < t.br; ++r) {
-    const float* s = t.s + r * kLds;
-    const __m512 rm = _mm512_set1_ps(row_max[r]);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < t.bc; j += 16) {
-      const __mmask16 tail = tail_mask(t.bc, j);
-      const __mmask16 k = Masked ? keep_mask(t, r, j, tail) : tail;
-      const __m512 x = _mm512_loadu_ps(s + j);
-      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(k, exp_ps(_mm512_sub_ps(x, rm))));
-      if (col_max) {
-        const __m512 ec = _mm512_maskz_mov_ps(k, exp_ps(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(tail, col_max + j))));
-        _mm512_storeu_ps(col_out + j, _mm512_add_ps(_mm512_loadu_ps(col_out + j), ec));
-      }
-    }
-    row_out[r] = _mm512_reduce_add_ps(acc);
+  FI static M keep(const Tile<float>& t, int64_t r, int64_t j, M tail) {
+    const __m512i rid = _mm512_set1_epi64(t.row_ids[r]);
+    const __mmask8 lo = _mm512_mask_cmpneq_epi64_mask(
+        __mmask8(tail), _mm512_maskz_loadu_epi64(__mmask8(tail), t.col_ids + j), rid);
+    const __mmask8 hi = _mm512_mask_cmpneq_epi64_mask(
+        __mmask8(tail >> 8), _mm512_maskz_loadu_epi64(__mmask8(tail >> 8), t.col_ids + j + 8), rid);
+    M k = M(lo) | M(M(hi) << 8);
+    const int64_t p = r + t.pos - j;
+    if (p >= 0 && p < kLanes) k |= M(1u << p);
+    return k & tail;
   }
-}
+  FI static F zero_unless(M k, F x) { return _mm512_maskz_mov_ps(k, x); }
+  FI static F where(M k, F x, F other) { return _mm512_mask_mov_ps(other, k, x); }
+  FI static F load_tail(const float* p, M tail) { return _mm512_maskz_loadu_ps(tail, p); }
+};
 
-FASTCON_AVX512 void fwd_sigmoid_avx512(const Tile<float>& t, float bias, float* row_out) {
-  const __m512 vb = _mm512_set1_ps(bias);
-  for (int64_t r = 0; r < t.br; ++r) {
-    const float* s = t.s + r * kLds;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < t.bc; j += 16) {
-      const __m512 sp = softplus_ps(_mm512_add_ps(_mm512_loadu_ps(s + j), vb));
-      acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(tail_mask(t.bc, j), sp));
-    }
-    row_out[r] = _mm512_reduce_add_ps(acc);
-  }
-}
+#include "cpu/soft_contrastive_simd.h"
 
-template <bool Masked>
-FASTCON_AVX512 void bwd_fixed_avx512(const Tile<float>& t, float shift, const float* a, const float* b,
-                                     float* wsum_out) {
-  const __m512 vshift = _mm512_set1_ps(shift);
-  for (int64_t r = 0; r < t.br; ++r) {
-    float* s = t.s + r * kLds;
-    const __m512 va = _mm512_set1_ps(a[r]);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < t.bc; j += 16) {
-      const __mmask16 tail = tail_mask(t.bc, j);
-      const __mmask16 k = Masked ? keep_mask(t, r, j, tail) : tail;
-      const __m512 coef = b ? _mm512_add_ps(va, _mm512_maskz_loadu_ps(tail, b + j)) : va;
-      const __m512 w =
-          _mm512_maskz_mov_ps(k, _mm512_mul_ps(exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vshift)), coef));
-      _mm512_storeu_ps(s + j, w);
-      acc = _mm512_add_ps(acc, w);
-    }
-    wsum_out[r] = _mm512_reduce_add_ps(acc);
-  }
-}
+}  // namespace isa_avx512
+#pragma GCC pop_options
 
-template <bool Masked>
-FASTCON_AVX512 void bwd_running_avx512(const Tile<float>& t, const float* g, const float* lse_r, const float* h,
-                                       const float* lse_c, float* wsum_out) {
-  for (int64_t r = 0; r < t.br; ++r) {
-    float* s = t.s + r * kLds;
-    const __m512 vg = _mm512_set1_ps(g[r]), vl = _mm512_set1_ps(lse_r[r]);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < t.bc; j += 16) {
-      const __mmask16 tail = tail_mask(t.bc, j);
-      const __mmask16 k = Masked ? keep_mask(t, r, j, tail) : tail;
-      const __m512 x = _mm512_loadu_ps(s + j);
-      __m512 w = _mm512_mul_ps(vg, exp_ps(_mm512_sub_ps(x, vl)));
-      if (h) {
-        const __m512 ec = exp_ps(_mm512_sub_ps(x, _mm512_maskz_loadu_ps(tail, lse_c + j)));
-        w = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, h + j), ec, w);
-      }
-      w = _mm512_maskz_mov_ps(k, w);
-      _mm512_storeu_ps(s + j, w);
-      acc = _mm512_add_ps(acc, w);
-    }
-    wsum_out[r] = _mm512_reduce_add_ps(acc);
-  }
-}
-
-FASTCON_AVX512 void bwd_sigmoid_avx512(const Tile<float>& t, float bias, const float* g, float* wsum_out) {
-  const __m512 vb = _mm512_set1_ps(bias), one = _mm512_set1_ps(1.0f);
-  for (int64_t r = 0; r < t.br; ++r) {
-    float* s = t.s + r * kLds;
-    const __m512 vg = _mm512_set1_ps(g[r]);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < t.bc; j += 16) {
-      const __m512 x = _mm512_add_ps(_mm512_loadu_ps(s + j), vb);
-      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), x));
-      const __m512 w = _mm512_maskz_div_ps(tail_mask(t.bc, j), vg, _mm512_add_ps(one, e));
-      _mm512_storeu_ps(s + j, w);
-      acc = _mm512_add_ps(acc, w);
-    }
-    wsum_out[r] = _mm512_reduce_add_ps(acc);
-  }
-}
-
-// ---- AVX2 path (float; CPUs with AVX2 + FMA but no AVX-512) --------------------------------
-// The same passes as the AVX-512 ones on 8 lanes. AVX2 has no scalef and no mask registers:
-// 2^n is applied in two halves (each a normal number, so overflow gives inf and underflow is
-// gradual as with scalef) and lane masks are all-ones / all-zero vectors.
-
-// exp with the same range reduction and polynomial as exp_ps above (about 1 ulp)
-FASTCON_AVX2 inline __m256 exp_ps8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.0f)), _mm256_set1_ps(89.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  // p * 2^n as p * 2^n1 * 2^n2 with n1 = n >> 1, n2 = n - n1, both in [-75, 64]
-  const __m256i ni = _mm256_cvtps_epi32(n);
-  const __m256i n1 = _mm256_srai_epi32(ni, 1);
-  const __m256i n2 = _mm256_sub_epi32(ni, n1);
-  const __m256i bias = _mm256_set1_epi32(127);
-  const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
-  const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
-  return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
-}
-
-// softplus as softplus_ps above
-FASTCON_AVX2 inline __m256 softplus_ps8(__m256 x) {
-  const __m256 absx = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  const __m256 y = exp_ps8(_mm256_sub_ps(_mm256_setzero_ps(), absx));
-  const __m256 t = _mm256_div_ps(y, _mm256_add_ps(y, _mm256_set1_ps(2.0f)));
-  const __m256 z = _mm256_mul_ps(t, t);
-  __m256 q = _mm256_set1_ps(1.0f / 13);
-  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(1.0f / 11));
-  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(1.0f / 9));
-  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(1.0f / 7));
-  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(1.0f / 5));
-  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(1.0f / 3));
-  q = _mm256_fmadd_ps(q, z, _mm256_set1_ps(1.0f));
-  const __m256 log1p_y = _mm256_mul_ps(_mm256_add_ps(t, t), q);
-  return _mm256_add_ps(_mm256_max_ps(x, _mm256_setzero_ps()), log1p_y);
-}
-
-FASTCON_AVX2 inline float hsum8(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
-FASTCON_AVX2 inline float hmax8(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_max_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
-// lanes j..j+7 inside the tile (all-ones 32-bit lanes)
-FASTCON_AVX2 inline __m256i tail_mask8(int64_t bc, int64_t j) {
-  const int32_t left = static_cast<int32_t>(std::min<int64_t>(bc - j, 8));
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// loads lanes inside the tile, 0 elsewhere (for per-column arrays that are not padded)
-FASTCON_AVX2 inline __m256 load_tail8(const float* p, __m256i tail) { return _mm256_maskload_ps(p, tail); }
-
-// lanes of tile row r that take part: different ids, or the positive pair (as keep_mask)
-FASTCON_AVX2 inline __m256i keep_mask8(const Tile<float>& t, int64_t r, int64_t j, __m256i tail) {
-  const __m256i rid = _mm256_set1_epi64x(t.row_ids[r]);
-  // 64-bit lane masks of the two halves, from the 32-bit tail mask
-  const __m256i tail_lo = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(tail));
-  const __m256i tail_hi = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(tail, 1));
-  const __m256i ids_lo = _mm256_maskload_epi64(reinterpret_cast<const long long*>(t.col_ids + j), tail_lo);
-  const __m256i ids_hi = _mm256_maskload_epi64(reinterpret_cast<const long long*>(t.col_ids + j + 4), tail_hi);
-  // equal ids -> all-ones 64-bit lanes; take the low 32 bits of each into 8 lanes
-  const __m256i pick = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
-  const __m256i eq_lo = _mm256_permutevar8x32_epi32(_mm256_cmpeq_epi64(ids_lo, rid), pick);
-  const __m256i eq_hi = _mm256_permutevar8x32_epi32(_mm256_cmpeq_epi64(ids_hi, rid), pick);
-  __m256i keep = _mm256_andnot_si256(_mm256_blend_epi32(eq_lo, eq_hi, 0xF0), tail);
-  const int64_t p = r + t.pos - j;
-  if (p >= 0 && p < 8) {
-    const __m256i lane = _mm256_cmpeq_epi32(_mm256_set1_epi32(static_cast<int32_t>(p)),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    keep = _mm256_or_si256(keep, _mm256_and_si256(lane, tail));
-  }
-  return keep;
-}
-
-FASTCON_AVX2 inline __m256 masked8(__m256i k, __m256 x) { return _mm256_and_ps(_mm256_castsi256_ps(k), x); }
-
-template <bool Masked>
-FASTCON_AVX2 void fwd_fixed_avx2(const Tile<float>& t, float shift, float* row_out, float* col_out) {
-  for (int64_t j = 0; j < t.bc; j += 8) _mm256_storeu_ps(col_out + j, _mm256_setzero_ps());
-  const __m256 vshift = _mm256_set1_ps(shift);
-  for (int64_t r = 0; r < t.br; ++r) {
-    const float* s = t.s + r * kLds;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < t.bc; j += 8) {
-      const __m256i tail = tail_mask8(t.bc, j);
-      const __m256i k = Masked ? keep_mask8(t, r, j, tail) : tail;
-      const __m256 e = masked8(k, exp_ps8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vshift)));
-      acc = _mm256_add_ps(acc, e);
-      _mm256_storeu_ps(col_out + j, _mm256_add_ps(_mm256_loadu_ps(col_out + j), e));
-    }
-    row_out[r] = hsum8(acc);
-  }
-}
-
-template <bool Masked>
-FASTCON_AVX2 void tile_max_avx2(const Tile<float>& t, float* row_out, float* col_out) {
-  const __m256 ninf = _mm256_set1_ps(kNegInf<float>);
-  for (int64_t j = 0; j < t.bc; j += 8) _mm256_storeu_ps(col_out + j, ninf);
-  for (int64_t r = 0; r < t.br; ++r) {
-    const float* s = t.s + r * kLds;
-    __m256 mx = ninf;
-    for (int64_t j = 0; j < t.bc; j += 8) {
-      const __m256i tail = tail_mask8(t.bc, j);
-      const __m256i k = Masked ? keep_mask8(t, r, j, tail) : tail;
-      const __m256 x = _mm256_blendv_ps(ninf, _mm256_loadu_ps(s + j), _mm256_castsi256_ps(k));
-      mx = _mm256_max_ps(mx, x);
-      _mm256_storeu_ps(col_out + j, _mm256_max_ps(_mm256_loadu_ps(col_out + j), x));
-    }
-    row_out[r] = hmax8(mx);
-  }
-}
-
-template <bool Masked>
-FASTCON_AVX2 void fwd_running_avx2(const Tile<float>& t, const float* row_max, const float* col_max, float* row_out,
-                                   float* col_out) {
-  if (col_max)
-    for (int64_t j = 0; j < t.bc; j += 8) _mm256_storeu_ps(col_out + j, _mm256_setzero_ps());
-  for (int64_t r = 0; r < t.br; ++r) {
-    const float* s = t.s + r * kLds;
-    const __m256 rm = _mm256_set1_ps(row_max[r]);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < t.bc; j += 8) {
-      const __m256i tail = tail_mask8(t.bc, j);
-      const __m256i k = Masked ? keep_mask8(t, r, j, tail) : tail;
-      const __m256 x = _mm256_loadu_ps(s + j);
-      acc = _mm256_add_ps(acc, masked8(k, exp_ps8(_mm256_sub_ps(x, rm))));
-      if (col_max) {
-        const __m256 ec = masked8(k, exp_ps8(_mm256_sub_ps(x, load_tail8(col_max + j, tail))));
-        _mm256_storeu_ps(col_out + j, _mm256_add_ps(_mm256_loadu_ps(col_out + j), ec));
-      }
-    }
-    row_out[r] = hsum8(acc);
-  }
-}
-
-FASTCON_AVX2 void fwd_sigmoid_avx2(const Tile<float>& t, float bias, float* row_out) {
-  const __m256 vb = _mm256_set1_ps(bias);
-  for (int64_t r = 0; r < t.br; ++r) {
-    const float* s = t.s + r * kLds;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < t.bc; j += 8) {
-      const __m256 sp = softplus_ps8(_mm256_add_ps(_mm256_loadu_ps(s + j), vb));
-      acc = _mm256_add_ps(acc, masked8(tail_mask8(t.bc, j), sp));
-    }
-    row_out[r] = hsum8(acc);
-  }
-}
-
-template <bool Masked>
-FASTCON_AVX2 void bwd_fixed_avx2(const Tile<float>& t, float shift, const float* a, const float* b, float* wsum_out) {
-  const __m256 vshift = _mm256_set1_ps(shift);
-  for (int64_t r = 0; r < t.br; ++r) {
-    float* s = t.s + r * kLds;
-    const __m256 va = _mm256_set1_ps(a[r]);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < t.bc; j += 8) {
-      const __m256i tail = tail_mask8(t.bc, j);
-      const __m256i k = Masked ? keep_mask8(t, r, j, tail) : tail;
-      const __m256 coef = b ? _mm256_add_ps(va, load_tail8(b + j, tail)) : va;
-      const __m256 w = masked8(k, _mm256_mul_ps(exp_ps8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vshift)), coef));
-      _mm256_storeu_ps(s + j, w);
-      acc = _mm256_add_ps(acc, w);
-    }
-    wsum_out[r] = hsum8(acc);
-  }
-}
-
-template <bool Masked>
-FASTCON_AVX2 void bwd_running_avx2(const Tile<float>& t, const float* g, const float* lse_r, const float* h,
-                                   const float* lse_c, float* wsum_out) {
-  for (int64_t r = 0; r < t.br; ++r) {
-    float* s = t.s + r * kLds;
-    const __m256 vg = _mm256_set1_ps(g[r]), vl = _mm256_set1_ps(lse_r[r]);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < t.bc; j += 8) {
-      const __m256i tail = tail_mask8(t.bc, j);
-      const __m256i k = Masked ? keep_mask8(t, r, j, tail) : tail;
-      const __m256 x = _mm256_loadu_ps(s + j);
-      __m256 w = _mm256_mul_ps(vg, exp_ps8(_mm256_sub_ps(x, vl)));
-      if (h) {
-        const __m256 ec = exp_ps8(_mm256_sub_ps(x, load_tail8(lse_c + j, tail)));
-        w = _mm256_fmadd_ps(load_tail8(h + j, tail), ec, w);
-      }
-      w = masked8(k, w);
-      _mm256_storeu_ps(s + j, w);
-      acc = _mm256_add_ps(acc, w);
-    }
-    wsum_out[r] = hsum8(acc);
-  }
-}
-
-FASTCON_AVX2 void bwd_sigmoid_avx2(const Tile<float>& t, float bias, const float* g, float* wsum_out) {
-  const __m256 vb = _mm256_set1_ps(bias), one = _mm256_set1_ps(1.0f);
-  for (int64_t r = 0; r < t.br; ++r) {
-    float* s = t.s + r * kLds;
-    const __m256 vg = _mm256_set1_ps(g[r]);
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < t.bc; j += 8) {
-      const __m256 x = _mm256_add_ps(_mm256_loadu_ps(s + j), vb);
-      const __m256 e = exp_ps8(_mm256_sub_ps(_mm256_setzero_ps(), x));
-      const __m256 w = masked8(tail_mask8(t.bc, j), _mm256_div_ps(vg, _mm256_add_ps(one, e)));
-      _mm256_storeu_ps(s + j, w);
-      acc = _mm256_add_ps(acc, w);
-    }
-    wsum_out[r] = hsum8(acc);
-  }
-}
-
-#endif  // FASTCON_SC_AVX512
+#undef FI
+#endif  // FASTCON_SC_SIMD
 
 // ---- dispatch of the tile passes -----------------------------------------------------------
 
 // The tile passes: AVX-512 or AVX2 for float (`isa`: cpu::active_isa, decided once per call),
 // else scalar.
-#if FASTCON_SC_AVX512
+#if FASTCON_SC_SIMD
 #define FASTCON_SC_DISPATCH(masked, name, ...)                                             \
   do {                                                                                     \
     if constexpr (std::is_same_v<T, float>) {                                              \
       if (isa == Isa::kAvx512) {                                                           \
-        masked ? name##_avx512<true>(__VA_ARGS__) : name##_avx512<false>(__VA_ARGS__);    \
+        masked ? isa_avx512::name<true>(__VA_ARGS__) : isa_avx512::name<false>(__VA_ARGS__);\
         break;                                                                             \
       }                                                                                    \
       if (isa == Isa::kAvx2) {                                                             \
-        masked ? name##_avx2<true>(__VA_ARGS__) : name##_avx2<false>(__VA_ARGS__);        \
+        masked ? isa_avx2::name<true>(__VA_ARGS__) : isa_avx2::name<false>(__VA_ARGS__);    \
         break;                                                                             \
       }                                                                                    \
     }                                                                                      \
@@ -641,11 +361,11 @@ FASTCON_AVX2 void bwd_sigmoid_avx2(const Tile<float>& t, float bias, const float
   do {                                                                                     \
     if constexpr (std::is_same_v<T, float>) {                                              \
       if (isa == Isa::kAvx512) {                                                           \
-        name##_avx512(__VA_ARGS__);                                                        \
+        isa_avx512::name(__VA_ARGS__);                                                     \
         break;                                                                             \
       }                                                                                    \
       if (isa == Isa::kAvx2) {                                                             \
-        name##_avx2(__VA_ARGS__);                                                          \
+        isa_avx2::name(__VA_ARGS__);                                                       \
         break;                                                                             \
       }                                                                                    \
     }                                                                                      \
