@@ -717,7 +717,6 @@ def test_dali_gpu_reader_matches_torch(loader_data):
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    pytest.importorskip("pyogrio")
     from fastcon.data import prepare_sample
 
     out = str(tmp_path_factory.mktemp("sample"))

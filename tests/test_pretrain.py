@@ -69,7 +69,6 @@ CPU = ["model.compile=false", "train.precision=fp32", "model.weights=null"]
 @pytest.fixture(scope="session")
 def sample(tmp_path_factory):
     """The bundled real Sentinel-2 sample (253 tiles of 13 x 128 x 128, 8 OSM classes)."""
-    pytest.importorskip("pyogrio")
     from fastcon.data import prepare_sample
 
     out = str(tmp_path_factory.mktemp("sample"))
@@ -80,7 +79,6 @@ def sample(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s1_sample(tmp_path_factory):
     """A Sentinel-1-like (VV, VH in dB) two-band version of the sample, with the same OSM labels."""
-    pytest.importorskip("pyogrio")
     import rasterio
 
     from fastcon.data import prepare
