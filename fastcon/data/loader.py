@@ -153,10 +153,13 @@ class TwoViewLoader:
 
 
 class _StepBatches(torch.utils.data.Dataset):
-    """Map-style dataset whose items are whole batches, keyed by (epoch, step); small to pickle."""
+    """Map-style dataset whose items are whole batches, keyed by (epoch, step).
 
-    def __init__(self, plan: EpochPlan, files: list[str], shape, crop_size: int, mean, std):
-        self.plan, self.files, self.shape, self.crop_size = plan, files, tuple(shape), crop_size
+    ``read_tile``: the dataset's tile reader (``.npy`` files, or band-file windows on ``--store raw``).
+    """
+
+    def __init__(self, plan: EpochPlan, read_tile, crop_size: int, mean, std):
+        self.plan, self.read_tile, self.crop_size = plan, read_tile, crop_size
         self.mean, self.std = torch.as_tensor(mean), torch.as_tensor(std)
         self._orders = {}
 
@@ -165,18 +168,12 @@ class _StepBatches(torch.utils.data.Dataset):
             self._orders = {epoch: self.plan.order(epoch)}  # one epoch at a time: orders can be large
         return self._orders[epoch]
 
-    def _read(self, i):
-        a = np.load(self.files[i])
-        if a.dtype != np.uint16 or a.shape != self.shape:
-            raise ValueError(f"tile {self.files[i]} is {a.dtype} {a.shape}; expected uint16 {self.shape}")
-        return a
-
     def __getitem__(self, key):
         epoch, step = key
         p = self.plan
         n = p.batch_size_at(step)
         indices = self._order(epoch)[step * p.batch_size : step * p.batch_size + n]
-        tiles = torch.from_numpy(np.stack([self._read(i) for i in indices]).astype(np.float32))
+        tiles = torch.from_numpy(np.stack([self.read_tile(i) for i in indices]).astype(np.float32))
         rois = torch.from_numpy(p.rois(epoch, step)[:, :n])
         view1 = render_views(tiles, rois[0], self.crop_size, self.mean, self.std)
         view2 = render_views(tiles, rois[1], self.crop_size, self.mean, self.std) if p.augment else view1
@@ -207,10 +204,7 @@ class TorchLoader(TwoViewLoader):
 
     def __init__(self, dataset, plan, *, pin_memory: bool | None = None, **kwargs):
         super().__init__(dataset, plan, **kwargs)
-        ds = dataset
-        batches = _StepBatches(
-            plan, ds.files, (ds.num_bands, ds.tile_size, ds.tile_size), self.crop_size, ds.mean, ds.std
-        )
+        batches = _StepBatches(plan, dataset.read_tile, self.crop_size, dataset.mean, dataset.std)
         self._sampler = _StepSampler(plan.steps_per_epoch)
         workers = self.num_workers
         self._dataloader = torch.utils.data.DataLoader(

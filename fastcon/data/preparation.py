@@ -40,6 +40,7 @@ from fastcon import _checks
 from fastcon.data.bands import BandSet, get_band_set
 from fastcon.data.inputs import InputError, SceneInput, find_inputs
 from fastcon.data.landcover import LandCover, class_pixel_counts, open_landcover
+from fastcon.data.raw import STORES, band_sources, manifest_columns, write_scenes
 from fastcon.data.stats import RunningStats, write_stats
 
 FORMAT_VERSION = 1
@@ -63,6 +64,7 @@ class _Job:
     tiles_dir: str
     max_strip_bytes: int
     read_threads: int
+    store: str = "npy"
 
 
 @dataclass
@@ -125,6 +127,7 @@ def process_scene(scene: SceneInput, job: _Job) -> dict:
             scene, bs, resolution=job.resolution, resampling=job.resampling, threads=job.read_threads
         ) as reader:
             grid = reader.grid
+            raw = {"raw": band_sources(reader)} if job.store == "raw" else {}
             if job.landcover is not None:
                 job.landcover.check_overlap(grid, scene.key)
             rows, cols = _offsets(grid.height, size, stride), _offsets(grid.width, size, stride)
@@ -149,7 +152,9 @@ def process_scene(scene: SceneInput, job: _Job) -> dict:
                         tile = data[:, y : y + size, c : c + size]
                         tile_id = f"{scene.tile_prefix}_{r // stride:03d}_{c // stride:03d}"
                         path = os.path.join(job.tiles_dir, tile_id + ".npy")
-                        if not os.path.exists(path):  # a rerun of a half-done scene keeps finished tiles
+                        if job.store == "npy" and not os.path.exists(
+                            path
+                        ):  # a rerun of a half-done scene keeps finished tiles
                             _save_atomic(path, tile)
                             written.append(path)
                         stats.update(tile.reshape(bs.num_bands, -1) if nodata == 0.0 else tile[:, ok])
@@ -172,6 +177,7 @@ def process_scene(scene: SceneInput, job: _Job) -> dict:
         "counts": counts,
         "stats": stats.to_dict(),
         "new_tiles": len(written),
+        **raw,
     }
 
 
@@ -301,6 +307,7 @@ def prepare(
     on_error: str = "skip",
     progress: bool = True,
     max_strip_mib: float = 1024,
+    store: str = "npy",
 ) -> PrepareSummary:
     """Tile raw rasters into ``out_dir``; see the module docstring and ``fastcon.data``.
 
@@ -320,6 +327,8 @@ def prepare(
     workers: process-pool size (default: CPU count); 0 or 1 runs in this process.
     on_error: "skip" (report bad inputs and go on) or "raise" (stop at the first).
     max_strip_mib: memory budget of one strip of a scene being read (float32 bands).
+    store: "npy" (write tiles/{id}.npy) or "raw" (no tile files: the manifest names each
+        tile's band files and windows, read at load time; see ``fastcon.data.raw``).
     """
     t0 = time.perf_counter()
     bs = get_band_set(band_set)
@@ -333,6 +342,7 @@ def prepare(
         resolution = _checks.real("resolution", resolution, low=0.0, low_open=True)
     _checks.choice("on_error", on_error, ("skip", "raise"))
     max_strip_mib = _checks.real("max_strip_mib", max_strip_mib, low=0.0, low_open=True)
+    _checks.choice("store", store, STORES)
     from rasterio.enums import Resampling
 
     if resampling not in Resampling.__members__:
@@ -354,7 +364,7 @@ def prepare(
     scenes, problems = find_inputs(inputs, bs, layout)
     out_dir = os.fspath(out_dir)
     tiles_dir = os.path.join(out_dir, TILES_DIR)
-    os.makedirs(tiles_dir, exist_ok=True)
+    os.makedirs(tiles_dir if store == "npy" else out_dir, exist_ok=True)
     settings = {
         "format_version": FORMAT_VERSION,
         "band_set": bs.name,
@@ -368,6 +378,8 @@ def prepare(
         "landcover": lc.describe() if lc else None,
         "classes": list(lc.class_names) if lc else [],
     }
+    if store != "npy":  # npy folders keep the settings of earlier versions, so they still resume
+        settings["store"] = store
     _check_settings(out_dir, settings)
     for stale in glob.glob(os.path.join(tiles_dir, ".*.tmp")):  # left by a run that was killed
         os.remove(stale)
@@ -381,7 +393,9 @@ def prepare(
     todo = []
     for s in scenes:
         rec = journal.get(s.key)
-        if rec is not None and all(os.path.exists(os.path.join(tiles_dir, t[0] + ".npy")) for t in rec["tiles"]):
+        if rec is not None and (
+            store == "raw" or all(os.path.exists(os.path.join(tiles_dir, t[0] + ".npy")) for t in rec["tiles"])
+        ):
             summary.resumed += 1
         else:
             todo.append(s)
@@ -400,6 +414,7 @@ def prepare(
         tiles_dir,
         int(max_strip_mib * 2**20),
         read_threads,
+        store,
     )
     bar = None
     if progress and todo:
@@ -478,6 +493,9 @@ def finalize(out_dir, *, label_threshold: float = 0.01, scene_block: float | Non
     )
     bands, classes, size = settings["bands"], settings["classes"], settings["tile_size"]
     tiles = [t for rec in records for t in rec["tiles"]]
+    raw = settings.get("store", "npy") == "raw"
+    if raw:
+        write_scenes(out_dir, records)
     n, k = len(tiles), len(classes)
     counts = np.array([c for rec in records for c in rec["counts"]], dtype=np.int64).reshape(n, k)
     fractions = (counts / float(size * size)).astype(np.float32)
@@ -493,7 +511,7 @@ def finalize(out_dir, *, label_threshold: float = 0.01, scene_block: float | Non
     manifest = pd.DataFrame(
         {
             "id": pd.Series(t[0], dtype=str),
-            "file": pd.Series([f"{TILES_DIR}/{i}.npy" for i in t[0]], dtype=str),
+            "file": pd.Series([f"{TILES_DIR}/{i}.npy" if not raw else "" for i in t[0]], dtype=str),
             "scene_id": scene_ids,
             "scene": pd.Series(scene_keys, dtype=str),
             "source": pd.Series(source, dtype=str),
@@ -507,6 +525,7 @@ def finalize(out_dir, *, label_threshold: float = 0.01, scene_block: float | Non
             "nodata_fraction": np.asarray(t[7], dtype=np.float64),
             "bands": pd.Series([",".join(bands)] * n, dtype=str),
             "classes": pd.Series(present, dtype=str),
+            **({k: pd.Series(v, dtype=str) for k, v in manifest_columns(records, size).items()} if raw else {}),
         }
     )
     manifest_file = _write_manifest(out_dir, manifest, bands, classes)
@@ -520,6 +539,7 @@ def finalize(out_dir, *, label_threshold: float = 0.01, scene_block: float | Non
 
     info = {
         **settings,
+        "store": settings.get("store", "npy"),
         "dtype": "uint16",
         "layout": "CHW",
         "num_tiles": n,
