@@ -14,9 +14,11 @@ import os
 import numpy as np
 import pytest
 import rasterio
+import torch
 from rasterio.transform import from_origin
 
 from fastcon.data import BAND_SETS, TileDataset, dali_available, make_loader, prepare, prepare_sample
+from fastcon.data.raw import DALI_TOLERANCE
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")
 S2 = BAND_SETS["s2c"]
@@ -163,3 +165,155 @@ def test_store_is_checked_and_kept_by_a_rerun(tmp_path, ssl4eo):
     assert s.processed == 0
     with pytest.raises(ValueError, match=r"store: 'raw' -> None"):
         prepare(src, out, tile_size=128, workers=0, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# DALI decoding (CPU here: device "cpu" decoders; the GPU path is the same graph with "mixed")
+
+
+def _dali_tiles(ds: TileDataset, batch: int) -> dict:
+    """Unaugmented DALI views of every tile of ``ds``, de-normalised: {tile id: (view, stored values)}."""
+    loader = make_loader(ds, batch, backend="dali", augment=False, shuffle=False, drop_last=False, num_workers=2)
+    mean, std = torch.as_tensor(ds.mean).view(-1, 1, 1), torch.as_tensor(ds.std).view(-1, 1, 1)
+    out = {}
+    for b in loader:
+        assert b["view1"] is b["view2"] or b["view1"].equal(b["view2"])
+        for tid, v in zip(b["tile_ids"], b["view1"]):
+            out[tid] = (v, (v * std + mean).round().to(torch.int64).numpy())
+    return out
+
+
+def _check_dali_raw(npy: str, raw: str, indices=None, batch: int = 4) -> dict:
+    """DALI on the raw folder vs the npy tiles: per band the largest difference in stored units."""
+    a, b = TileDataset(npy), TileDataset(raw)
+    if indices is not None:
+        a, b = a.subset(indices), b.subset(indices)
+    from_raw, from_npy = _dali_tiles(b, batch), _dali_tiles(a, batch)
+    assert sorted(from_raw) == sorted(from_npy) == sorted(a.ids[i] for i in a.indices)
+    worst = np.zeros(a.num_bands, dtype=np.int64)
+    for tid, (view, values) in from_raw.items():
+        tile = a.read_tile(a.index_of(tid)).astype(np.int64)
+        np.testing.assert_array_equal(from_npy[tid][1], tile)  # the npy path is exact
+        worst = np.maximum(worst, np.abs(values - tile).max(axis=(1, 2)))
+        exact = torch.from_numpy(np.abs(values - tile).max(axis=(1, 2)) == 0)
+        assert view[exact].equal(from_npy[tid][0][exact])  # equal tiles give bit-identical views
+    return dict(zip(a.band_names, worst.tolist()))
+
+
+@needs_dali
+def test_dali_decodes_the_raw_sample_into_the_npy_tiles(sample_both):
+    ds = TileDataset(sample_both["npy"])
+    m = ds.manifest
+    at = {(r, c): i for i, (r, c) in enumerate(zip(m.row, m.col))}
+    # corners, the middle, and tile (5, 14): its B8A window holds the scene's one nodata pixel
+    picks = [at[0, 0], at[5, 14], at[3, 7], at[m.row.max(), m.col.max()]]
+    worst = _check_dali_raw(sample_both["npy"], sample_both["raw"], picks)
+    for band, res in zip(S2.bands, S2.resolution_m):
+        assert worst[band] <= (DALI_TOLERANCE if res == 60 else 0), (band, worst)  # 10 m, 20 m: bit-identical
+
+
+@needs_dali
+def test_dali_decodes_a_raw_ssl4eo_folder_into_the_npy_tiles(ssl4eo):
+    _, out = ssl4eo
+    worst = _check_dali_raw(out["npy"], out["raw"], batch=5)
+    for band, res in zip(S2.bands, S2.resolution_m):
+        assert worst[band] <= (DALI_TOLERANCE if res == 60 else 0), (band, worst)
+    assert max(worst.values()) == DALI_TOLERANCE  # random values do hit rounding ties at 60 m
+
+
+@needs_dali
+def test_dali_raw_follows_the_same_plan_as_the_other_backends(ssl4eo):
+    _, out = ssl4eo
+    kw = dict(crop_size=48, seed=5, num_workers=2, drop_last=False, epoch=1)
+    ds = TileDataset(out["npy"])
+    tol = torch.as_tensor(DALI_TOLERANCE / ds.std).view(1, -1, 1, 1) + 1e-5
+    runs = [
+        list(make_loader(out[s], 4, backend=b, **kw)) for s, b in (("raw", "dali"), ("npy", "dali"), ("raw", "torch"))
+    ]
+    assert len(runs[0]) == len(runs[1]) == len(runs[2]) == 5
+    for x, y, z in zip(*runs):
+        assert x["tile_ids"] == y["tile_ids"] == z["tile_ids"]
+        assert x["labels"].equal(y["labels"])
+        assert x["scene_ids"].equal(z["scene_ids"])
+        for v in ("view1", "view2"):
+            assert ((x[v] - y[v]).abs() <= tol).all()
+            assert ((x[v] - z[v]).abs() <= tol + 1e-4).all()
+
+
+@needs_dali
+def test_dali_decodes_a_multiband_geotiff(tmp_path):
+    rng = np.random.default_rng(2)
+    path = str(tmp_path / "scene.tif")
+    a = rng.integers(1, 9000, size=(S2.num_bands, 64, 96)).astype(np.uint16)
+    profile = dict(driver="GTiff", width=96, height=64, count=S2.num_bands, dtype="uint16", crs="EPSG:32632")
+    with rasterio.open(path, "w", transform=from_origin(500_000.0, 5_600_000.0, 10.0, 10.0), **profile) as f:
+        f.write(a)
+    out = {}
+    for store in ("npy", "raw"):
+        out[store] = str(tmp_path / store)
+        prepare(path, out[store], layout="multiband", tile_size=32, workers=0, progress=False, store=store)
+    worst = _check_dali_raw(out["npy"], out["raw"])
+    assert set(worst.values()) == {0}
+
+
+@needs_dali
+def test_a_truncated_band_file_is_named_with_its_tiles(tmp_path):
+    src = write_ssl4eo(str(tmp_path / "data"), locations=("0000003",))
+    out = str(tmp_path / "raw")
+    prepare(src, out, tile_size=128, max_nodata=0.2, workers=0, progress=False, store="raw")
+    ds = TileDataset(out)
+    band = json.loads(ds.manifest.band_files[0])[S2.bands.index("B5")]
+    with open(band, "rb") as f:
+        data = f.read()
+    with open(band, "wb") as f:
+        f.write(data[: len(data) // 2])
+    loader = make_loader(ds, 2, backend="dali", shuffle=False, num_workers=1)
+    with pytest.raises(RuntimeError, match=rf"DALI could not decode {band} \(used by tile\(s\) s2c-0000003-.*_000_000"):
+        next(iter(loader))
+
+
+def test_dali_refuses_what_only_rasterio_does(tmp_path):
+    # Sentinel-1 dB values are encoded ((dB + 50) * 1000): the torch loader handles them
+    d = tmp_path / "s1" / "0000000" / "20200101T000000_20200101T000000_T32UXX"
+    d.mkdir(parents=True)
+    for band in ("VV", "VH"):
+        profile = dict(driver="GTiff", width=64, height=64, count=1, dtype="float32", crs="EPSG:32632")
+        with rasterio.open(str(d / f"{band}.tif"), "w", transform=from_origin(5e5, 6e6, 10, 10), **profile) as f:
+            f.write(np.full((1, 64, 64), -12.5, np.float32))
+    out = str(tmp_path / "raw")
+    prepare(str(tmp_path), out, band_set="s1", tile_size=32, workers=0, progress=False, store="raw")
+    if dali_available()[0]:
+        with pytest.raises(ValueError, match=r"band set 's1' encodes them .*use backend='torch'"):
+            make_loader(out, 2, backend="dali")
+    batch = next(iter(make_loader(out, 2, backend="torch", augment=False, num_workers=0)))
+    assert batch["view1"].shape == (2, 2, 32, 32)
+
+
+def test_the_data_modules_import_each_other_without_a_cycle():
+    # every `import fastcon.data.x` / `from fastcon.data.x import`, at module level or inside a function
+    import ast
+
+    import fastcon.data
+
+    folder = os.path.dirname(fastcon.data.__file__)
+    graph = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py") and name != "__init__.py":
+            with open(os.path.join(folder, name)) as f:
+                tree = ast.parse(f.read())
+            deps = set()
+            for node in ast.walk(tree):
+                mods = [node.module] if isinstance(node, ast.ImportFrom) else []
+                mods += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                deps |= {m.split(".")[2] for m in mods if m and m.startswith("fastcon.data.")}
+            graph[name[:-3]] = deps
+    assert {"dali", "twoview"} <= graph["loader"]
+    assert "loader" not in graph["dali"]
+
+    def visit(node, path):
+        assert node not in path, f"import cycle: {' -> '.join([*path, node])}"
+        for dep in graph.get(node, ()):
+            visit(dep, [*path, node])
+
+    for node in graph:
+        visit(node, [])

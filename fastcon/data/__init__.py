@@ -86,7 +86,7 @@ _LAZY = {
     "spatial_split": "fastcon.data.dataset",
     "read_manifest": "fastcon.data.dataset",
     "make_loader": "fastcon.data.loader",
-    "TwoViewLoader": "fastcon.data.loader",
+    "TwoViewLoader": "fastcon.data.twoview",
     "dali_available": "fastcon.data.loader",
     "RunningStats": "fastcon.data.stats",
 }
