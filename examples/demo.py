@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
     print("== 1. data: the bundled Sentinel-2 sample with OpenStreetMap land-use labels")
     t0 = time.perf_counter()
-    prepare_sample(args.data)
+    prepare_sample(args.data, store="npy")  # the faster store here (docs/raw-data.md)
     prep_s = time.perf_counter() - t0
 
     print("\n== 2. pretraining (SoftCon, examples/configs/demo.yaml)")

@@ -18,6 +18,7 @@ import torch
 from rasterio.transform import from_origin
 
 from fastcon.data import BAND_SETS, TileDataset, dali_available, make_loader, prepare, prepare_sample
+from fastcon.data.miniature import SSL4EO_SEASON, write_ssl4eo_s12
 from fastcon.data.raw import DALI_TOLERANCE
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")
@@ -25,32 +26,10 @@ S2 = BAND_SETS["s2c"]
 needs_dali = pytest.mark.skipif(not dali_available()[0], reason="nvidia-dali is not installed")
 
 
-def write_ssl4eo(root, *, locations=("0000000", "0000001"), seed=0) -> str:
-    """root/s2c/{id}/{season}/{band}.tif as in SSL4EO-S12 v1: 264 / 132 / 44 px at 10 / 20 / 60 m."""
-    rng = np.random.default_rng(seed)
-    compressions = ["deflate", "lzw", None]
-    for k, loc in enumerate(locations):
-        season = "20200401T101031_20200401T101027_T32UNU"
-        d = os.path.join(root, "s2c", loc, season)
-        os.makedirs(d)
-        left, top = 500_000.0 + 5_000 * k, 5_600_000.0
-        for j, (band, res) in enumerate(zip(S2.bands, S2.resolution_m)):
-            n = int(2640 // res)
-            a = rng.integers(1, 12_000, size=(n, n)).astype(np.uint16)
-            a[rng.random((n, n)) < 0.0005] = 0  # a few nodata pixels (Sentinel-2 marks them with 0)
-            profile = dict(driver="GTiff", width=n, height=n, count=1, dtype="uint16", crs="EPSG:32632")
-            profile["transform"] = from_origin(left, top, res, res)
-            if compressions[j % 3]:
-                profile["compress"] = compressions[j % 3]
-            with rasterio.open(os.path.join(d, f"{band}.tif"), "w", **profile) as ds:
-                ds.write(a, 1)
-    return os.path.join(root, "s2c")
-
-
 @pytest.fixture(scope="module")
 def ssl4eo(tmp_path_factory):
     base = tmp_path_factory.mktemp("ssl4eo")
-    src = write_ssl4eo(str(base / "data"))
+    src = write_ssl4eo_s12(str(base / "data"))
     out = {}
     for store in ("npy", "raw"):
         out[store] = str(base / store)
@@ -145,10 +124,10 @@ def test_command_line_store_raw(tmp_path, ssl4eo):
 
 
 def test_a_missing_band_file_is_caught_when_the_dataset_is_opened(tmp_path):
-    src = write_ssl4eo(str(tmp_path / "data"), locations=("0000007",))
+    src = write_ssl4eo_s12(str(tmp_path / "data"), locations=("0000007",))
     out = str(tmp_path / "raw")
     prepare(src, out, tile_size=128, workers=0, progress=False, store="raw")
-    band = os.path.join(src, "0000007", "20200401T101031_20200401T101027_T32UNU", "B11.tif")
+    band = os.path.join(src, "0000007", SSL4EO_SEASON, "B11.tif")
     os.remove(band)
     with pytest.raises(FileNotFoundError, match=r"1 are missing: .*B11\.tif \(band file of tile s2c-0000007-"):
         TileDataset(out)
@@ -258,7 +237,7 @@ def test_dali_decodes_a_multiband_geotiff(tmp_path):
 
 @needs_dali
 def test_a_truncated_band_file_is_named_with_its_tiles(tmp_path):
-    src = write_ssl4eo(str(tmp_path / "data"), locations=("0000003",))
+    src = write_ssl4eo_s12(str(tmp_path / "data"), locations=("0000003",))
     out = str(tmp_path / "raw")
     prepare(src, out, tile_size=128, max_nodata=0.2, workers=0, progress=False, store="raw")
     ds = TileDataset(out)
