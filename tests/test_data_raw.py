@@ -236,18 +236,28 @@ def test_dali_decodes_a_multiband_geotiff(tmp_path):
 
 
 @needs_dali
-def test_a_truncated_band_file_is_named_with_its_tiles(tmp_path):
-    src = write_ssl4eo_s12(str(tmp_path / "data"), locations=("0000003",))
+@pytest.mark.parametrize("damage", ["truncated GeoTIFF", "garbage GeoTIFF", "truncated JPEG 2000"])
+def test_an_undecodable_band_file_is_named_with_its_tiles(tmp_path, damage):
+    import shutil
+
+    from fastcon.data.sample import sample_dir
+
+    if "JPEG 2000" in damage:  # a copy of the real sample's bands
+        src = shutil.copytree(os.path.join(sample_dir(), "IMG_DATA"), str(tmp_path / "IMG_DATA"))
+        kw, prefix = dict(layout="bands", stride=128), "T33UUU_20170216T102101_"
+    else:
+        src = write_ssl4eo_s12(str(tmp_path / "data"), locations=("0000003",))
+        kw, prefix = dict(max_nodata=0.2), "s2c-0000003-"
     out = str(tmp_path / "raw")
-    prepare(src, out, tile_size=128, max_nodata=0.2, workers=0, progress=False, store="raw")
+    prepare(src, out, tile_size=128, workers=0, progress=False, store="raw", **kw)
     ds = TileDataset(out)
     band = json.loads(ds.manifest.band_files[0])[S2.bands.index("B5")]
     with open(band, "rb") as f:
         data = f.read()
     with open(band, "wb") as f:
-        f.write(data[: len(data) // 2])
-    loader = make_loader(ds, 2, backend="dali", shuffle=False, num_workers=1)
-    with pytest.raises(RuntimeError, match=rf"DALI could not decode {band} \(used by tile\(s\) s2c-0000003-.*_000_000"):
+        f.write(bytes(len(data)) if "garbage" in damage else data[: len(data) * 2 // 3])
+    loader = make_loader(ds.subset([0, 1, 2, 3]), 2, backend="dali", shuffle=False, num_workers=1)
+    with pytest.raises(RuntimeError, match=rf"DALI could not decode {band} \(used by tile\(s\) {prefix}.*000_000"):
         next(iter(loader))
 
 

@@ -336,6 +336,8 @@ class DALILoader(TwoViewLoader):
         ahead = order[step * plan.batch_size : (step + self.prefetch_queue_depth + 1) * plan.batch_size]
         files = ds.raw.files[ahead] if self.raw is not None else np.array([[ds.files[i]] for i in ahead], dtype=object)
         named = sorted({f for f in files.ravel() if f in msg})
+        if not named and self.raw is not None:  # DALI names no file when it cannot tell the format
+            named = _unreadable_headers(sorted(set(files.ravel())))
         if named:
             tiles = [ds.ids[i] for i, row in zip(ahead, files) if set(row) & set(named)]
             where = f"{', '.join(named)} (used by tile(s) {', '.join(tiles[:8])}{' ...' if len(tiles) > 8 else ''})"
@@ -346,3 +348,24 @@ class DALILoader(TwoViewLoader):
         return RuntimeError(
             f"DALI could not decode {where} at epoch {epoch}, step {step} or the steps it had read ahead: {first}"
         )
+
+
+def _unreadable_headers(files: list[str]) -> list[str]:
+    """The files whose image header DALI cannot parse (``fn.peek_image_shape``, no decoding)."""
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def peek(path):
+        data, _ = fn.readers.file(files=[path])
+        return fn.peek_image_shape(data)
+
+    bad = []
+    for f in files:
+        try:
+            p = peek(f)
+            p.build()
+            p.run()
+        except Exception:  # any failure to read the header is what we are looking for
+            bad.append(f)
+    return bad
