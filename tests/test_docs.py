@@ -1,7 +1,8 @@
 """The code in README.md and docs/*.md still holds.
 
 - Python blocks compile; every module they import exists and has the names they import; every
-  ``module.attr.attr`` they use on an imported module exists; calls of such functions and
+  ``module.attr.attr`` they use on an imported module (or on ``fastcon`` and ``torch``, which
+  snippets may use without importing them) exists; calls of such functions and
   classes bind to the real signature (keyword names, positional count).
 - Shell blocks: every ``python examples/X.py``, ``python -m module [subcommand]`` and
   ``torchrun ... examples/X.py`` shows only flags its argparse parser defines, and the
@@ -113,7 +114,8 @@ def test_python_block_compiles_and_its_names_exist(page, line, code):
         tree = ast.parse(code, filename=where)
     except SyntaxError as e:
         pytest.fail(f"{where}: the python block does not compile: {e}")
-    modules = {}  # local name -> (module, attribute path)
+    # local name -> (module, attribute path); snippets may use fastcon and torch without importing them
+    modules = {"fastcon": ("fastcon", []), "torch": ("torch", [])}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -327,6 +329,7 @@ def test_python_checks_catch_what_they_should():
         "import fastcon\nfastcon.soft_contrastive_loss(z1, z2, temprature=0.1)\n",
         "from fastcon.models import create_encoderr\n",
         "import fastcon\nfastcon.no_such_op(x)\n",
+        "fastcon.SoftContrastiveLoss(0.1, learnable_temprature=True)\n",  # fastcon without an import
         "fastcon.soft_contrastive_loss(z1, z2, labels, *, temperature=0.1)\n",
     ):
         with pytest.raises((AssertionError, pytest.fail.Exception)):
