@@ -3,51 +3,16 @@ finished run is reported rather than trained again, --fresh says what it deletes
 train.max_minutes says so and continues with --resume, and the throughput is the whole run's
 (the last window apart). Tiny model sizes on the real sample, on the CPU."""
 
-import importlib.util
 import json
 import math
-import os
-import sys
 
 import pytest
+import test_pretrain
+from test_pretrain import TINY, demo  # the tiny model sizes; demo.py loaded beside its sibling scripts
 
 from fastcon.train import read_metrics, run_throughput
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(ROOT, "examples")
-sys.path.insert(0, EXAMPLES)  # demo.py imports its sibling scripts
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-demo = _load("demo")
-
-TINY = [
-    "model.timm_kwargs={depth: 1, embed_dim: 48, num_heads: 2}",
-    "data.crop_size=28",
-    "data.batch_size=16",
-    "data.num_workers=0",
-    "model.proj_hidden=64",
-    "model.proj_dim=32",
-    "model.pred_hidden=64",
-    "log.progress=false",
-    "optim.warmup_steps=1",
-]
-
-
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    from fastcon.data import prepare_sample
-
-    out = str(tmp_path_factory.mktemp("sample"))
-    prepare_sample(out, progress=False)
-    return out
+sample = test_pretrain.sample  # the fixture: the bundled real sample, prepared once per session
 
 
 def test_config_typo_fails_in_one_line_before_any_work(tmp_path, capsys):
