@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import inspect
 import re
+import runpy
 import shlex
 import sys
 from pathlib import Path
@@ -42,13 +43,16 @@ def _rel(page: Path) -> str:
     return str(page.relative_to(ROOT))
 
 
+LANGS = {"python": ("python", "py"), "bash": ("bash", "sh", "shell")}
+
+
 def blocks(lang: str) -> list[tuple[str, int, str]]:
-    """(page, line, code) of every fenced block of ``lang`` on every page."""
+    """(page, line, code) of every fenced block of ``lang`` (or an alias of it) on every page."""
     out = []
     for page in PAGES:
         text = page.read_text()
         for m in FENCE.finditer(text):
-            if m.group(1) == lang:
+            if m.group(1) in LANGS[lang]:
                 out.append((_rel(page), text.count("\n", 0, m.start()) + 1, m.group(2)))
     return out
 
@@ -157,34 +161,30 @@ class _Parsed(Exception):
 
 @functools.cache
 def _parser_of(target: str) -> argparse.ArgumentParser:
-    """The argparse parser of ``examples/X.py`` or of module ``pkg.mod`` (its ``__main__``), caught
-    when its ``main`` parses: nothing runs beyond building the parser."""
-    if target.endswith(".py"):
-        path = ROOT / target
-        assert path.is_file(), f"{target} does not exist"
-        sys.path.insert(0, str(path.parent))  # examples import their sibling scripts
-        spec = importlib.util.spec_from_file_location(f"_docs_{path.stem}", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-    else:
-        spec = importlib.util.find_spec(target)
-        assert spec is not None, f"module {target} does not exist"
-        name = f"{target}.__main__" if spec.submodule_search_locations else target
-        mod = importlib.import_module(name)
-    original = argparse.ArgumentParser.parse_args
+    """The argparse parser of ``examples/X.py`` or of ``python -m pkg.mod``, caught the moment the
+    script, run as ``__main__``, parses its command line: nothing runs beyond that."""
+    original = argparse.ArgumentParser.parse_known_args
 
     def capture(self, *args, **kwargs):
         raise _Parsed(self)
 
-    argparse.ArgumentParser.parse_args = capture
+    argparse.ArgumentParser.parse_known_args = capture
+    saved_path = list(sys.path)
     try:
-        mod.main()
+        if target.endswith(".py"):
+            path = ROOT / target
+            assert path.is_file(), f"{target} does not exist"
+            sys.path.insert(0, str(path.parent))  # as python does for a script
+            runpy.run_path(str(path), run_name="__main__")
+        else:
+            assert importlib.util.find_spec(target) is not None, f"module {target} does not exist"
+            runpy.run_module(target, run_name="__main__", alter_sys=False)
     except _Parsed as p:
         return p.parser
     finally:
-        argparse.ArgumentParser.parse_args = original
-    raise AssertionError(f"{target}: main() returned without parsing arguments")
+        argparse.ArgumentParser.parse_known_args = original
+        sys.path[:] = saved_path
+    raise AssertionError(f"{target} ran to its end without parsing a command line")
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser | None:
