@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 # Each target sets itself up from nothing (venv, dependencies, extension build) and is
 # fast the second time: setup steps are stamp files that only rerun when their inputs change.
+# Each step prints one line; its full output is in .stamps/logs/ and is shown when it fails.
 
 PYTHON ?= python3
 VENV   := .venv
