@@ -613,7 +613,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
             window["n"] = window.get("n", 0) + (0 if skipped else 1)
             window["skipped"] = window.get("skipped", 0) + int(skipped)
 
-            if run.step % cfg.log.every == 0 or run.step == cfg.train.steps:
+            if run.step % cfg.log.every == 0 or run.step in (1, cfg.train.steps):  # step 1: the first loss
                 n = window["n"]
                 row = {k: window[k] / n if n else math.nan for k in (*terms, "grad_norm")}
                 row.update(

@@ -497,6 +497,6 @@ def test_demo_end_to_end_at_tiny_size(sample, tmp_path, capsys):
     out = capsys.readouterr().out
     for text in ("images/s", "loss ", "linear probe mAP pretrained", "vs random init", "loss.png", "metrics.csv"):
         assert text in out, text
-    # a rerun continues the finished run instead of training again
+    # a rerun reports the finished run instead of training again
     assert demo.main(args) == 0
-    assert "continuing the run" in capsys.readouterr().out
+    assert "already finished its 3 steps" in capsys.readouterr().out

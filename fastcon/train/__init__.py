@@ -8,7 +8,7 @@ The examples stay scripts a user reads top to bottom; what is not specific to on
   ``CheckpointDir`` keeping the newest few, ``CheckpointError``).
 - ``schedules``: warmup + cosine learning rate as a resumable torch scheduler (``warmup_cosine``).
 - ``metrics``: ``metrics.csv`` rows that survive crashes and resumes (``MetricsLog``) and the
-  loss-curve figure (``plot_metrics``).
+  loss-curve figure (``plot_metrics``); a run's whole and last-window speed from it (``run_throughput``).
 - ``runtime``: torchrun / DDP setup, RNG states for exact resume, derived random streams,
   SIGTERM / SIGINT as a flag, data-wait vs compute timing, peak memory.
 - ``probe``: features of a frozen encoder, a linear multi-label classifier, average precision.
@@ -16,7 +16,7 @@ The examples stay scripts a user reads top to bottom; what is not specific to on
 
 from fastcon.train.checkpoint import CheckpointDir, CheckpointError, load_checkpoint, save_checkpoint
 from fastcon.train.config import Config, ConfigError, load_config, parse_override, save_config
-from fastcon.train.metrics import MetricsLog, plot_metrics, read_metrics
+from fastcon.train.metrics import MetricsLog, plot_metrics, read_metrics, run_throughput
 from fastcon.train.runtime import (
     DistInfo,
     StepTimer,
@@ -53,6 +53,7 @@ __all__ = [
     "plot_metrics",
     "read_metrics",
     "rng_state",
+    "run_throughput",
     "save_checkpoint",
     "save_config",
     "seed_everything",
