@@ -150,24 +150,26 @@ def test_store_is_checked_and_kept_by_a_rerun(tmp_path, ssl4eo):
 # DALI decoding (CPU here: device "cpu" decoders; the GPU path is the same graph with "mixed")
 
 
-def _dali_tiles(ds: TileDataset, batch: int) -> dict:
+def _dali_tiles(ds: TileDataset, batch: int, device: str = "cpu") -> dict:
     """Unaugmented DALI views of every tile of ``ds``, de-normalised: {tile id: (view, stored values)}."""
-    loader = make_loader(ds, batch, backend="dali", augment=False, shuffle=False, drop_last=False, num_workers=2)
+    kw = dict(augment=False, shuffle=False, drop_last=False, num_workers=2, dali_device=device)
+    loader = make_loader(ds, batch, backend="dali", **kw)
     mean, std = torch.as_tensor(ds.mean).view(-1, 1, 1), torch.as_tensor(ds.std).view(-1, 1, 1)
     out = {}
     for b in loader:
         assert b["view1"] is b["view2"] or b["view1"].equal(b["view2"])
-        for tid, v in zip(b["tile_ids"], b["view1"]):
+        assert b["view1"].is_cuda == (device == "gpu")
+        for tid, v in zip(b["tile_ids"], b["view1"].cpu()):
             out[tid] = (v, (v * std + mean).round().to(torch.int64).numpy())
     return out
 
 
-def _check_dali_raw(npy: str, raw: str, indices=None, batch: int = 4) -> dict:
+def _check_dali_raw(npy: str, raw: str, indices=None, batch: int = 4, device: str = "cpu") -> dict:
     """DALI on the raw folder vs the npy tiles: per band the largest difference in stored units."""
     a, b = TileDataset(npy), TileDataset(raw)
     if indices is not None:
         a, b = a.subset(indices), b.subset(indices)
-    from_raw, from_npy = _dali_tiles(b, batch), _dali_tiles(a, batch)
+    from_raw, from_npy = _dali_tiles(b, batch, device), _dali_tiles(a, batch, device)
     assert sorted(from_raw) == sorted(from_npy) == sorted(a.ids[i] for i in a.indices)
     worst = np.zeros(a.num_bands, dtype=np.int64)
     for tid, (view, values) in from_raw.items():
@@ -198,6 +200,17 @@ def test_dali_decodes_a_raw_ssl4eo_folder_into_the_npy_tiles(ssl4eo):
     for band, res in zip(S2.bands, S2.resolution_m):
         assert worst[band] <= (DALI_TOLERANCE if res == 60 else 0), (band, worst)
     assert max(worst.values()) == DALI_TOLERANCE  # random values do hit rounding ties at 60 m
+
+
+@needs_dali
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the mixed (GPU) decoders cannot run")
+def test_dali_gpu_decodes_the_raw_folders_into_the_npy_tiles(sample_both, ssl4eo):
+    # the same graph with decoders.image_slice(device="mixed"): nvJPEG2000 (sample), nvImageCodec (TIFF)
+    _, out = ssl4eo
+    for npy, raw, picks in ((sample_both["npy"], sample_both["raw"], [0, 100, 252]), (out["npy"], out["raw"], None)):
+        worst = _check_dali_raw(npy, raw, picks, device="gpu")
+        for band, res in zip(S2.bands, S2.resolution_m):
+            assert worst[band] <= (DALI_TOLERANCE if res == 60 else 0), (band, worst)
 
 
 @needs_dali

@@ -83,6 +83,7 @@ def main(argv=None) -> int:
 
     ds = TileDataset(args.root)
     print(ds)
+    print("store:  ", ds.store, "(tiles cut from the band files on use)" if ds.store == "raw" else "(tiles/*.npy)")
     print("bands:  ", ", ".join(ds.band_names))
     print("mean:   ", ", ".join(f"{v:.1f}" for v in ds.mean))
     print("std:    ", ", ".join(f"{v:.1f}" for v in ds.std))
