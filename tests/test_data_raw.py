@@ -102,12 +102,13 @@ def test_rasterio_reads_of_a_raw_ssl4eo_folder_equal_the_npy_tiles(ssl4eo):
         np.testing.assert_array_equal(b.read_tile(i), a.read_tile(i), err_msg=f"tile {a.ids[i]}")
 
 
-def test_torch_loader_on_raw_equals_npy(ssl4eo):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torch_loader_on_raw_equals_npy(ssl4eo, workers):
     _, out = ssl4eo
-    kw = dict(crop_size=64, seed=1, num_workers=0, drop_last=False)
-    for x, y in zip(
-        make_loader(out["npy"], 5, backend="torch", **kw), make_loader(out["raw"], 5, backend="torch", **kw)
-    ):
+    raw = TileDataset(out["raw"])
+    raw.read_tile(0)  # files opened here must not be shared with forked workers
+    kw = dict(crop_size=64, seed=1, num_workers=workers, drop_last=False)
+    for x, y in zip(make_loader(out["npy"], 5, backend="torch", **kw), make_loader(raw, 5, backend="torch", **kw)):
         assert x["tile_ids"] == y["tile_ids"]
         assert x["view1"].equal(y["view1"])
         assert x["view2"].equal(y["view2"])

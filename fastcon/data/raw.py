@@ -139,6 +139,7 @@ class RawTiles:
                 f"{len(missing)} are missing: {shown}{more}"
             )
         self._readers: OrderedDict = OrderedDict()
+        self._pid = os.getpid()
 
     def __getstate__(self):  # open rasterio datasets stay in the process that opened them
         state = dict(self.__dict__)
@@ -150,6 +151,9 @@ class RawTiles:
         from fastcon.data.inputs import SceneInput
         from fastcon.data.raster import SceneReader
 
+        if self._pid != os.getpid():
+            # a forked worker (DataLoader) must not share the parent's open files (and their offsets)
+            self._readers, self._pid = OrderedDict(), os.getpid()
         reader = self._readers.get(source)
         if reader is None:
             scene = self.scenes[source]
