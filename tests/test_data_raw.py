@@ -122,6 +122,12 @@ def test_command_line_store_raw(tmp_path, ssl4eo):
     assert main(["prepare", src, "--out", dst, "--tile-size", "128", "--stride", "68", "--max-nodata", "0.2", "--store", "raw", "--workers", "0", "--no-progress"]) == 0  # fmt: skip
     _same_folder(out["npy"], dst)
     assert main(["info", dst]) == 0
+    sample = str(tmp_path / "sample")
+    assert main(["sample", sample, "--stride", "128", "--store", "raw"]) == 0
+    ds = TileDataset(sample)
+    assert ds.store == "raw"
+    assert ds.num_tiles == 6 * 12  # 768 x 1536 px in 128 px tiles
+    assert not os.path.exists(os.path.join(sample, "tiles"))
 
 
 def test_a_missing_band_file_is_caught_when_the_dataset_is_opened(tmp_path):

@@ -4,7 +4,7 @@ Preparing a folder of tiles (rasterio, pyogrio; a process pool over input scenes
 ------------------------------------------------------------------------------------------
 ``prepare(inputs, out_dir, band_set="s2c", tile_size=128, stride=None, landcover=None,
 class_field=None, landcover_scheme=None, classes=None, label_threshold=0.01,
-scene_block=None, workers=None, on_error="skip", ...) -> PrepareSummary``
+scene_block=None, workers=None, on_error="skip", store="npy", ...) -> PrepareSummary``
 (command line: ``python -m fastcon.data prepare INPUT... --out DIR ...``).
 
 - Inputs: per-band files (JP2/GeoTIFF at 10/20/60 m, warped to the 10 m grid with bilinear
