@@ -7,8 +7,10 @@
 2. Pretrain SoftCon with examples/configs/demo.yaml into runs/demo (a 4-block ViT on 56 px
    crops; the east quarter of the scene is held out). A rerun resumes the run where it stopped
    (or, when it finished, just reports it); --fresh starts over. Overrides go to the config.
-3. Linear probe on the held-out region: the pretrained encoder, and the same architecture at
-   the random initialisation pretraining started from.
+3. Linear probe on the held-out region with examples/evaluate.py (--dataset sample): the
+   pretrained encoder, and the same architecture at the random initialisation pretraining
+   started from; reports in runs/demo/eval_pretrained.json and eval_random.json, the mAPs
+   added to runs/demo/summary.json.
 4. Print images/s, the first and final loss, both mAPs, and where the plot and metrics are.
 
 Runs on the GPU when there is one (bf16, DALI), on the CPU otherwise.
@@ -17,6 +19,7 @@ Runs on the GPU when there is one (bf16, DALI), on the CPU otherwise.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -24,9 +27,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling example scripts
 
-import linear_probe
+import evaluate
 import pretrain
-import torch
 
 from fastcon.data import prepare_sample
 from fastcon.train import CheckpointDir, load_config
@@ -67,24 +69,33 @@ def main(argv=None) -> int:
     summary = pretrain.train(cfg, resume=resume)
     train_s = time.perf_counter() - t0
 
-    print("\n== 3. linear probe on the spatially held-out region")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print("\n== 3. linear probe on the spatially held-out region (examples/evaluate.py --dataset sample)")
     t0 = time.perf_counter()
-    results = {}
-    for name, weights in (("pretrained", summary["encoder"]), ("random init", None)):
-        r = linear_probe.probe(cfg, weights, seed=cfg.run.seed, pool="cls", device=device)
-        linear_probe.print_report(r)
-        results[name] = r
+    maps = {}
+    for name, extra in (("pretrained", []), ("random", ["--random-init"])):
+        out = os.path.join(cfg.run.out_dir, f"eval_{name}.json")
+        argv = ["--dataset", "sample", "--run", cfg.run.out_dir, "--out", out, "--no-progress", *extra]
+        if evaluate.main(argv) != 0:
+            return 1
+        with open(out) as f:
+            maps[name] = {r["metric"]: r["value"] for r in json.load(f)["results"]}
     probe_s = time.perf_counter() - t0
+    summary_file = os.path.join(cfg.run.out_dir, "summary.json")
+    with open(summary_file) as f:
+        saved = json.load(f)
+    saved["probe"] = {name: {"map_macro": m["map_macro"], "map_micro": m["map_micro"]} for name, m in maps.items()}
+    with open(summary_file, "w") as f:
+        json.dump(saved, f, indent=2)
 
-    pre, rnd = results["pretrained"]["test_map"], results["random init"]["test_map"]
     print("\n== summary")
     print(f"  pretraining      {summary['steps']} steps of {cfg.data.batch_size} two-view pairs ({summary['end']})")
     print(
         f"  throughput       {summary['images_per_s']:.1f} images/s (data wait {summary['data_s_per_step']:.3f} s, compute {summary['compute_s_per_step']:.3f} s per step at the end)"
     )
     print(f"  loss             {summary['first_loss']:.4f} at step 1 -> {summary['final_loss']:.4f} at the end")
-    print(f"  linear probe mAP pretrained {pre:.4f} vs random init {rnd:.4f} ({pre - rnd:+.4f})")
+    pre, rnd = maps["pretrained"]["map_macro"], maps["random"]["map_macro"]
+    print(f"  linear probe mAP pretrained {pre:.4f} vs random init {rnd:.4f} ({pre - rnd:+.4f}) (macro; micro ", end="")
+    print(f"{maps['pretrained']['map_micro']:.4f} vs {maps['random']['map_micro']:.4f})")
     print(f"  outputs          {summary['plot']}, {summary['metrics']}, {summary['encoder']}")
     print(
         f"  time             data {prep_s:.0f} s, pretraining {train_s:.0f} s, probes {probe_s:.0f} s, total {time.perf_counter() - started:.0f} s"
