@@ -33,7 +33,7 @@ import os
 import sys
 
 from fastcon.eval import DATASETS, PROTOCOLS, evaluate, load_encoder
-from fastcon.models import MODELS
+from fastcon.models import MODELS, S1_BANDS
 from fastcon.train import load_config
 from fastcon.train.probe import POOLS
 
@@ -72,6 +72,7 @@ def run(args) -> dict:
         seed=seed,
         download=args.download,
         timm_kwargs=json.loads(args.timm_kwargs) if args.timm_kwargs else None,
+        bands=S1_BANDS if args.modality == "s1" else None,  # a random encoder without a run
     )
     cache = args.cache or (os.path.splitext(args.out)[0] + ".features" if args.out else None)
     return evaluate(

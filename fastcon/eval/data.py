@@ -129,11 +129,31 @@ def _torchgeo_datasets():
     return tgd
 
 
+# what torchgeo's classes look for under ROOT (they download nothing here: download=False)
+LAYOUTS = {
+    "eurosat": "EuroSAT: ROOT/ds/images/remote_sensing/otherDatasets/sentinel_2/tif/{Class}/{Class}_{n}.tif "
+    "(or ROOT/EuroSATallBands.zip) and ROOT/eurosat-{train,val,test}.txt",
+    "bigearthnet": "BigEarthNet v1: ROOT/BigEarthNet-v1.0/{patch}/ (S2) or ROOT/BigEarthNet-S1-v1.0/{patch}/ (S1), "
+    "or their .tar.gz, and ROOT/bigearthnet-{train,val,test}.csv",
+    "bigearthnet-v2": "BigEarthNetV2 (reBEN): ROOT/metadata.parquet, ROOT/BigEarthNet-S2/ or ROOT/BigEarthNet-S1/ "
+    "and ROOT/Reference_Maps/",
+}
+
+
 def open_split(name: str, root: str, split: str, modality: str = "s2") -> Source:
     """``split`` (train / val / test) of a public dataset under ``root`` through torchgeo's class."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}; got {modality!r}")
+    if name not in LAYOUTS:
+        raise ValueError(f"dataset must be one of {', '.join(LAYOUTS)}; got {name!r}")
     tgd = _torchgeo_datasets()
+    try:
+        return _open(tgd, name, root, split, modality)
+    except tgd.DatasetNotFoundError as e:
+        raise FileNotFoundError(f"{name} split {split!r} not found under {root}: expected {LAYOUTS[name]}") from e
+
+
+def _open(tgd, name: str, root: str, split: str, modality: str) -> Source:
     if name == "eurosat":
         if modality != "s2":
             raise ValueError("EuroSAT is Sentinel-2 only: use --modality s2")
@@ -148,7 +168,7 @@ def open_split(name: str, root: str, split: str, modality: str = "s2") -> Source
     if name == "bigearthnet-v2":
         ds = tgd.BigEarthNetV2(root, split=split, bands=modality)
         return Source(name, split, ds, bands, tuple(ds.class_set), "multilabel")
-    raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+    raise AssertionError(name)
 
 
 def fraction_subset(n: int, fraction: float, seed: int = 42) -> np.ndarray:

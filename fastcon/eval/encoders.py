@@ -101,8 +101,12 @@ def load_encoder(
     seed: int = 0,
     download: bool = False,
     timm_kwargs: dict | None = None,
+    bands=None,
 ) -> Encoder:
-    """Build and load the encoder to evaluate (see the module docstring); in eval mode, frozen."""
+    """Build and load the encoder to evaluate (see the module docstring); in eval mode, frozen.
+
+    ``bands``: the band list of a random encoder without a run (default Sentinel-2 L1C, 13 bands).
+    """
     from fastcon.train import seed_everything
 
     if random_init and weights is not None:
@@ -126,7 +130,8 @@ def load_encoder(
     if weights is None and not random_init:
         raise ValueError("give a run folder, a weights file / torchgeo weights name, or random_init with a model")
     kwargs = dict(timm_kwargs or {})
-    bands = None
+    if weights is not None:
+        bands = None
     if weights is not None and not os.path.exists(weights):
         weights = torchgeo_weights_file(weights, download=download)
     if weights is not None and weights.endswith(".safetensors"):
