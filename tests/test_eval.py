@@ -235,3 +235,81 @@ def test_evaluate_errors_are_clear(eurosat, tmp_path, capsys):
     assert "are not on this machine" in err
     assert "B13_vits14_softcon_enc.pth" in err
     assert "--download" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# weights sources and the torchgeo export
+
+TINY_KW = {"depth": 1, "embed_dim": 48, "num_heads": 2}
+
+
+def _features(enc, x):
+    with torch.no_grad():
+        return enc.module.eval()(x) if hasattr(enc, "module") else enc.eval()(x)
+
+
+def test_every_weights_source_loads_the_same_encoder(tmp_path):
+    from fastcon.eval import load_encoder
+    from fastcon.models import create_encoder, save_encoder
+    from fastcon.models.weights import timm_backbone
+
+    torch.manual_seed(3)
+    ref = create_encoder("vit_small_patch14_dinov2", in_chans=13, img_size=28, **TINY_KW).eval()
+    x = torch.randn(2, 13, 28, 28)
+    want = _features(ref, x)
+    sd = timm_backbone(ref).state_dict()
+    # our encoder.safetensors (architecture and bands from its metadata), the SoftCon release
+    # layout (DINOv2 key names with mask_token), torchgeo's *_softcon_enc.pth (timm keys), our torchgeo export
+    save_encoder(ref, tmp_path / "encoder.safetensors")
+    torch.save({**sd, "mask_token": torch.zeros(1, 48)}, tmp_path / "B13_vits14_softcon.pth")
+    torch.save(dict(sd), tmp_path / "B13_vits14_softcon_enc.pth")
+    save_encoder(ref, tmp_path / "export.ckpt", format="torchgeo")
+    for name in ("encoder.safetensors", "B13_vits14_softcon.pth", "B13_vits14_softcon_enc.pth", "export.ckpt"):
+        model = None if name.endswith(".safetensors") else "vit_small_patch14_dinov2"
+        enc = load_encoder(weights=str(tmp_path / name), model=model, img_size=28, timm_kwargs=TINY_KW)
+        assert enc.bands == ref.bands, name
+        assert enc.norm.source == "SSL4EO-S12 statistics"
+        torch.testing.assert_close(_features(enc, x), want, msg=name)
+    # a Sentinel-1 release file: two channels -> VV, VH
+    s1 = create_encoder("resnet50", in_chans=2, layers=[1, 1, 1, 1], channels=[8, 16, 32, 64])
+    torch.save(timm_backbone(s1).state_dict(), tmp_path / "B2_rn50_softcon.pth")
+    kw = {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}
+    enc = load_encoder(weights=str(tmp_path / "B2_rn50_softcon.pth"), model="resnet50", timm_kwargs=kw)
+    assert enc.bands == ("VV", "VH")
+    assert enc.modality == "s1"
+
+
+@pytest.mark.parametrize("name", ["resnet50", pytest.param("vit_small_patch14_dinov2", marks=pytest.mark.slow)])
+def test_torchgeo_trainer_loads_the_export_and_gives_our_features(tmp_path, name):
+    import warnings
+
+    from torchgeo.trainers import ClassificationTask, MultiLabelClassificationTask
+
+    from fastcon.models import create_encoder, save_encoder
+
+    torch.manual_seed(0)
+    # the ViT at the architecture's default size (518 px): torchgeo builds it there, so the
+    # features compare without resampling; the resampling itself is checked below at 224 px
+    size = 518 if name.startswith("vit") else 64
+    ours = create_encoder(name, in_chans=13, **({"img_size": 518} if name.startswith("vit") else {})).eval()
+    path = tmp_path / "encoder_torchgeo.ckpt"
+    save_encoder(ours, path, format="torchgeo")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # MultiLabelClassificationTask is deprecated in 0.8
+        task = MultiLabelClassificationTask(
+            model=name, weights=str(path), in_channels=13, num_classes=19, freeze_backbone=True
+        )
+    x = torch.randn(1, 13, size, size)
+    with torch.no_grad():
+        theirs = task.model.eval().forward_head(task.model.forward_features(x), pre_logits=True)
+        want = ours(x) if not name.startswith("vit") else ours.backbone.forward_features(x)[:, 0]
+    torch.testing.assert_close(theirs, want, rtol=1e-4, atol=1e-4)
+    trainable = [n for n, p in task.model.named_parameters() if p.requires_grad]
+    assert trainable
+    assert all(n.startswith(("fc.", "head.")) for n in trainable)
+    assert task.model.get_classifier().out_features == 19
+    if name.startswith("vit"):  # a 224 px encoder: pos_embed resampled to torchgeo's 37 x 37 grid
+        small = create_encoder(name, in_chans=13, img_size=224)
+        save_encoder(small, tmp_path / "small.pth", format="torchgeo")
+        task = ClassificationTask(model=name, weights=str(tmp_path / "small.pth"), in_channels=13, num_classes=10)
+        assert task.model.pos_embed.shape == (1, 1 + 37 * 37, 384)
