@@ -126,3 +126,24 @@ def make_bigearthnet(root, per_split=(24, 8, 12), seed: int = 0) -> dict:
         with open(os.path.join(root, f"bigearthnet-{split}.csv"), "w") as f:
             f.write("\n".join(lines) + "\n")
     return out
+
+
+# SSL4EO-S12 v1: ROOT/s2c/{location}/{season}/{band}.tif, 264 x 264 px at 10 m (132 at 20 m, 44 at 60 m)
+SSL4EO_S2C = {"B1": 44, "B2": 264, "B3": 264, "B4": 264, "B5": 132, "B6": 132, "B7": 132, "B8": 264,
+              "B8A": 132, "B9": 44, "B10": 44, "B11": 132, "B12": 132}  # fmt: skip
+SSL4EO_SEASONS = (
+    "20200315T101021_20200315T101311_T32TQM", "20200614T101031_20200614T101338_T32TQM",
+    "20200912T100749_20200912T101424_T32TQM", "20201211T101421_20201211T101413_T32TQM",
+)  # fmt: skip
+
+
+def make_ssl4eo_v1(root, locations=("0000000", "0000001", "0000002"), seed: int = 0) -> None:
+    """SSL4EO-S12 v1 s2c folders: every location with four seasons, uint16 band GeoTIFFs."""
+    rng = np.random.default_rng(seed)
+    for i, loc in enumerate(locations):
+        for season in SSL4EO_SEASONS:
+            d = os.path.join(root, "s2c", loc, season)
+            os.makedirs(d, exist_ok=True)
+            for band, size in SSL4EO_S2C.items():
+                a = rng.integers(500, 3000, size=(1, size, size)).astype(np.uint16)
+                _write(os.path.join(d, f"{band}.tif"), a, x0=600000.0 + 5000.0 * i, pixel=2640.0 / size)

@@ -74,6 +74,7 @@ class PrepareSummary:
     processed: int = 0
     resumed: int = 0  # already done by an earlier run, skipped
     failed: list[tuple[str, str]] = field(default_factory=list)
+    unlabelled: int = 0  # scenes without a label in labels_json, skipped
     new_tiles: int = 0
     num_tiles: int = 0
     num_scenes: int = 0
@@ -92,6 +93,8 @@ class PrepareSummary:
             lines.append(f"classes ({len(self.class_names)}): tiles with the class / mean fraction")
             for c in self.class_names:
                 lines.append(f"  {c:24s} {self.tiles_with_class.get(c, 0):7d}  {self.mean_fraction.get(c, 0.0):.3f}")
+        if self.unlabelled:
+            lines.append(f"{self.unlabelled} scene(s) without a label in the labels JSON skipped")
         if self.failed:
             lines.append(f"{len(self.failed)} input(s) skipped:")
             lines += [f"  {name}: {msg}" for name, msg in self.failed]
@@ -301,6 +304,9 @@ def prepare(
     on_error: str = "skip",
     progress: bool = True,
     max_strip_mib: float = 1024,
+    labels_json=None,
+    label_scheme: str = "dynamicworld",
+    keep_unlabelled: bool = False,
 ) -> PrepareSummary:
     """Tile raw rasters into ``out_dir``; see the module docstring and ``fastcon.data``.
 
@@ -320,6 +326,8 @@ def prepare(
     workers: process-pool size (default: CPU count); 0 or 1 runs in this process.
     on_error: "skip" (report bad inputs and go on) or "raise" (stop at the first).
     max_strip_mib: memory budget of one strip of a scene being read (float32 bands).
+    labels_json: scene-level labels of SSL4EO-S12 scenes (``fastcon.data.ssl4eo``), classes of
+        ``label_scheme``; scenes without a label are skipped and counted unless ``keep_unlabelled``.
     """
     t0 = time.perf_counter()
     bs = get_band_set(band_set)
@@ -352,6 +360,14 @@ def prepare(
         raise ValueError("class_field / landcover_scheme / classes / landcover_layer need a landcover file")
 
     scenes, problems = find_inputs(inputs, bs, layout)
+    scene_classes, unlabelled = None, 0
+    if labels_json is not None:
+        from fastcon.data.ssl4eo import SceneLabels
+
+        if lc is not None:
+            raise ValueError("give either landcover or labels_json, not both")
+        lc = SceneLabels(labels_json, label_scheme)
+        scenes, scene_classes, unlabelled = lc.select(scenes, keep_unlabelled)
     out_dir = os.fspath(out_dir)
     tiles_dir = os.path.join(out_dir, TILES_DIR)
     os.makedirs(tiles_dir, exist_ok=True)
@@ -372,7 +388,7 @@ def prepare(
     for stale in glob.glob(os.path.join(tiles_dir, ".*.tmp")):  # left by a run that was killed
         os.remove(stale)
 
-    summary = PrepareSummary(out_dir=out_dir, num_inputs=len(scenes) + len(problems))
+    summary = PrepareSummary(out_dir=out_dir, num_inputs=len(scenes) + len(problems), unlabelled=unlabelled)
     if on_error == "raise" and problems:
         raise InputError(problems[0][1])
     summary.failed += problems
@@ -396,7 +412,7 @@ def prepare(
         resolution,
         resampling,
         max_nodata,
-        lc,
+        lc if scene_classes is None else None,
         tiles_dir,
         int(max_strip_mib * 2**20),
         read_threads,
@@ -412,6 +428,11 @@ def prepare(
         def on_result(result):
             if result[0] == "ok":
                 rec = result[1]
+                if scene_classes is not None:
+                    from fastcon.data.ssl4eo import tile_counts
+
+                    k, n = len(lc.class_names), len(rec["tiles"])
+                    rec["counts"] = tile_counts(scene_classes[rec["key"]], k, n, tile_size)
                 summary.processed += 1
                 summary.new_tiles += rec.pop("new_tiles")
                 jf.write(json.dumps(rec, separators=(",", ":")) + "\n")
