@@ -75,6 +75,30 @@ def make_eurosat(root, per_split=(3, 1, 2), size: int = 32, seed: int = 0) -> di
     return labels
 
 
+def _ben_patch(rng, names, present, d2, s2, d1, s1, x0, y0) -> None:
+    """One BigEarthNet patch: 12 S2 band files at native size and the S1 VV / VH files (dB)."""
+    os.makedirs(d2, exist_ok=True)
+    os.makedirs(d1, exist_ok=True)
+    for b, band in enumerate(BEN_S2_BANDS):
+        size = BEN_S2_SIZE.get(band, 60)
+        a = rng.integers(900, 1100, size=(1, size, size)).astype(np.uint16)
+        for j, c in enumerate(names):  # label j brightens bands 3j and 3j+1 (file order)
+            if c in present and b in (3 * j, 3 * j + 1):
+                a += 2500
+        _write(os.path.join(d2, f"{s2}_{band}.tif"), a, x0=x0, y0=y0, pixel=1200.0 / size)
+    vv = rng.normal(-12.0, 0.5, size=(1, 120, 120)).astype(np.float32)
+    vh = rng.normal(-20.0, 0.5, size=(1, 120, 120)).astype(np.float32)
+    # SAR has two bands: the first label raises VV, the second VH (the others are not in the pixels)
+    vv += 6.0 * (names[0] in present)
+    vh += 6.0 * (names[1] in present)
+    _write(os.path.join(d1, f"{s1}_VV.tif"), vv, x0=x0, y0=y0)
+    _write(os.path.join(d1, f"{s1}_VH.tif"), vh, x0=x0, y0=y0)
+
+
+def _draw(rng, names, n):
+    return [c for c in names if rng.random() < 0.5] or [names[n % len(names)]]
+
+
 def make_bigearthnet(root, per_split=(24, 8, 12), seed: int = 0) -> dict:
     """A BigEarthNet v1 folder (S2 and S1); returns {s2 patch: [43-class label names]}."""
     rng = np.random.default_rng(seed)
@@ -84,28 +108,13 @@ def make_bigearthnet(root, per_split=(24, 8, 12), seed: int = 0) -> dict:
         lines = []
         for _ in range(count):
             n += 1
-            present = [c for c in names if rng.random() < 0.5] or [names[n % len(names)]]
+            present = _draw(rng, names, n)
             s2 = f"S2A_MSIL2A_20170613T101031_{n}_{n % 7}"
             s1 = f"S1A_IW_GRDH_1SDV_20170613T165043_33UUP_{n}_{n % 7}"
             d2 = os.path.join(root, "BigEarthNet-v1.0", s2)
             d1 = os.path.join(root, "BigEarthNet-S1-v1.0", s1)
-            os.makedirs(d2, exist_ok=True)
-            os.makedirs(d1, exist_ok=True)
             x0, y0 = 500000.0 + 1200.0 * n, 5800000.0
-            for b, band in enumerate(BEN_S2_BANDS):
-                size = BEN_S2_SIZE.get(band, 60)
-                a = rng.integers(900, 1100, size=(1, size, size)).astype(np.uint16)
-                for j, c in enumerate(names):  # label j brightens bands 3j and 3j+1 (file order)
-                    if c in present and b in (3 * j, 3 * j + 1):
-                        a += 2500
-                _write(os.path.join(d2, f"{s2}_{band}.tif"), a, x0=x0, y0=y0, pixel=1200.0 / size)
-            vv = rng.normal(-12.0, 0.5, size=(1, 120, 120)).astype(np.float32)
-            vh = rng.normal(-20.0, 0.5, size=(1, 120, 120)).astype(np.float32)
-            # SAR has two bands: the first label raises VV, the second VH (the others are not in the pixels)
-            vv += 6.0 * (names[0] in present)
-            vh += 6.0 * (names[1] in present)
-            _write(os.path.join(d1, f"{s1}_VV.tif"), vv, x0=x0, y0=y0)
-            _write(os.path.join(d1, f"{s1}_VH.tif"), vh, x0=x0, y0=y0)
+            _ben_patch(rng, names, present, d2, s2, d1, s1, x0, y0)
             coords = {"ulx": x0, "uly": y0, "lrx": x0 + 1200.0, "lry": y0 - 1200.0}
             meta2 = {
                 "labels": present, "coordinates": coords, "projection": "EPSG:32633",
@@ -126,6 +135,43 @@ def make_bigearthnet(root, per_split=(24, 8, 12), seed: int = 0) -> dict:
         with open(os.path.join(root, f"bigearthnet-{split}.csv"), "w") as f:
             f.write("\n".join(lines) + "\n")
     return out
+
+
+# BigEarthNetV2 (reBEN) uses the 19-class names directly; CLC codes of its reference maps
+BEN_V2_LABELS = {"Arable land": 211, "Pastures": 231, "Coniferous forest": 312, "Inland waters": 512}
+
+
+def make_bigearthnet_v2(root, per_split=(24, 8, 12), seed: int = 0) -> dict:
+    """A BigEarthNetV2 folder: ``metadata.parquet`` (patch_id, labels, split, s1_name),
+    ``BigEarthNet-S2/{tile}/{patch}/{patch}_B01.tif``.., ``BigEarthNet-S1/{scene}/{patch}/{patch}_VV.tif``
+    and ``Reference_Maps/{tile}/{patch}/{patch}_reference_map.tif``; returns {patch_id: label names}."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    names = list(BEN_V2_LABELS)
+    rows, n = [], 0
+    for split, count in zip(("train", "validation", "test"), per_split):
+        for _ in range(count):
+            n += 1
+            present = _draw(rng, names, n)
+            tile, scene = "S2A_MSIL2A_20170613T101031_N9999_R022_T33UUP", "S1A_IW_GRDH_1SDV_20170613T165043"
+            s2, s1 = f"{tile}_{n}_{n % 7}", f"{scene}_33UUP_{n}_{n % 7}"
+            d2 = os.path.join(root, "BigEarthNet-S2", tile, s2)
+            d1 = os.path.join(root, "BigEarthNet-S1", scene, s1)
+            x0, y0 = 500000.0 + 1200.0 * n, 5800000.0
+            _ben_patch(rng, names, present, d2, s2, d1, s1, x0, y0)
+            dm = os.path.join(root, "Reference_Maps", tile, s2)
+            os.makedirs(dm, exist_ok=True)
+            codes = np.array([BEN_V2_LABELS[c] for c in present], dtype=np.uint16)
+            _write(
+                os.path.join(dm, f"{s2}_reference_map.tif"),
+                codes[np.arange(120 * 120) % len(codes)].reshape(1, 120, 120),
+                x0=x0,
+                y0=y0,
+            )
+            rows.append({"patch_id": s2, "labels": present, "split": split, "country": "Austria", "s1_name": s1})
+    pd.DataFrame(rows).to_parquet(os.path.join(root, "metadata.parquet"))
+    return {r["patch_id"]: r["labels"] for r in rows}
 
 
 # SSL4EO-S12 v1: ROOT/s2c/{location}/{season}/{band}.tif, 264 x 264 px at 10 m (132 at 20 m, 44 at 60 m)

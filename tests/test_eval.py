@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from eo_fixtures import BEN_LABELS, EUROSAT_BANDS, EUROSAT_CLASSES, make_bigearthnet, make_eurosat
+from eo_fixtures import BEN_LABELS, EUROSAT_BANDS, EUROSAT_CLASSES, make_bigearthnet, make_bigearthnet_v2, make_eurosat
 
 from fastcon.eval import Normalisation, band_indices, knn, linear, open_split, published
 from fastcon.eval.data import EvalDataset, fraction_subset
@@ -204,6 +204,24 @@ def test_evaluate_bigearthnet_s2_and_s1_linear_and_knn(bigearthnet, tmp_path):
             else:  # the two labels the SAR pixels carry
                 assert r["encoder"]["bands"] == ["VV", "VH"]
                 assert min(ap[src_classes[2]], ap[src_classes[4]]) >= 0.9, (protocol, ap)
+
+
+def test_evaluate_bigearthnet_v2_through_metadata_parquet(tmp_path):
+    root = tmp_path / "reben"
+    labels = make_bigearthnet_v2(str(root))
+    src = open_split("bigearthnet-v2", str(root), "val")
+    assert len(src) == 8
+    first = src.dataset.metadata_df["patch_id"][0]
+    assert [src.classes[i] for i in torch.nonzero(src.item(0)["label"]).flatten()] == sorted(
+        labels[first], key=src.classes.index
+    )
+    out = tmp_path / "v2.json"
+    argv = ["--dataset", "bigearthnet-v2", "--root", str(root), "--random-init", *TINY_VIT, "--pool", "avg"]
+    assert evaluate.main([*argv, "--out", str(out)]) == 0
+    _, rows = _report(out)
+    assert (rows["map_micro"]["n_train"], rows["map_micro"]["n_val"], rows["map_micro"]["n_test"]) == (24, 8, 12)
+    assert rows["map_macro"]["value"] >= 0.9
+    assert rows["map_micro"]["value"] >= 0.9
 
 
 @pytest.mark.slow
