@@ -193,3 +193,30 @@ def make_ssl4eo_v1(root, locations=("0000000", "0000001", "0000002"), seed: int 
             for band, size in SSL4EO_S2C.items():
                 a = rng.integers(500, 3000, size=(1, size, size)).astype(np.uint16)
                 _write(os.path.join(d, f"{band}.tif"), a, x0=600000.0 + 5000.0 * i, pixel=2640.0 / size)
+
+
+# SSL4EO-S12 v1.1: a zarr.zip whose variable ``bands`` is (sample, time, band, y, x), with the
+# sample ids and band names as coordinate arrays; here the bands are stored with B8A last
+SSL4EO_V11_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B09", "B10", "B11", "B12", "B8A")
+
+
+def ssl4eo_v11_value(sample: int, time: int, band: str) -> int:
+    """The constant value of one band of one (sample, time) patch of the v1.1 fixture."""
+    return 1000 + 100 * SSL4EO_V11_BANDS.index(band) + 10 * sample + time + 1
+
+
+def make_ssl4eo_v11(path, samples=("0000001", "0000002", "0000003"), times: int = 4, size: int = 64) -> None:
+    import zarr
+
+    data = np.zeros((len(samples), times, len(SSL4EO_V11_BANDS), size, size), dtype=np.uint16)
+    for s in range(len(samples)):
+        for t in range(times):
+            for b, band in enumerate(SSL4EO_V11_BANDS):
+                data[s, t, b] = ssl4eo_v11_value(s, t, band)
+    store = zarr.storage.ZipStore(os.fspath(path), mode="w")
+    group = zarr.open_group(store, mode="w", zarr_format=2)
+    group.create_array("bands", shape=data.shape, dtype="uint16", chunks=(1, times, len(SSL4EO_V11_BANDS), size, size))
+    group["bands"][:] = data
+    group.create_array("sample", data=np.array(samples))
+    group.create_array("band", data=np.array(SSL4EO_V11_BANDS))
+    store.close()

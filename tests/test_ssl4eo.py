@@ -92,3 +92,46 @@ def test_bad_labels_json_is_a_clear_error(tmp_path, doc, match):
         SceneLabels(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SceneLabels(tmp_path / "missing.json")
+
+
+def test_prepare_ssl4eo_v11_zarr_zip(tmp_path, capsys):
+    from eo_fixtures import make_ssl4eo_v11, ssl4eo_v11_value
+
+    path = tmp_path / "ssl4eos12_train_seasonal_data_000001.zarr.zip"
+    make_ssl4eo_v11(path)
+    labels = tmp_path / "labels.json"
+    labels.write_text(
+        json.dumps({"0000001": {"0": ["1"], "2": []}, "0000002": {"0": [0], "1": [0, 4], "2": [6], "3": [8]}})
+    )
+    out = tmp_path / "v11"
+    argv = [
+        "prepare",
+        str(path),
+        "--out",
+        str(out),
+        "--band-set",
+        "s2c",
+        "--tile-size",
+        "32",
+        "--labels-json",
+        str(labels),
+    ]
+    assert data_main(argv) == 0
+    assert "7 scene(s) without a label in the labels JSON skipped" in capsys.readouterr().out
+    ds = TileDataset(out)
+    assert len(ds) == 5 * 4  # five labelled (sample, time) patches of 2 x 2 tiles
+    assert ds.band_names[8] == "B8A"
+    for i, src in enumerate(ds.manifest["source"]):
+        _, sample, t = src.split("/")
+        s = ("0000001", "0000002", "0000003").index(sample)
+        image = ds[i]["image"]
+        # every band in the band set's order (B8A after B8), from the right sample and time
+        want = [ssl4eo_v11_value(s, int(t), f"B{int(b[1:]):02d}" if b != "B8A" else "B8A") for b in ds.band_names]
+        np.testing.assert_array_equal(image[:, 0, 0], want)
+    by_src = {src: tuple(np.flatnonzero(ds.multihot[i])) for i, src in enumerate(ds.manifest["source"])}
+    stem = "ssl4eos12_train_seasonal_data_000001"
+    assert by_src[f"{stem}/0000001/0"] == (1,)
+    assert by_src[f"{stem}/0000002/1"] == (0, 4)
+    assert len(set(ds.scene_ids)) == 2  # scene id = sample id, shared by its times
+    assert data_main(argv) == 0
+    assert "0 processed now, 5 already done" in capsys.readouterr().out

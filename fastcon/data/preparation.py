@@ -347,6 +347,20 @@ def prepare(
         raise ValueError(f"resampling must be a rasterio Resampling name (e.g. 'bilinear'), got {resampling!r}")
     workers = (os.cpu_count() or 1) if workers is None else _checks.integer("workers", workers, low=0)
 
+    from fastcon.data.ssl4eo import is_zarr_zip
+
+    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if layout in ("auto", "ssl4eo") and paths and all(is_zarr_zip(p) for p in paths):  # SSL4EO-S12 v1.1
+        from fastcon.data.ssl4eo import prepare_zarr
+
+        if landcover is not None:
+            raise ValueError("SSL4EO-S12 v1.1 zarr inputs take labels_json, not a landcover file")
+        return prepare_zarr(
+            paths, out_dir, band_set=bs, tile_size=tile_size, stride=stride, max_nodata=max_nodata,
+            label_threshold=label_threshold, labels_json=labels_json, label_scheme=label_scheme,
+            keep_unlabelled=keep_unlabelled, progress=progress,
+        )  # fmt: skip
+
     lc = None
     if landcover is not None:
         lc = open_landcover(
