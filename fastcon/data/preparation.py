@@ -100,6 +100,17 @@ class PrepareSummary:
             lines += [f"  {name}: {msg}" for name, msg in self.failed]
         return "\n".join(lines)
 
+    def finish(self, info: dict, t0: float, progress: bool) -> PrepareSummary:
+        """Fill in the totals of ``finalize``'s dataset.json; print the report if ``progress``."""
+        self.num_tiles, self.num_scenes = info["num_tiles"], info["num_scenes"]
+        self.class_names = tuple(info["classes"])
+        self.tiles_with_class = info["class_stats"]["tiles_with_class"]
+        self.mean_fraction = info["class_stats"]["mean_fraction"]
+        self.seconds = time.perf_counter() - t0
+        if progress:
+            print(self)
+        return self
+
 
 # --------------------------------------------------------------------------------------------
 # one scene (runs in a worker process)
@@ -349,7 +360,8 @@ def prepare(
 
     from fastcon.data.ssl4eo import is_zarr_zip
 
-    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)  # a generator is read once
+    paths = inputs
     if layout in ("auto", "ssl4eo") and paths and all(is_zarr_zip(p) for p in paths):  # SSL4EO-S12 v1.1
         from fastcon.data.ssl4eo import prepare_zarr
 
@@ -467,14 +479,7 @@ def prepare(
                 bar.close()
 
     info = finalize(out_dir, label_threshold=label_threshold, scene_block=scene_block, failed=summary.failed)
-    summary.num_tiles, summary.num_scenes = info["num_tiles"], info["num_scenes"]
-    summary.class_names = tuple(info["classes"])
-    summary.tiles_with_class = info["class_stats"]["tiles_with_class"]
-    summary.mean_fraction = info["class_stats"]["mean_fraction"]
-    summary.seconds = time.perf_counter() - t0
-    if progress:
-        print(summary)
-    return summary
+    return summary.finish(info, t0, progress)
 
 
 # --------------------------------------------------------------------------------------------

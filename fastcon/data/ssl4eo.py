@@ -265,11 +265,4 @@ def prepare_zarr(
                     summary.processed += 1
             bar.close()
     info = prep.finalize(os.fspath(out_dir), label_threshold=label_threshold)
-    summary.num_tiles, summary.num_scenes = info["num_tiles"], info["num_scenes"]
-    summary.class_names = tuple(info["classes"])
-    summary.tiles_with_class = info["class_stats"]["tiles_with_class"]
-    summary.mean_fraction = info["class_stats"]["mean_fraction"]
-    summary.seconds = time.perf_counter() - t0
-    if progress:
-        print(summary)
-    return summary
+    return summary.finish(info, t0, progress)
