@@ -331,3 +331,34 @@ def test_torchgeo_trainer_loads_the_export_and_gives_our_features(tmp_path, name
         save_encoder(small, tmp_path / "small.pth", format="torchgeo")
         task = ClassificationTask(model=name, weights=str(tmp_path / "small.pth"), in_channels=13, num_classes=10)
         assert task.model.pos_embed.shape == (1, 1 + 37 * 37, 384)
+
+
+def test_a_run_is_evaluated_on_eurosat_with_its_own_statistics(eurosat, tmp_path):
+    """--run on a public dataset: the run's architecture, crop size, bands and stats.json."""
+    from fastcon.models import S2_L1C_BANDS, create_encoder, save_encoder
+    from fastcon.train import load_config, save_config
+
+    data = tmp_path / "prepared"
+    data.mkdir()
+    (data / "dataset.json").write_text(
+        json.dumps({"bands": list(S2_L1C_BANDS), "encoding": {"offset": 0.0, "scale": 1.0}})
+    )
+    stats = {"bands": list(S2_L1C_BANDS), "mean": [1000.0] * 13, "std": [800.0] * 13}
+    (data / "stats.json").write_text(json.dumps(stats))
+    run = tmp_path / "run"
+    run.mkdir()
+    kw = {"depth": 1, "embed_dim": 48, "num_heads": 2}
+    overrides = [f"data.root={data}", f"run.out_dir={run}", "data.crop_size=28", f"model.timm_kwargs={json.dumps(kw)}"]
+    save_config(load_config(None, overrides, defaults=evaluate.DEFAULTS), run / "config.yaml")
+    torch.manual_seed(0)
+    save_encoder(
+        create_encoder("vit_small_patch14_dinov2", in_chans=13, img_size=28, **kw), run / "encoder.safetensors"
+    )
+    out = tmp_path / "run_eurosat.json"
+    argv = ["--dataset", "eurosat", "--root", eurosat, "--run", str(run), "--pool", "avg", "--no-progress"]
+    assert evaluate.main([*argv, "--out", str(out)]) == 0
+    r, rows = _report(out)
+    assert r["encoder"]["normalisation"] == str(data / "stats.json")
+    assert r["encoder"]["img_size"] == 28
+    assert r["encoder"]["weights"] == str(run / "encoder.safetensors")
+    assert rows["top1"]["value"] >= 0.9
