@@ -222,7 +222,7 @@ class _Tiles(torch.utils.data.Dataset):
     """Tiles of a prepared folder in source units (stored / scale + offset) with their multi-hot labels."""
 
     def __init__(self, tiles, indices):
-        self.tiles, self.indices = tiles, indices
+        self.tiles, self.indices, self.root = tiles, indices, tiles.root
         enc = tiles.info.get("encoding", {})
         self.offset, self.scale = float(enc.get("offset", 0.0)), float(enc.get("scale", 1.0))
 

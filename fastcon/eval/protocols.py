@@ -23,6 +23,7 @@ import json
 import math
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -64,6 +65,10 @@ def _fingerprint(encoder, dataset, pool: str) -> str:
         "arch": sum(p.numel() for p in encoder.module.parameters()),
         "data": [s.name, os.path.abspath(getattr(s.dataset, "root", "") or ""), s.split, list(s.bands), len(s)],
         "subset": hashlib.blake2b(s.subset.tobytes()).hexdigest() if s.subset is not None else None,
+        # the sample's spatial split: which tiles of the folder this split holds
+        "tiles": hashlib.blake2b(np.asarray(s.dataset.indices).tobytes()).hexdigest()
+        if hasattr(s.dataset, "indices")
+        else None,
     }
     return hashlib.blake2b(json.dumps(key, sort_keys=True, default=str).encode(), digest_size=10).hexdigest()
 
