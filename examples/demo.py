@@ -10,8 +10,10 @@
    stopped (or, when it finished, just reports it); --fresh deletes runs/demo, saying what it
    held, and starts over. train.max_minutes (30) is only a safety net: the demo is defined by its
    600 steps, and the summary says when the cap cut them short.
-3. Linear probe on the held-out region: the pretrained encoder, and the same architecture at
-   the random initialisation pretraining started from.
+3. Linear probe on the held-out region with examples/evaluate.py (--dataset sample): the
+   pretrained encoder, and the same architecture at the random initialisation pretraining
+   started from; reports in runs/demo/eval_pretrained.json and eval_random.json, the mAPs
+   added to runs/demo/summary.json.
 4. Print images/s over the whole run (and the last logged window apart), the first and final
    loss, both mAPs, and where the plot and metrics are.
 
@@ -29,9 +31,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling example scripts
 
-import linear_probe
+import evaluate
 import pretrain
-import torch
 
 from fastcon.data import prepare_sample
 from fastcon.train import CheckpointDir, CheckpointError, ConfigError, load_config, read_metrics, run_throughput
@@ -79,17 +80,25 @@ def main(argv=None) -> int:
         return 1
     train_s = time.perf_counter() - t0
 
-    print("\n== 3. linear probe on the spatially held-out region")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print("\n== 3. linear probe on the spatially held-out region (examples/evaluate.py --dataset sample)")
     t0 = time.perf_counter()
-    results = {}
-    for name, weights in (("pretrained", summary["encoder"]), ("random init", None)):
-        r = linear_probe.probe(cfg, weights, seed=cfg.run.seed, pool="cls", device=device)
-        linear_probe.print_report(r)
-        results[name] = r
+    maps = {}
+    for name, extra in (("pretrained", []), ("random", ["--random-init"])):
+        out = os.path.join(cfg.run.out_dir, f"eval_{name}.json")
+        argv = ["--dataset", "sample", "--run", cfg.run.out_dir, "--out", out, "--no-progress", *extra]
+        if evaluate.main(argv) != 0:
+            return 1
+        with open(out) as f:
+            maps[name] = {r["metric"]: r["value"] for r in json.load(f)["results"]}
     probe_s = time.perf_counter() - t0
+    summary_file = os.path.join(cfg.run.out_dir, "summary.json")
+    with open(summary_file) as f:
+        saved = json.load(f)
+    saved["probe"] = {name: {"map_macro": m["map_macro"], "map_micro": m["map_micro"]} for name, m in maps.items()}
+    with open(summary_file, "w") as f:
+        json.dump(saved, f, indent=2)
 
-    pre, rnd = results["pretrained"]["test_map"], results["random init"]["test_map"]
+    pre, rnd = maps["pretrained"]["map_macro"], maps["random"]["map_macro"]
     speed = run_throughput(read_metrics(summary["metrics"]))
     last = speed["last"]
     window = f"last {last['steps']} step{'s' if last['steps'] != 1 else ''}"
@@ -112,7 +121,8 @@ def main(argv=None) -> int:
         f"  loss             {summary['first_loss']:.4f} at step 1 -> {summary['final_loss']:.4f} "
         f"(mean of the {window})"
     )
-    print(f"  linear probe mAP pretrained {pre:.4f} vs random init {rnd:.4f} ({pre - rnd:+.4f})")
+    print(f"  linear probe mAP pretrained {pre:.4f} vs random init {rnd:.4f} ({pre - rnd:+.4f}) (macro; micro ", end="")
+    print(f"{maps['pretrained']['map_micro']:.4f} vs {maps['random']['map_micro']:.4f})")
     print(f"  outputs          {summary['plot']}, {summary['metrics']}, {summary['encoder']}")
     print(
         f"  time             data {prep_s:.0f} s, pretraining {train_s:.0f} s, probes {probe_s:.0f} s, total {time.perf_counter() - started:.0f} s"

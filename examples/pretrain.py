@@ -11,7 +11,7 @@ line (`section.key=value`, or `--set section.key=value`) any. A run writes into 
 config.yaml (resolved), metrics.csv, loss.png, summary.json, checkpoints/ and, at the end,
 encoder.safetensors (timm layout: `timm.create_model(name, pretrained=True, num_classes=0,
 in_chans=C, img_size=crop, **model.timm_kwargs, pretrained_cfg_overlay=dict(file=...))` loads
-it; so does examples/linear_probe.py).
+it; so does examples/evaluate.py).
 
 The methods
 - softcon: the online encoder sees a Siamese-masked view (only `mask.keep` of the patch tokens),

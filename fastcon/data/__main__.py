@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     p.add_argument("--resampling", default="bilinear", help="rasterio Resampling of coarser bands (default bilinear)")
     p.add_argument("--max-nodata", type=float, default=0.01, help="skip tiles with more missing pixels")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.add_argument("--labels-json", default=None, help="SSL4EO-S12 scene labels {location: {season: [class, ...]}}")
+    p.add_argument("--label-scheme", default="dynamicworld", help="class order of --labels-json (dynamicworld)")
+    p.add_argument("--keep-unlabelled", action="store_true", help="keep scenes without a label (else skipped)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--store", default="npy", choices=["npy", "raw"], help=STORE_HELP)
@@ -72,6 +75,9 @@ def main(argv=None) -> int:
             on_error="raise" if args.strict else "skip",
             progress=not args.no_progress,
             store=args.store,
+            labels_json=args.labels_json,
+            label_scheme=args.label_scheme,
+            keep_unlabelled=args.keep_unlabelled,
         )
         return 1 if summary.failed else 0
     if args.command == "sample":

@@ -76,6 +76,7 @@ class PrepareSummary:
     processed: int = 0
     resumed: int = 0  # already done by an earlier run, skipped
     failed: list[tuple[str, str]] = field(default_factory=list)
+    unlabelled: int = 0  # scenes without a label in labels_json, skipped
     new_tiles: int = 0
     num_tiles: int = 0
     num_scenes: int = 0
@@ -94,10 +95,23 @@ class PrepareSummary:
             lines.append(f"classes ({len(self.class_names)}): tiles with the class / mean fraction")
             for c in self.class_names:
                 lines.append(f"  {c:24s} {self.tiles_with_class.get(c, 0):7d}  {self.mean_fraction.get(c, 0.0):.3f}")
+        if self.unlabelled:
+            lines.append(f"{self.unlabelled} scene(s) without a label in the labels JSON skipped")
         if self.failed:
             lines.append(f"{len(self.failed)} input(s) skipped:")
             lines += [f"  {name}: {msg}" for name, msg in self.failed]
         return "\n".join(lines)
+
+    def finish(self, info: dict, t0: float, progress: bool) -> PrepareSummary:
+        """Fill in the totals of ``finalize``'s dataset.json; print the report if ``progress``."""
+        self.num_tiles, self.num_scenes = info["num_tiles"], info["num_scenes"]
+        self.class_names = tuple(info["classes"])
+        self.tiles_with_class = info["class_stats"]["tiles_with_class"]
+        self.mean_fraction = info["class_stats"]["mean_fraction"]
+        self.seconds = time.perf_counter() - t0
+        if progress:
+            print(self)
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,6 +322,9 @@ def prepare(
     progress: bool = True,
     max_strip_mib: float = 1024,
     store: str = "npy",
+    labels_json=None,
+    label_scheme: str = "dynamicworld",
+    keep_unlabelled: bool = False,
 ) -> PrepareSummary:
     """Tile raw rasters into ``out_dir``; see the module docstring and ``fastcon.data``.
 
@@ -329,6 +346,8 @@ def prepare(
     max_strip_mib: memory budget of one strip of a scene being read (float32 bands).
     store: "npy" (write tiles/{id}.npy) or "raw" (no tile files: the manifest names each
         tile's band files and windows, read at load time; see ``fastcon.data.raw``).
+    labels_json: scene-level labels of SSL4EO-S12 scenes (``fastcon.data.ssl4eo``), classes of
+        ``label_scheme``; scenes without a label are skipped and counted unless ``keep_unlabelled``.
     """
     t0 = time.perf_counter()
     bs = get_band_set(band_set)
@@ -349,6 +368,21 @@ def prepare(
         raise ValueError(f"resampling must be a rasterio Resampling name (e.g. 'bilinear'), got {resampling!r}")
     workers = (os.cpu_count() or 1) if workers is None else _checks.integer("workers", workers, low=0)
 
+    from fastcon.data.ssl4eo import is_zarr_zip
+
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)  # a generator is read once
+    paths = inputs
+    if layout in ("auto", "ssl4eo") and paths and all(is_zarr_zip(p) for p in paths):  # SSL4EO-S12 v1.1
+        from fastcon.data.ssl4eo import prepare_zarr
+
+        if landcover is not None:
+            raise ValueError("SSL4EO-S12 v1.1 zarr inputs take labels_json, not a landcover file")
+        return prepare_zarr(
+            paths, out_dir, band_set=bs, tile_size=tile_size, stride=stride, max_nodata=max_nodata,
+            label_threshold=label_threshold, labels_json=labels_json, label_scheme=label_scheme,
+            keep_unlabelled=keep_unlabelled, progress=progress,
+        )  # fmt: skip
+
     lc = None
     if landcover is not None:
         lc = open_landcover(
@@ -362,6 +396,14 @@ def prepare(
         raise ValueError("class_field / landcover_scheme / classes / landcover_layer need a landcover file")
 
     scenes, problems = find_inputs(inputs, bs, layout)
+    scene_classes, unlabelled = None, 0
+    if labels_json is not None:
+        from fastcon.data.ssl4eo import SceneLabels
+
+        if lc is not None:
+            raise ValueError("give either landcover or labels_json, not both")
+        lc = SceneLabels(labels_json, label_scheme)
+        scenes, scene_classes, unlabelled = lc.select(scenes, keep_unlabelled)
     out_dir = os.fspath(out_dir)
     tiles_dir = os.path.join(out_dir, TILES_DIR)
     os.makedirs(tiles_dir if store == "npy" else out_dir, exist_ok=True)
@@ -384,7 +426,7 @@ def prepare(
     for stale in glob.glob(os.path.join(tiles_dir, ".*.tmp")):  # left by a run that was killed
         os.remove(stale)
 
-    summary = PrepareSummary(out_dir=out_dir, num_inputs=len(scenes) + len(problems))
+    summary = PrepareSummary(out_dir=out_dir, num_inputs=len(scenes) + len(problems), unlabelled=unlabelled)
     if on_error == "raise" and problems:
         raise InputError(problems[0][1])
     summary.failed += problems
@@ -410,7 +452,7 @@ def prepare(
         resolution,
         resampling,
         max_nodata,
-        lc,
+        lc if scene_classes is None else None,
         tiles_dir,
         int(max_strip_mib * 2**20),
         read_threads,
@@ -427,6 +469,11 @@ def prepare(
         def on_result(result):
             if result[0] == "ok":
                 rec = result[1]
+                if scene_classes is not None:
+                    from fastcon.data.ssl4eo import tile_counts
+
+                    k, n = len(lc.class_names), len(rec["tiles"])
+                    rec["counts"] = tile_counts(scene_classes[rec["key"]], k, n, tile_size)
                 summary.processed += 1
                 summary.new_tiles += rec.pop("new_tiles")
                 jf.write(json.dumps(rec, separators=(",", ":")) + "\n")
@@ -447,14 +494,7 @@ def prepare(
                 bar.close()
 
     info = finalize(out_dir, label_threshold=label_threshold, scene_block=scene_block, failed=summary.failed)
-    summary.num_tiles, summary.num_scenes = info["num_tiles"], info["num_scenes"]
-    summary.class_names = tuple(info["classes"])
-    summary.tiles_with_class = info["class_stats"]["tiles_with_class"]
-    summary.mean_fraction = info["class_stats"]["mean_fraction"]
-    summary.seconds = time.perf_counter() - t0
-    if progress:
-        print(summary)
-    return summary
+    return summary.finish(info, t0, progress)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""fastcon.train: the reusable machinery of examples/pretrain.py and examples/linear_probe.py.
+"""fastcon.train: the reusable machinery of examples/pretrain.py and examples/evaluate.py.
 
 The examples stay scripts a user reads top to bottom; what is not specific to one method lives here:
 
