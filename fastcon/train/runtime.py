@@ -143,19 +143,25 @@ class StopRequest:
     """Turns SIGTERM / SIGINT into a flag (``bool(stop)``) instead of killing the process mid-step.
 
     The training loop checks it after each step, writes a checkpoint and exits. A second SIGINT
-    (Ctrl-C twice) raises ``KeyboardInterrupt`` at once. ``restore()`` puts the old handlers back.
+    at least ``repeat_s`` seconds after the first (Ctrl-C twice) raises ``KeyboardInterrupt`` at
+    once; copies of one signal arriving together (to the process group, then forwarded by torchrun
+    or srun) are one request. ``restore()`` puts the old handlers back.
     """
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), repeat_s: float = 1.0):
         self.signal_name: str | None = None
+        self.repeat_s, self._first = repeat_s, 0.0
         self._previous = {}
         for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.signal_name is not None:
+            if signum == signal.SIGINT and now - self._first >= self.repeat_s:
+                raise KeyboardInterrupt
+            return
+        self.signal_name, self._first = signal.Signals(signum).name, now
 
     def __bool__(self) -> bool:
         return self.signal_name is not None
