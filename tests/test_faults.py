@@ -125,3 +125,166 @@ def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly
         text = p.communicate(timeout=180)[0]
         assert p.returncode == 0, text
     _compare_runs(out, straight)
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged band files: the scene fails, named; exit 1; not recorded; processed once repaired
+
+
+def _prepare_cli(*args) -> tuple[int, str]:
+    """``python -m fastcon.data prepare ...`` in this process: (exit status, stdout + stderr)."""
+    import contextlib
+    import io
+
+    from fastcon.data.__main__ import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        status = main(["prepare", *map(str, args)])
+    return status, out.getvalue()
+
+
+def _journal_keys(folder) -> set[str]:
+    import json
+
+    path = os.path.join(folder, "progress.jsonl")
+    return {json.loads(line)["key"] for line in open(path)} if os.path.exists(path) else set()
+
+
+def _manifest_sources(folder) -> set[str]:
+    import pandas as pd
+
+    return set(pd.read_parquet(os.path.join(folder, "manifest.parquet"))["source"])
+
+
+def _truncate(path, fraction: float) -> bytes:
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: int(len(data) * fraction)])
+    return data
+
+
+@pytest.fixture(scope="module")
+def jp2_bands(tmp_path_factory):
+    """A copy of the bundled real Sentinel-2 bands (JPEG 2000), one scene."""
+    import shutil
+
+    from fastcon.data.sample import sample_dir
+
+    folder = tmp_path_factory.mktemp("jp2") / "IMG_DATA"
+    shutil.copytree(os.path.join(sample_dir(), "IMG_DATA"), folder)
+    return folder
+
+
+def test_truncated_jp2_band_fails_its_scene_and_is_processed_once_repaired(jp2_bands, tmp_path):
+    band = jp2_bands / "T33UUU_20170216T102101_B04.jp2"
+    out = tmp_path / "prepared"
+    cli = [jp2_bands, "--out", out, "--layout", "bands", "--tile-size", "128", "--workers", "1", "--no-progress"]
+    whole = _truncate(band, 0.75)  # GDAL: "Stream too short", yet the read returns zeros and garbage
+    try:
+        status, output = _prepare_cli(*cli)
+        assert status == 1, output
+        assert f"reading {band} failed" in output  # the scene's damaged file, named
+        assert "Stream too short" in output
+        assert _journal_keys(out) == set()  # not recorded as done
+    finally:
+        band.write_bytes(whole)  # repaired
+    status, output = _prepare_cli(*cli)
+    assert status == 0, output
+    assert len(_journal_keys(out)) == 1
+    assert _manifest_sources(out) == _journal_keys(out)
+
+
+def _s1_geotiff(path, source_dir, scale: float):
+    import rasterio
+
+    bands = []
+    for b in ("B04", "B08"):
+        with rasterio.open(os.path.join(source_dir, f"T33UUU_20170216T102101_{b}.jp2")) as r:
+            profile = r.profile
+            bands.append(10 * np.log10(scale * r.read(1).astype(np.float32) / 10000 + 1e-3))
+    profile.update(driver="GTiff", count=2, dtype="float32", nodata=None, compress="deflate", tiled=True)
+    profile.update(blockxsize=256, blockysize=256)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.descriptions = ("VV", "VH")  # before the pixels: the directory stays at the start of the file
+        dst.write(np.stack(bands))
+
+
+def test_truncated_geotiff_fails_its_scene_in_a_worker_pool_and_is_processed_once_repaired(jp2_bands, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    good, bad = raw / "S1_a.tif", raw / "S1_b.tif"
+    _s1_geotiff(good, jp2_bands, 1.0)
+    _s1_geotiff(bad, jp2_bands, 0.9)
+    out = tmp_path / "prepared"
+    cli = [raw, "--out", out, "--band-set", "s1", "--layout", "multiband", "--tile-size", "128", "--workers", "2"]
+    whole = _truncate(bad, 0.7)
+    status, output = _prepare_cli(*cli, "--no-progress")
+    assert status == 1, output
+    assert f"reading {bad} failed" in output
+    assert "S1_b" in output
+    assert _journal_keys(out) == {"S1_a"}
+    assert _manifest_sources(out) == {"S1_a"}
+    bad.write_bytes(whole)
+    status, output = _prepare_cli(*cli)
+    assert status == 0, output
+    assert _journal_keys(out) == _manifest_sources(out) == {"S1_a", "S1_b"}
+
+
+def test_truncated_landcover_raster_is_a_named_input_error(jp2_bands, tmp_path):
+    import rasterio
+
+    from fastcon.data.inputs import InputError
+    from fastcon.data.landcover import RasterLandCover
+    from fastcon.data.raster import Grid
+
+    with rasterio.open(jp2_bands / "T33UUU_20170216T102101_B04.jp2") as r:
+        profile, pixels = r.profile, r.read(1)
+    codes = (10 * (1 + np.digitize(pixels, np.quantile(pixels, [0.25, 0.5, 0.75])))).astype(np.uint8)
+    path = tmp_path / "worldcover.jp2"
+    keep = {k: profile[k] for k in ("crs", "transform", "width", "height")}
+    with rasterio.open(
+        path, "w", driver="JP2OpenJPEG", count=1, dtype="uint8", reversible=True, quality=100, **keep
+    ) as dst:
+        dst.write(codes, 1)
+    grid = Grid(keep["crs"], keep["transform"], keep["width"], keep["height"])
+    lc = RasterLandCover(str(path), "worldcover")
+    np.testing.assert_array_equal(lc.labels(grid), codes // 10)  # intact: WorldCover classes 10..40 are 1..4
+    _truncate(path, 0.75)
+    with pytest.raises(InputError, match=f"land cover {path}: reading it failed: GDAL reported"):
+        lc.labels(grid)
+
+
+def test_strict_stops_at_a_bad_input_and_leaves_a_consistent_folder(jp2_bands, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _s1_geotiff(raw / "S1_a.tif", jp2_bands, 1.0)
+    (raw / "S1_b.tif").write_bytes(b"II*\x00garbage")  # not a raster
+    _s1_geotiff(raw / "S1_c.tif", jp2_bands, 0.8)
+    out = tmp_path / "prepared"
+    cli = [raw, "--out", out, "--band-set", "s1", "--layout", "multiband", "--tile-size", "128", "--workers", "2"]
+    status, output = _prepare_cli(*cli, "--strict", "--no-progress")
+    assert status == 1, output
+    assert "error: input S1_b:" in output
+    assert "Traceback" not in output
+    # what finished is recorded and listed: the manifest is the journal, every listed tile exists
+    done = _journal_keys(out)
+    assert "S1_b" not in done
+    assert _manifest_sources(out) == done
+    import pandas as pd
+
+    files = pd.read_parquet(out / "manifest.parquet")["file"]
+    assert all((out / f).is_file() for f in files)
+    assert not list((out / "tiles").glob(".*.tmp"))
+
+
+def test_failures_are_printed_without_progress_output(jp2_bands, tmp_path, capsys):
+    from fastcon.data import prepare
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "S1_b.tif").write_bytes(b"II*\x00garbage")
+    summary = prepare([raw], tmp_path / "out", band_set="s1", layout="multiband", workers=0, progress=False)
+    assert [key for key, _ in summary.failed] == ["S1_b"]
+    err = capsys.readouterr().err
+    assert "1 input(s) skipped:" in err
+    assert "S1_b: input S1_b:" in err

@@ -28,6 +28,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -92,10 +93,12 @@ class PrepareSummary:
             lines.append(f"classes ({len(self.class_names)}): tiles with the class / mean fraction")
             for c in self.class_names:
                 lines.append(f"  {c:24s} {self.tiles_with_class.get(c, 0):7d}  {self.mean_fraction.get(c, 0.0):.3f}")
-        if self.failed:
-            lines.append(f"{len(self.failed)} input(s) skipped:")
-            lines += [f"  {name}: {msg}" for name, msg in self.failed]
-        return "\n".join(lines)
+        return "\n".join(lines + self.failure_lines())
+
+    def failure_lines(self) -> list[str]:
+        if not self.failed:
+            return []
+        return [f"{len(self.failed)} input(s) skipped:", *(f"  {name}: {msg}" for name, msg in self.failed)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,9 +203,12 @@ def _pool_context():
 
 
 def _run(todo: list[SceneInput], job: _Job, workers: int, on_result) -> None:
+    """Process ``todo``, passing each result to ``on_result``; when that returns True (stop), no
+    further scene starts and the scenes already running finish (their results passed on too)."""
     if workers <= 1 or len(todo) <= 1:
         for scene in todo:
-            on_result(_work(scene, job))
+            if on_result(_work(scene, job)):
+                return
         return
     ctx = _pool_context()
     queue, suspects = deque(todo), deque()
@@ -218,7 +224,9 @@ def _run(todo: list[SceneInput], job: _Job, workers: int, on_result) -> None:
                         scene.key,
                         f"input {scene.key}: the worker process died while reading {', '.join(map(str, scene.files))}",
                     )
-            on_result(result)
+            if on_result(result):
+                queue.clear()
+                suspects.clear()
             continue
         with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
             in_flight = {}
@@ -237,7 +245,8 @@ def _run(todo: list[SceneInput], job: _Job, workers: int, on_result) -> None:
                             suspects.append(scene)
                             broken = True
                             continue
-                        on_result(result)
+                        if on_result(result):
+                            queue.clear()
                     if broken:
                         suspects.extend(in_flight.values())
                         break
@@ -409,7 +418,8 @@ def prepare(
     journal_path = os.path.join(out_dir, JOURNAL_FILE)
     with open(journal_path, "a") as jf:
 
-        def on_result(result):
+        def on_result(result) -> bool:
+            """Journal a finished scene; True (stop) at a failure with on_error="raise"."""
             if result[0] == "ok":
                 rec = result[1]
                 summary.processed += 1
@@ -417,13 +427,11 @@ def prepare(
                 jf.write(json.dumps(rec, separators=(",", ":")) + "\n")
                 jf.flush()
             else:
-                _, key, msg = result
-                if on_error == "raise":
-                    raise InputError(msg)
-                summary.failed.append((key, msg))
+                summary.failed.append(result[1:])
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(tiles=summary.new_tiles, failed=len(summary.failed))
+            return on_error == "raise" and bool(summary.failed)
 
         try:
             _run(todo, job, workers, on_result)
@@ -431,6 +439,7 @@ def prepare(
             if bar is not None:
                 bar.close()
 
+    # also after a strict stop: the manifest then lists every scene the journal holds
     info = finalize(out_dir, label_threshold=label_threshold, scene_block=scene_block, failed=summary.failed)
     summary.num_tiles, summary.num_scenes = info["num_tiles"], info["num_scenes"]
     summary.class_names = tuple(info["classes"])
@@ -439,6 +448,10 @@ def prepare(
     summary.seconds = time.perf_counter() - t0
     if progress:
         print(summary)
+    if on_error == "raise" and summary.failed:
+        raise InputError(summary.failed[0][1])
+    if not progress and summary.failed:  # failures are printed with or without progress output
+        print("\n".join(summary.failure_lines()), file=sys.stderr)
     return summary
 
 
