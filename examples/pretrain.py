@@ -70,6 +70,7 @@ from fastcon.train import (
     StepTimer,
     StopRequest,
     all_ranks_any,
+    collective_failure,
     derived_seed,
     init_distributed,
     load_config,
@@ -534,7 +535,7 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 
 
 def _train(cfg: Config, resume: str | None) -> dict:
-    info = init_distributed(cfg.run.device)
+    info = init_distributed(cfg.run.device, timeout=cfg.run.dist_timeout)
     main_rank = info.is_main
     out_dir = cfg.run.out_dir
     ckpts = CheckpointDir(os.path.join(out_dir, "checkpoints"), keep=cfg.checkpoint.keep)
@@ -738,6 +739,11 @@ def main(argv=None) -> int:
     except (ConfigError, NonFiniteLossError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         shutdown_distributed()
+        return 1
+    except RuntimeError as e:  # a collective that timed out or lost its peer: named (docs/faults.md)
+        if (failure := collective_failure(e)) is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
         return 1
     return 0
 

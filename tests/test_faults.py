@@ -128,6 +128,43 @@ def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly
 
 
 # ---------------------------------------------------------------------------------------------
+# a hung rank: the others stop at run.dist_timeout, naming the collective
+
+
+def _ranks(cmd, world: int, **env):
+    """``world`` processes with the environment torchrun gives its workers (no agent in between)."""
+    port = str(_free_port())
+    return [
+        _start(cmd, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)
+        for r in range(world)
+    ]  # fmt: skip
+
+
+def test_a_stopped_rank_ends_the_others_at_the_timeout_with_the_collective_named(sample, tmp_path):
+    out, timeout = str(tmp_path / "hung"), 5
+    args = [*TINY, "data.batch_size=8", "train.steps=400", "run.device=cpu", f"run.dist_timeout={timeout}"]
+    rank0, rank1 = _ranks([*PRETRAIN, *args, f"data.root={sample}", f"run.out_dir={out}"], 2, OMP_NUM_THREADS="1")
+    try:
+        _wait_for_rows(rank0, os.path.join(out, "metrics.csv"), 2)
+        os.kill(rank1.pid, signal.SIGSTOP)  # hung: alive, holding its connections, never answering
+        stopped = time.monotonic()
+        output = rank0.communicate(timeout=timeout + 60)[0]
+        waited = time.monotonic() - stopped
+    finally:
+        for p in (rank0, rank1):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    print(f"rank 0 exited {waited:.1f} s after rank 1 was stopped (run.dist_timeout={timeout} s):\n{output}")
+    assert rank0.returncode == 1, output
+    assert "rank 0: the collective" in output, output
+    assert f"did not complete within run.dist_timeout={timeout} s: another rank is stopped, hung or dead" in output
+    assert "Traceback" not in output
+    assert waited < timeout + 30  # the step in progress, the timeout, the exit
+
+
+# ---------------------------------------------------------------------------------------------
 # damaged band files: the scene fails, named; exit 1; not recorded; processed once repaired
 
 
