@@ -541,6 +541,11 @@ def _train(cfg: Config, resume: str | None) -> dict:
     ckpts = CheckpointDir(os.path.join(out_dir, "checkpoints"), keep=cfg.checkpoint.keep)
     if cfg.train.accum_steps < 1:
         raise ValueError(f"train.accum_steps must be >= 1, got {cfg.train.accum_steps}")
+    if main_rank and (stale := ckpts.remove_stale_temporaries()):  # left by writes killed midway
+        mib = sum(size for _, size in stale) / 2**20
+        print(
+            f"removed {len(stale)} stale temporary checkpoint file(s) ({mib:.1f} MiB): {', '.join(p.name for p, _ in stale)}"
+        )
 
     loader = make_data(cfg)
     run = setup(cfg, info, loader.band_names)

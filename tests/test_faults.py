@@ -325,3 +325,79 @@ def test_failures_are_printed_without_progress_output(jp2_bands, tmp_path, capsy
     err = capsys.readouterr().err
     assert "1 input(s) skipped:" in err
     assert "S1_b: input S1_b:" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# a bad input on one rank under group=: every rank raises, at once
+
+
+def _one_bad_rank(rank, world, store, out_dir):
+    import torch
+    import torch.distributed as dist
+
+    import fastcon
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    results = {}
+    try:
+        z, labels = torch.randn(6, 5), torch.rand(6, 3)
+        bad = {
+            "empty batch": (torch.randn(0, 5), torch.randn(0, 5), torch.rand(0, 3)),
+            "negative labels": (z, z, -labels),
+            "labels of another length": (z, z, labels[:4]),
+        }
+        for name, args in bad.items():
+            t0 = time.perf_counter()
+            try:
+                fastcon.soft_contrastive_loss(*(args if rank == world - 1 else (z, z, labels)), group=True)
+                results[name] = (None, time.perf_counter() - t0)
+            except (ValueError, TypeError) as e:
+                results[name] = (f"{type(e).__name__}: {e}", time.perf_counter() - t0)
+        # the group is still usable afterwards: a good call on every rank
+        results["after"] = float(fastcon.soft_contrastive_loss(z, z, labels, group=True))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_bad_input_on_one_rank_raises_on_every_rank_at_once(tmp_path):
+    import torch
+    from test_distributed import spawn_with_timeout
+
+    world = 3
+    spawn_with_timeout(_one_bad_rank, world, (world, str(tmp_path / "store"), str(tmp_path)), 120)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for name in ("empty batch", "negative labels", "labels of another length"):
+        own = ranks[-1][name][0]
+        assert own is not None, f"the bad rank did not raise for {name}"
+        assert own.startswith("ValueError"), own  # the bad rank: its own error
+        for r in range(world - 1):
+            msg, seconds = ranks[r][name]
+            assert msg is not None, f"rank {r} did not raise for {name}"
+            assert msg.startswith(f"ValueError: rank(s) [{world - 1}] of the group got invalid input"), msg
+            assert own.split(": ", 1)[1] in msg  # the bad rank's message, on every rank
+            assert seconds < 1.0, f"rank {r} took {seconds:.2f} s to raise for {name}"
+    assert len({r["after"] for r in ranks}) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# leftovers
+
+
+def test_stale_temporary_checkpoints_of_dead_processes_are_removed_at_start(sample, tmp_path, capsys):
+    out = tmp_path / "run"
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its PID names a process that no longer exists
+    stale = ckpt_dir / f".step_00000007.ckpt.{dead.pid}.tmp"
+    stale.write_bytes(b"x" * 3_000_000)  # a write killed midway
+    live = ckpt_dir / f".step_00000007.ckpt.{os.getppid()}.tmp"  # a running process: maybe writing
+    live.write_bytes(b"y")
+    args = ["--config", os.path.join(CONFIGS, "demo.yaml"), *TINY, f"data.root={sample}", f"run.out_dir={out}"]
+    assert pretrain.main([*args, "train.steps=1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"removed 1 stale temporary checkpoint file(s) (2.9 MiB): {stale.name}" in printed
+    assert not stale.exists()
+    assert live.exists()
+    assert [p.name for p in CheckpointDir(ckpt_dir).all()] == ["step_00000001.ckpt"]
