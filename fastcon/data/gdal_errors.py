@@ -4,8 +4,8 @@ Some damage reaches Python only as a GDAL error message: a JPEG 2000 band cut sh
 to zeros and garbage ("ERROR 1: Stream too short", "opj_get_decoded_tile() failed") while the
 read returns success, and the decoding threads of the JP2 driver report from threads of
 GDAL's own, where no per-call error context of rasterio sees it. So this module sets one
-process-wide GDAL error handler (``CPLSetErrorHandler`` of the libgdal that rasterio loaded,
-called through ctypes) that records each failure (``CE_Failure`` / ``CE_Fatal``) and passes
+process-wide GDAL error handler (``CPLSetErrorHandler`` of the libgdal that rasterio uses,
+called through ctypes; pyogrio may load another) that records each failure (``CE_Failure`` / ``CE_Fatal``) and passes
 every message on to the handler that was there before (so GDAL still prints what it printed).
 
     start = gdal_errors.mark()
@@ -20,8 +20,6 @@ reads the files again one by one to name the damaged one).
 from __future__ import annotations
 
 import ctypes
-import glob
-import os
 import threading
 import warnings
 
@@ -33,25 +31,18 @@ _messages: list[str] = []
 _state: dict = {}  # "installed", "callback", "previous" (kept referenced: GDAL holds the pointers)
 
 
-def _libgdal_path() -> str | None:
-    """The libgdal that rasterio's extension modules are linked against (already loaded)."""
+def _rasterio_gdal():
+    """rasterio's libgdal, through one of rasterio's own extension modules: symbols looked up in
+    its handle resolve in its dependencies, so this is the GDAL rasterio uses even where another
+    package (pyogrio) has loaded a libgdal of its own."""
     import rasterio._base
 
+    lib = ctypes.CDLL(rasterio._base.__file__)  # already loaded: the same handle
     try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.split()[-1] if "/" in line else ""
-                if os.path.basename(path).startswith("libgdal"):
-                    return path
-    except OSError:
-        pass
-    import rasterio
-
-    here = os.path.dirname(os.path.dirname(rasterio.__file__))
-    found = glob.glob(os.path.join(here, "rasterio.libs", "libgdal*")) + glob.glob(
-        os.path.join(os.path.dirname(rasterio.__file__), ".dylibs", "libgdal*")
-    )
-    return found[0] if found else None
+        lib.CPLSetErrorHandler  # noqa: B018 (resolves the symbol)
+    except AttributeError:
+        return None
+    return lib
 
 
 def install() -> bool:
@@ -61,17 +52,16 @@ def install() -> bool:
     with _lock:
         if "installed" in _state:
             return _state["installed"]
-        path = _libgdal_path()
-        if path is None:
+        lib = _rasterio_gdal()
+        if lib is None:
             warnings.warn(
-                "fastcon could not find rasterio's libgdal: GDAL errors that do not fail a read "
+                "fastcon could not reach rasterio's libgdal: GDAL errors that do not fail a read "
                 "(e.g. a truncated JPEG 2000 band) go undetected",
                 RuntimeWarning,
                 stacklevel=3,
             )
             _state["installed"] = False
             return False
-        lib = ctypes.CDLL(path)  # the loaded library: the same handle, the same handler state
         lib.CPLSetErrorHandler.restype = ctypes.c_void_p
         lib.CPLSetErrorHandler.argtypes = [_HANDLER]
         default = _HANDLER(ctypes.cast(lib.CPLDefaultErrorHandler, ctypes.c_void_p).value)
