@@ -141,13 +141,15 @@ def _ranks(cmd, world: int, **env):
     ]  # fmt: skip
 
 
-def test_a_stopped_rank_ends_the_others_at_the_timeout_with_the_collective_named(sample, tmp_path):
-    out, timeout = str(tmp_path / "hung"), 5
+@pytest.mark.parametrize("fault", [signal.SIGSTOP, signal.SIGKILL], ids=["hung", "dead"])
+def test_a_hung_or_dead_rank_ends_the_others_with_the_collective_named(sample, tmp_path, fault):
+    out, timeout = str(tmp_path / "run"), 5
     args = [*TINY, "data.batch_size=8", "train.steps=400", "run.device=cpu", f"run.dist_timeout={timeout}"]
     rank0, rank1 = _ranks([*PRETRAIN, *args, f"data.root={sample}", f"run.out_dir={out}"], 2, OMP_NUM_THREADS="1")
     try:
         _wait_for_rows(rank0, os.path.join(out, "metrics.csv"), 2)
-        os.kill(rank1.pid, signal.SIGSTOP)  # hung: alive, holding its connections, never answering
+        # SIGSTOP: hung, alive and holding its connections, never answering; SIGKILL: dead
+        os.kill(rank1.pid, fault)
         stopped = time.monotonic()
         output = rank0.communicate(timeout=timeout + 60)[0]
         waited = time.monotonic() - stopped
@@ -156,10 +158,11 @@ def test_a_stopped_rank_ends_the_others_at_the_timeout_with_the_collective_named
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    print(f"rank 0 exited {waited:.1f} s after rank 1 was stopped (run.dist_timeout={timeout} s):\n{output}")
+    print(f"rank 0 exited {waited:.1f} s after rank 1 got {fault.name} (run.dist_timeout={timeout} s):\n{output}")
     assert rank0.returncode == 1, output
-    assert "rank 0: the collective" in output, output
-    assert f"did not complete within run.dist_timeout={timeout} s: another rank is stopped, hung or dead" in output
+    assert "error: rank 0: the collective " in output, output
+    outcome = f"did not complete within run.dist_timeout={timeout} s" if fault == signal.SIGSTOP else "failed"
+    assert f"{outcome}: another rank is stopped, hung or dead" in output
     assert "Traceback" not in output
     assert waited < timeout + 30  # the step in progress, the timeout, the exit
 

@@ -128,11 +128,16 @@ def collective_failure(error: BaseException) -> CollectiveFailure | None:
         op = "DDP's gradient all-reduce (in backward)"
     rank = f"rank {dist.get_rank()}" if dist.is_available() and dist.is_initialized() else "this rank"
     timeout = _DIST_TIMEOUT["seconds"]
-    waited = f"within run.dist_timeout={timeout:g} s" if timeout is not None else "(torch's default timeout)"
+    if any(k in text.lower() for k in ("timed out", "timeout")):
+        outcome = "did not complete " + (
+            f"within run.dist_timeout={timeout:g} s" if timeout is not None else "within torch's default timeout"
+        )
+    else:  # e.g. gloo's "Connection closed by peer": the other side is gone
+        outcome = "failed"
     where = f" (called from {caller})" if caller else ""
     return CollectiveFailure(
-        f"{rank}: the collective {op}{where} did not complete {waited}: another rank is stopped, hung "
-        f"or dead. The newest checkpoint is the one to resume from. [{text}]"
+        f"{rank}: the collective {op}{where} {outcome}: another rank is stopped, hung or dead. "
+        f"The newest checkpoint is the one to resume from. [{text}]"
     )
 
 
