@@ -350,6 +350,7 @@ def _one_bad_rank(rank, world, store, out_dir):
             "labels of another length": (z, z, labels[:4]),
         }
         for name, args in bad.items():
+            dist.barrier()  # the clocks start together: the time is the exchange's, not the ranks' skew
             t0 = time.perf_counter()
             try:
                 fastcon.soft_contrastive_loss(*(args if rank == world - 1 else (z, z, labels)), group=True)
