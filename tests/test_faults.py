@@ -167,6 +167,48 @@ def test_a_hung_or_dead_rank_ends_the_others_with_the_collective_named(sample, t
     assert waited < timeout + 30  # the step in progress, the timeout, the exit
 
 
+def _raised_in(path_parts, function, message):
+    """The error ``function`` (compiled as if it lived in torch's file ``path_parts``) raises."""
+    code = compile(f"def {function}():\n    raise RuntimeError({message!r})\n", os.path.join("/x", *path_parts), "exec")
+    namespace = {}
+    exec(code, namespace)
+
+    def caller():
+        namespace[function]()
+
+    try:
+        caller()
+    except RuntimeError as e:
+        return e
+    raise AssertionError("did not raise")
+
+
+@pytest.mark.parametrize(
+    ("path", "function", "message", "named"),
+    [
+        (("torch", "distributed", "distributed_c10d.py"), "all_gather_into_tensor", "Timed out waiting 5000ms for recv",
+         "the collective all_gather_into_tensor (called from tests/test_faults.py:"),
+        (("torch", "nn", "parallel", "distributed.py"), "_distributed_broadcast_coalesced", "Connection reset by peer",
+         "the collective _distributed_broadcast_coalesced (DDP) (called from tests/test_faults.py:"),
+        (("torch", "autograd", "graph.py"), "_engine_run_backward", "Application timeout caused pair closure",
+         "the collective DDP's gradient all-reduce (in backward)"),
+        (("torch", "autograd", "graph.py"), "_engine_run_backward", "shape mismatch", None),
+        (("torch", "nn", "modules", "linear.py"), "forward", "Timed out", None),
+    ],
+    ids=["c10d", "ddp-forward", "ddp-backward", "backward-other-error", "not-a-collective"],
+)  # fmt: skip
+def test_collective_failures_are_told_from_other_errors(path, function, message, named):
+    from fastcon.train import collective_failure
+
+    failure = collective_failure(_raised_in(path, function, message))
+    if named is None:
+        assert failure is None
+    else:
+        assert named in str(failure)
+        assert "another rank is stopped, hung or dead" in str(failure)
+        assert message in str(failure)
+
+
 # ---------------------------------------------------------------------------------------------
 # damaged band files: the scene fails, named; exit 1; not recorded; processed once repaired
 
@@ -360,6 +402,7 @@ def _one_bad_rank(rank, world, store, out_dir):
         # the group is still usable afterwards: a good call on every rank
         results["after"] = float(fastcon.soft_contrastive_loss(z, z, labels, group=True))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: a rank exiting while gloo still talks to it aborts the other
     finally:
         dist.destroy_process_group()
 

@@ -97,6 +97,7 @@ class CollectiveFailure(RuntimeError):
 _DIST_TIMEOUT = {"seconds": None}  # what init_distributed passed, for the messages
 _C10D = os.path.join("torch", "distributed", "distributed_c10d.py")
 _AUTOGRAD = os.path.join("torch", "autograd", "")
+_DDP = os.path.join("torch", "nn", "parallel", "distributed.py")
 _BROKEN = ("timed out", "timeout", "pair closure", "closed by peer", "connection reset", "nccl", "gloo")
 
 
@@ -104,8 +105,9 @@ def collective_failure(error: BaseException) -> CollectiveFailure | None:
     """``error`` as a ``CollectiveFailure`` naming the stuck collective when a torch.distributed
     collective raised it (e.g. gloo's "Timed out waiting 300000ms for recv operation"), else None.
 
-    The collective is the innermost ``torch.distributed`` call in the traceback (with the first
-    caller outside torch), or DDP's gradient all-reduce when the error came out of backward.
+    The collective is the innermost ``torch.distributed`` call in the traceback (with its callers
+    outside torch), DDP's own call of one (its buffer broadcast in forward), or DDP's gradient
+    all-reduce when the error came out of backward.
     """
     if not isinstance(error, RuntimeError) or isinstance(error, CollectiveFailure):
         return None
@@ -113,8 +115,11 @@ def collective_failure(error: BaseException) -> CollectiveFailure | None:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     op = caller = None
     for i in range(len(frames) - 1, -1, -1):
-        if frames[i].filename.endswith(_C10D):
-            op = frames[i].name
+        # a torch.distributed call, or DDP calling the C++ collectives itself (the last frame:
+        # e.g. its buffer broadcast at the start of forward)
+        ddp = i == len(frames) - 1 and frames[i].filename.endswith(_DDP)
+        if frames[i].filename.endswith(_C10D) or ddp:
+            op = f"{frames[i].name} (DDP)" if ddp else frames[i].name
             outside = [f for f in frames[:i] if os.sep + "torch" + os.sep not in f.filename][-3:]
             caller = " < ".join(
                 f"{os.path.basename(os.path.dirname(f.filename))}/{os.path.basename(f.filename)}:{f.lineno} {f.name}"
