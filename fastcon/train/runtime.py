@@ -81,8 +81,10 @@ def init_distributed(device: str = "auto", timeout: float | None = None) -> Dist
     if world_size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        # 3 (SkipCleanUp): a collective past its timeout ends the process (0 would leave it hanging)
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+        # 3 (SkipCleanUp): a collective past its timeout ends the process (0 would leave it hanging);
+        # torchrun sets 1 (TearDown), also on; a value the user chose (or its legacy name) stays
+        if "NCCL_ASYNC_ERROR_HANDLING" not in os.environ:
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
         kw = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
         _DIST_TIMEOUT["seconds"] = timeout
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", **kw)
