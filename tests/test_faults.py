@@ -425,6 +425,7 @@ def test_a_bad_input_on_one_rank_raises_on_every_rank_at_once(tmp_path):
             assert own.split(": ", 1)[1] in msg  # the bad rank's message, on every rank
             assert seconds < 1.0, f"rank {r} took {seconds:.2f} s to raise for {name}"
     assert len({r["after"] for r in ranks}) == 1
+    print({name: [f"{ranks[r][name][1] * 1e3:.1f} ms" for r in range(world)] for name in ranks[0] if name != "after"})
 
 
 # ---------------------------------------------------------------------------------------------
