@@ -125,6 +125,50 @@ def _check_same_on_all_ranks(comm, z1, labels, opts: dict) -> None:
             )
 
 
+_ERROR_BYTES = 480  # of each rank's message that reaches the other ranks
+
+
+def check_on_every_rank(group, check) -> None:
+    """Run this rank's input check ``check()`` so that an error on any rank raises on every rank.
+
+    Under a process group an argument error raised on one rank only would leave the others
+    waiting in the loss's first collective until that process exits. So every rank runs its own
+    check, then one small all-gather (a flag and the start of the message, per rank) tells each
+    rank about the others: a rank whose input is bad raises its own error, every other rank the
+    same type of error naming the bad rank(s) and the first one's message.
+    """
+    try:
+        check()
+        error = None
+    except (ValueError, TypeError) as e:
+        error = e
+    try:
+        comm = _Comm(resolve_group(group))
+    except (ValueError, TypeError):
+        if error is not None:  # no group to tell: this rank's own error
+            raise error from None
+        raise
+    row = torch.zeros(2 + _ERROR_BYTES, dtype=torch.uint8)
+    if error is not None:
+        text = str(error).encode()
+        text = text if len(text) <= _ERROR_BYTES else text[: _ERROR_BYTES - 3] + b"..."
+        row[0], row[1] = 1, int(isinstance(error, TypeError))
+        row[2 : 2 + len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+    device = "cpu" if "gloo" in str(dist.get_backend(comm.group)) else torch.device("cuda", torch.cuda.current_device())
+    every = comm.all_gather(row[None].to(device)).cpu()
+    if error is not None:
+        raise error
+    bad = [r for r in range(comm.world) if every[r, 0]]
+    if bad:
+        first = every[bad[0]]
+        message = bytes(first[2:].tolist()).rstrip(b"\0").decode(errors="replace")
+        kind = TypeError if first[1] else ValueError
+        raise kind(
+            f"rank(s) {bad} of the group got invalid input, so every rank raises (none is left waiting in a "
+            f"collective); rank {bad[0]}: {message}"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # the process group seen from one rank
 

@@ -453,11 +453,17 @@ def soft_contrastive_loss(
     temperature and bias get 1 / W of their gradient on each rank (DDP averages: scale the loss
     by W for single-process gradients; see fastcon.distributed).
     """
-    _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction)
-    _checks.choice("distributed", distributed, DISTRIBUTED_MODES)
-    if group is not None:
+
+    def check():
+        _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction)
+        _checks.choice("distributed", distributed, DISTRIBUTED_MODES)
+
+    if group is None:
+        check()
+    else:
         from fastcon import distributed as dist_loss
 
+        dist_loss.check_on_every_rank(group, check)  # an input error on one rank raises on every rank
         return dist_loss.soft_contrastive_loss(
             z1, z2, labels, temperature=temperature, loss=loss, symmetric=symmetric, scene_mode=scene_mode,
             hard_weight=hard_weight, bias=bias, normalize=normalize, reduction=reduction, backend=backend,

@@ -304,17 +304,22 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(sample, tmp_path)
     assert proc.poll() is None, "the run ended before it could be stopped:\n" + proc.communicate()[0]
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
+    assert_stopped_then_resumes_exactly(proc.returncode, output, out, args, str(tmp_path / "straight"))
+
+
+def assert_stopped_then_resumes_exactly(returncode, output, out, args, straight):
+    """A run of ``args`` stopped by SIGTERM: exit 0 and a stop checkpoint at its step k; resumed
+    for two more steps, it equals an uninterrupted run (into ``straight``) to the same step."""
+    assert returncode == 0, output
     assert "stopped by SIGTERM" in output
     state, path = CheckpointDir(os.path.join(out, "checkpoints")).load()
     k = state["step"]
     assert 3 <= k < 400
     assert path.name == f"step_{k:08d}.ckpt"
-    # resume for two more steps; an uninterrupted run to the same step must be identical
-    args.append(f"train.stop_at={k + 2}")
+    args = [*args, f"train.stop_at={k + 2}"]
     pretrain.train(config("demo", *args, out=out), resume="auto")
-    pretrain.train(config("demo", *args, out=str(tmp_path / "straight")))
-    _compare_runs(out, str(tmp_path / "straight"))
+    pretrain.train(config("demo", *args, out=straight))
+    _compare_runs(out, straight)
 
 
 # ---------------------------------------------------------------------------------------------

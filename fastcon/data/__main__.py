@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+
+from fastcon.data.inputs import InputError
 
 STORE_HELP = "npy: write tiles/*.npy (default); raw: no tile files, tiles are cut from the band files on use"
 
@@ -12,6 +15,22 @@ def _classes(text):
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
+def _input_error_exits_1(fn):
+    """``prepare --strict`` stops at the first bad input: its message and exit status 1 (the
+    folder is finalised without it), not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(argv=None) -> int:
+        try:
+            return fn(argv)
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+    return wrapper
+
+
+@_input_error_exits_1
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastcon.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -8,7 +8,9 @@ same order with the same crops and flips; they differ only in who does the work.
 
 from __future__ import annotations
 
+import functools
 import os
+import signal
 
 import numpy as np
 import torch
@@ -109,7 +111,7 @@ class TorchLoader(TwoViewLoader):
             pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
             persistent_workers=workers > 0,  # the plan is a function of the key: no per-epoch restart
             prefetch_factor=2 if workers > 0 else None,
-            worker_init_fn=_worker_init if workers > 0 else None,
+            worker_init_fn=functools.partial(_worker_init, _main_exiting_flag()) if workers > 0 else None,
         )
 
     def _batches(self, epoch, start):
@@ -118,8 +120,35 @@ class TorchLoader(TwoViewLoader):
             yield self._finish(view1, view2, indices)
 
 
-def _worker_init(_):
+def _worker_init(main_exiting, _):
     torch.set_num_threads(1)  # one batch per worker process; the processes share the cores
+    # SLURM, torchrun, `timeout` and Ctrl-C signal the whole process group: a worker leaves
+    # stopping to the main process, which checkpoints first (docs/faults.md). SIGTERM still ends
+    # it once the main process exits: multiprocessing stops daemonic workers with it then.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, functools.partial(_worker_sigterm, main_exiting))
+
+
+def _worker_sigterm(main_exiting, signum, _frame):
+    if main_exiting.value:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+_MAIN_EXITING = None
+
+
+def _main_exiting_flag():
+    """Shared with the worker processes; set by this process's exit (before multiprocessing's own
+    exit hook, which was registered earlier and so runs later)."""
+    global _MAIN_EXITING
+    if _MAIN_EXITING is None:
+        import atexit
+        import multiprocessing
+
+        _MAIN_EXITING = multiprocessing.RawValue("b", 0)
+        atexit.register(setattr, _MAIN_EXITING, "value", 1)
+    return _MAIN_EXITING
 
 
 # --------------------------------------------------------------------------------------------

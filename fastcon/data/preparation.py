@@ -28,6 +28,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -97,10 +98,13 @@ class PrepareSummary:
                 lines.append(f"  {c:24s} {self.tiles_with_class.get(c, 0):7d}  {self.mean_fraction.get(c, 0.0):.3f}")
         if self.unlabelled:
             lines.append(f"{self.unlabelled} scene(s) without a label in the labels JSON skipped")
-        if self.failed:
-            lines.append(f"{len(self.failed)} input(s) skipped:")
-            lines += [f"  {name}: {msg}" for name, msg in self.failed]
-        return "\n".join(lines)
+        return "\n".join(lines + self.failure_lines())
+
+    def failure_lines(self) -> list[str]:
+        if not self.failed:
+            return []
+        return [f"{len(self.failed)} input(s) skipped:", *(f"  {name}: {msg}" for name, msg in self.failed)]
+
 
     def finish(self, info: dict, t0: float, progress: bool) -> PrepareSummary:
         """Fill in the totals of ``finalize``'s dataset.json; print the report if ``progress``."""
@@ -111,6 +115,8 @@ class PrepareSummary:
         self.seconds = time.perf_counter() - t0
         if progress:
             print(self)
+        elif self.failed:  # failures are printed with or without progress output
+            print("\n".join(self.failure_lines()), file=sys.stderr)
         return self
 
 
@@ -220,9 +226,12 @@ def _pool_context():
 
 
 def _run(todo: list[SceneInput], job: _Job, workers: int, on_result) -> None:
+    """Process ``todo``, passing each result to ``on_result``; when that returns True (stop), no
+    further scene starts and the scenes already running finish (their results passed on too)."""
     if workers <= 1 or len(todo) <= 1:
         for scene in todo:
-            on_result(_work(scene, job))
+            if on_result(_work(scene, job)):
+                return
         return
     ctx = _pool_context()
     queue, suspects = deque(todo), deque()
@@ -238,7 +247,9 @@ def _run(todo: list[SceneInput], job: _Job, workers: int, on_result) -> None:
                         scene.key,
                         f"input {scene.key}: the worker process died while reading {', '.join(map(str, scene.files))}",
                     )
-            on_result(result)
+            if on_result(result):
+                queue.clear()
+                suspects.clear()
             continue
         with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
             in_flight = {}
@@ -257,7 +268,8 @@ def _run(todo: list[SceneInput], job: _Job, workers: int, on_result) -> None:
                             suspects.append(scene)
                             broken = True
                             continue
-                        on_result(result)
+                        if on_result(result):
+                            queue.clear()
                     if broken:
                         suspects.extend(in_flight.values())
                         break
@@ -466,7 +478,8 @@ def prepare(
     journal_path = os.path.join(out_dir, JOURNAL_FILE)
     with open(journal_path, "a") as jf:
 
-        def on_result(result):
+        def on_result(result) -> bool:
+            """Journal a finished scene; True (stop) at a failure with on_error="raise"."""
             if result[0] == "ok":
                 rec = result[1]
                 if scene_classes is not None:
@@ -479,13 +492,11 @@ def prepare(
                 jf.write(json.dumps(rec, separators=(",", ":")) + "\n")
                 jf.flush()
             else:
-                _, key, msg = result
-                if on_error == "raise":
-                    raise InputError(msg)
-                summary.failed.append((key, msg))
+                summary.failed.append(result[1:])
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(tiles=summary.new_tiles, failed=len(summary.failed))
+            return on_error == "raise" and bool(summary.failed)
 
         try:
             _run(todo, job, workers, on_result)
@@ -493,8 +504,12 @@ def prepare(
             if bar is not None:
                 bar.close()
 
+    # also after a strict stop: the manifest then lists every scene the journal holds
     info = finalize(out_dir, label_threshold=label_threshold, scene_block=scene_block, failed=summary.failed)
-    return summary.finish(info, t0, progress)
+    summary.finish(info, t0, progress)
+    if on_error == "raise" and summary.failed:
+        raise InputError(summary.failed[0][1])
+    return summary
 
 
 # --------------------------------------------------------------------------------------------
