@@ -35,9 +35,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fastcon import _backends, reference
-from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
-from fastcon.soft_contrastive import (
+from fastcon import _backends, _checks, reference
+from fastcon._sc_algebra import (
     DISTRIBUTED_MODES,
     LOSSES,
     REDUCTIONS,
@@ -51,6 +50,7 @@ from fastcon.soft_contrastive import (
     _scalar_grads,
     _subtract_targets,
 )
+from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
 
 MODES = DISTRIBUTED_MODES
 
@@ -387,6 +387,7 @@ class _DistributedSoftContrastive(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _checks.first_order_only("fastcon.soft_contrastive_loss (group=...)")
         mode, need_col, hw, normalize, reduction, scale, bias_v, bound = ctx.cfg
         uk, vk, ids, row, col, r_sum, n1, n2, *saved = ctx.saved_tensors
         kpass, t = ctx.kpass, ctx.targets
