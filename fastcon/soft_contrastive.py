@@ -72,19 +72,29 @@ def check_labels(labels, n: int, ref: torch.Tensor, name: str = "labels", rows: 
         raise ValueError(f"{name} must have at least one class column, got shape {tuple(labels.shape)}")
 
 
-def check_label_values(labels, name: str = "labels") -> None:
+def check_label_values(labels, name: str = "labels", sync_free: bool | None = None) -> None:
     """The checks that read label values (multi-label vectors: finite, >= 0). They run where the
     values are read anyway: eagerly for the reference and distributed paths, inside the fused
-    loss op otherwise (so that torch.compile sees no data-dependent branch; on CPU tensors reading
-    a value costs no device sync; on CUDA tensors these checks are the one sync left, see
-    docs/loss.md)."""
+    loss op otherwise (so that torch.compile sees no data-dependent branch).
+
+    ``sync_free`` (default: for tensors not on the CPU) checks with ``torch._assert_async``
+    instead of reading the result on the host: no host-device synchronisation; a failure is then
+    reported by the device (on CUDA a device-side assert naming the check, surfacing at the
+    next synchronisation), not as a ValueError here. On CPU tensors reading a value costs no
+    synchronisation, so the check raises the ValueError at once."""
     if labels is None or labels.dim() != 2:
         return
+    checks = []
     if labels.dtype.is_floating_point:
-        if not bool(torch.isfinite(labels).all()):
-            raise ValueError(f"{name} must be finite, got NaN or infinite values")
-    if labels.dtype != torch.bool and bool((labels < 0).any()):
-        raise ValueError(f"{name} must be >= 0 (multi-hot or class-fraction vectors), got negative values")
+        checks.append((torch.isfinite(labels).all(), f"{name} must be finite, got NaN or infinite values"))
+    if labels.dtype != torch.bool:
+        negative = f"{name} must be >= 0 (multi-hot or class-fraction vectors), got negative values"
+        checks.append(((labels >= 0).all(), negative))
+    for ok, message in checks:
+        if sync_free if sync_free is not None else labels.device.type != "cpu":
+            torch._assert_async(ok, message)
+        elif not bool(ok):
+            raise ValueError(message)
 
 
 def _check_values(z1, temperature, bias, labels, queue_labels) -> tuple[float, float]:

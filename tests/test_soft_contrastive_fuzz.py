@@ -266,3 +266,23 @@ def test_loss_modules_have_no_import_cycle():
     assert "soft_contrastive" not in graph["distributed"]
     assert "soft_contrastive" not in graph["_sc_algebra"]
     assert "distributed" not in graph["_sc_algebra"]
+
+
+# --------------------------------------------------------------------------------------------
+# label value checks without a host sync (device tensors): torch._assert_async
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [(-torch.ones(4, 2), "labels must be >= 0"), (torch.full((4, 2), float("nan")), "labels must be finite")],
+)
+def test_label_value_checks_sync_free_path(labels, match):
+    """The path device tensors take (forced here on CPU tensors, where _assert_async raises at
+    once): the same message, from torch._assert_async rather than a ValueError."""
+    from fastcon.soft_contrastive import check_label_values
+
+    with pytest.raises(RuntimeError, match=match):
+        check_label_values(labels, sync_free=True)
+    with pytest.raises(ValueError, match=match):
+        check_label_values(labels)
+    check_label_values(torch.rand(4, 2), sync_free=True)  # valid labels pass
