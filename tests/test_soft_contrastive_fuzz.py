@@ -286,3 +286,45 @@ def test_label_value_checks_sync_free_path(labels, match):
     with pytest.raises(ValueError, match=match):
         check_label_values(labels)
     check_label_values(torch.rand(4, 2), sync_free=True)  # valid labels pass
+
+
+# --------------------------------------------------------------------------------------------
+# the whole fused loss (kernels and algebra) is bitwise independent of the thread count
+
+
+@pytest.mark.parametrize("kind", ["multi_hot", "scene", "scene_ignore", "none", "sigmoid", "queue"])
+def test_fused_cpu_loss_bitwise_equal_for_1_and_2_threads(kind):
+    gen = torch.Generator().manual_seed(4)
+    n, d = 700, 40  # several 256-row tiles
+    z1, z2 = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
+    kw = dict(temperature=torch.tensor(0.1), hard_weight=0.2, backend="cpu")
+    labels = (torch.rand(n, 6, generator=gen) < 0.3).float()
+    if kind in ("scene", "scene_ignore"):
+        labels = torch.randint(0, 50, (n,), generator=gen)
+        kw["scene_mode"] = "ignore" if kind == "scene_ignore" else "positive"
+    elif kind == "none":
+        labels = None
+    elif kind == "sigmoid":
+        kw.update(loss="sigmoid", bias=torch.tensor(-2.0))
+    elif kind == "queue":
+        kw.update(
+            queue=torch.randn(300, d, generator=gen), queue_labels=torch.rand(300, 6, generator=gen), symmetric=False
+        )
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+            t = kw["temperature"].clone().requires_grad_()
+            out = fastcon.soft_contrastive_loss(a, b, labels, **{**kw, "temperature": t})
+            out.backward()
+            results.append([out.detach(), a.grad, b.grad, t.grad])
+    finally:
+        torch.set_num_threads(before)
+    # Multi-label vectors: the loss is bitwise equal, the gradients are not (about 1e-10
+    # relative): the target algebra's torch product lhat^T x (C x N by N x D) sums over N in an
+    # order that depends on the thread count. Known, as before this change; see docs/loss.md.
+    compared = results[0][:1] if labels is not None and labels.dim() == 2 else results[0]
+    for one, two in zip(compared, results[1]):
+        assert torch.equal(one, two)
