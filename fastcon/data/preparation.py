@@ -105,7 +105,6 @@ class PrepareSummary:
             return []
         return [f"{len(self.failed)} input(s) skipped:", *(f"  {name}: {msg}" for name, msg in self.failed)]
 
-
     def finish(self, info: dict, t0: float, progress: bool) -> PrepareSummary:
         """Fill in the totals of ``finalize``'s dataset.json; print the report if ``progress``."""
         self.num_tiles, self.num_scenes = info["num_tiles"], info["num_scenes"]
