@@ -35,34 +35,75 @@ _EPS = 1e-12  # the norm floor of the spec: u = z / max(||z||, 1e-12)
 # argument checks
 
 
-def check_labels(labels, n: int, ref: torch.Tensor) -> None:
+def check_labels(labels, n: int, ref: torch.Tensor, name: str = "labels", rows: str = "") -> None:
+    """``rows`` says what the length n is (default: the batch size of z1)."""
     if labels is None:
         return
-    _checks.tensor("labels", labels, dims=(1, 2))
-    _checks.same_device("labels", labels, "z1", ref)
+    _checks.tensor(name, labels, dims=(1, 2))
+    _checks.same_device(name, labels, "z1", ref)
     if labels.dtype.is_complex:
-        raise TypeError(f"labels must be real (multi-label vectors) or integer (scene ids), got {labels.dtype}")
+        raise TypeError(f"{name} must be real (multi-label vectors) or integer (scene ids), got {labels.dtype}")
     if labels.shape[0] != n:
-        raise ValueError(
-            f"labels must have one row per sample (length {n}, the batch size of z1), got shape {tuple(labels.shape)}"
-        )
+        rows = rows or f"one row per sample (length {n}, the batch size of z1)"
+        raise ValueError(f"{name} must have {rows}, got shape {tuple(labels.shape)}")
     if labels.dim() == 1:
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise TypeError(
-                f"1-D labels are scene ids and must be an integer tensor, got {labels.dtype}; "
+                f"1-D {name} are scene ids and must be an integer tensor, got {labels.dtype}; "
                 "pass multi-label vectors as a 2-D (N, C) tensor"
             )
         return
     if labels.shape[1] == 0:
-        raise ValueError(f"labels must have at least one class column, got shape {tuple(labels.shape)}")
+        raise ValueError(f"{name} must have at least one class column, got shape {tuple(labels.shape)}")
     if labels.dtype.is_floating_point:
         if not bool(torch.isfinite(labels).all()):
-            raise ValueError("labels must be finite, got NaN or infinite values")
+            raise ValueError(f"{name} must be finite, got NaN or infinite values")
     if labels.dtype != torch.bool and bool((labels < 0).any()):
-        raise ValueError("labels must be >= 0 (multi-hot or class-fraction vectors), got negative values")
+        raise ValueError(f"{name} must be >= 0 (multi-hot or class-fraction vectors), got negative values")
 
 
-def _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction):
+def check_queue(queue, queue_labels, labels, z2: torch.Tensor, loss: str, symmetric: bool) -> None:
+    """SPEC section 1b: a (K, D) key queue in z2's dtype and device, and labels of its keys of
+    the kind of ``labels``."""
+    if queue is None:
+        if queue_labels is not None:
+            raise ValueError("queue_labels are the labels of a key queue: pass queue= too, or queue_labels=None")
+        return
+    _checks.tensor("queue", queue, dims=2, floating=True)
+    _checks.same_device("queue", queue, "z2", z2)
+    _checks.same_dtype("queue", queue, "z2", z2)
+    if queue.shape[0] == 0 or queue.shape[1] != z2.shape[1]:
+        raise ValueError(
+            f"queue must be (K, D) with K >= 1 keys of z2's feature size D = {z2.shape[1]}, got shape {tuple(queue.shape)}"
+        )
+    if loss == "softmax" and symmetric:
+        raise ValueError(
+            "symmetric=True is not defined with a queue (the queue's keys have no rows): pass symmetric=False, "
+            "and symmetrise as MoCo does by calling again with the views swapped"
+        )
+    k = queue.shape[0]
+    want = {
+        None: "None (labels is None)",
+        1: f"(K,) = ({k},) integer scene ids (labels holds scene ids)",
+        2: f"(K, C) = ({k}, {labels.shape[1] if labels is not None and labels.dim() == 2 else 0}) multi-label "
+        "vectors (labels is (N, C))",
+    }[None if labels is None else labels.dim()]
+    got = None if queue_labels is None else queue_labels.dim() if isinstance(queue_labels, torch.Tensor) else -1
+    if (labels is None) != (queue_labels is None) or (labels is not None and got != labels.dim()):
+        shown = "None" if queue_labels is None else getattr(queue_labels, "shape", type(queue_labels).__name__)
+        raise ValueError(f"queue_labels must be {want}, got {shown}")
+    if labels is None:
+        return
+    rows = f"one entry per queue key (length K = {k})"
+    check_labels(queue_labels, k, z2, "queue_labels", rows)
+    if labels.dim() == 2 and queue_labels.shape[1] != labels.shape[1]:
+        raise ValueError(f"queue_labels must be {want}, got shape {tuple(queue_labels.shape)}")
+
+
+def _check(
+    z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction, queue=None,
+    queue_labels=None,
+):  # fmt: skip
     _checks.tensor("z1", z1, dims=2, floating=True)
     _checks.tensor("z2", z2, dims=2, floating=True)
     _checks.same_device("z2", z2, "z1", z1)
@@ -90,6 +131,7 @@ def _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight
         if loss != "sigmoid":
             raise ValueError("bias is only used by loss='sigmoid'; pass bias=None for loss='softmax'")
         _checks.scalar("bias", bias, device=z1.device)
+    check_queue(queue, queue_labels, labels, z2, loss, symmetric)
     return tau
 
 
@@ -105,25 +147,34 @@ class Targets:
     Each sum is a projection onto the classes (``lhat^T x``, C x K) or the scenes (per-scene sums),
     then a lift back to the rows. With a ``reducer`` (fastcon.distributed) the rows are this rank's
     samples and j runs over the global batch: the reducer sums the projections over the ranks
-    (``all_reduce`` of the C x K sums; per-scene sums with ``scene_index`` / ``scene_sum``)."""
+    (``all_reduce`` of the C x K sums; per-scene sums with ``scene_index`` / ``scene_sum``).
 
-    def __init__(self, labels: torch.Tensor | None, n: int, acc: torch.dtype, device, reducer=None):
+    With a key queue (SPEC 1b), ``queue_labels`` label K further columns that hold no row: sums
+    over the columns (``full(x, w, xq)`` with xq the queue's part of x) add the queue's own
+    projection, lifted to the rows; it is the same on every rank and never reduced."""
+
+    def __init__(self, labels, n: int, acc: torch.dtype, device, reducer=None, queue_labels=None, queue_keys=None):
         self.kind = "none" if labels is None else ("scene" if labels.dim() == 1 else "labels")
         self._reduce = None
+        self._queue = None
+        # the queue's part of the column sums of ones and of v (None without a queue)
+        self.q_ones = None if queue_keys is None else queue_keys.new_ones(queue_keys.shape[0])
+        self.q_v = queue_keys
         if self.kind == "labels":
-            l = labels.to(acc)
-            norm = l.norm(dim=1, keepdim=True)
-            self.lhat = torch.where(norm > 0, l / norm.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(l))
+            self.lhat = _unit_rows(labels, acc)
             self.nn = (self.lhat * self.lhat).sum(dim=1)
             self._reduce = None if reducer is None else reducer.all_reduce
+            if queue_labels is not None:
+                self._queue = _unit_rows(queue_labels, acc)
         elif self.kind == "scene":
             if reducer is None:
-                _, self.inverse = torch.unique(labels, return_inverse=True)
-                self.num_scenes = int(self.inverse.max()) + 1
+                self.inverse, self.num_scenes = _segment_index(labels), n
             else:
                 self.inverse, self.num_scenes = reducer.scene_index(labels)
                 self._reduce = reducer.scene_sum
             self.nn = torch.ones(n, dtype=acc, device=device)
+            if queue_labels is not None:
+                self._queue = _SceneLookup(labels, queue_labels)
         else:
             self.nn = torch.zeros(n, dtype=acc, device=device)
 
@@ -135,42 +186,88 @@ class Targets:
     def _lift(self, p: torch.Tensor) -> torch.Tensor:
         return self.lhat @ p if self.kind == "labels" else p[self.inverse]
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor | None:
-        """sum_j T~_ij x_j; None stands for zeros (no labels)."""
+    def _queue_sum(self, xq: torch.Tensor | None) -> torch.Tensor | None:
+        """sum over the queue's columns q of T_iq xq_q, for the rows i (None: no queue term)."""
+        if self._queue is None or xq is None:
+            return None
+        if self.kind == "labels":
+            return self.lhat @ (self._queue.T @ xq)
+        return self._queue.sum(xq)
+
+    def apply(self, x: torch.Tensor, xq: torch.Tensor | None = None) -> torch.Tensor | None:
+        """sum_j T~_ij x_j (plus the queue's columns with xq); None stands for zeros (no labels)."""
         if self.kind == "none":
             return None
         p = self._project(x)
-        return self._lift(p if self._reduce is None else self._reduce(p))
+        return _plus(self._lift(p if self._reduce is None else self._reduce(p)), self._queue_sum(xq))
 
-    def full(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """sum_j T_ij (w_j x_j) with the true diagonal T_ii = 1, for x (N,) or (N, D) and optional w (N,)."""
+    def full(self, x: torch.Tensor, w: torch.Tensor | None = None, xq: torch.Tensor | None = None) -> torch.Tensor:
+        """sum_j T_ij (w_j x_j) with the true diagonal T_ii = 1, for x (N,) or (N, D) and optional w (N,);
+        xq: the queue's part of x (its columns carry no weight w), None for a sum over the batch only."""
         wx = _weighted(x, w)
-        off = self.apply(wx)
+        off = self.apply(wx, xq)
         diag = _weighted(wx, 1 - self.nn)
         return diag if off is None else off.add_(diag)
 
     def full_many(self, items):
-        """``full(x, w)`` for each (x, w) in items, yielded one at a time. With a reducer, the
+        """``full(x, w, xq)`` for each (x, w, xq) in items, yielded one at a time. With a reducer, the
         projections of all items are summed over the ranks in one communication; without one,
         each is computed only when the caller asks for it (no extra memory)."""
         if self._reduce is None:
-            for x, w in items:
-                yield self.full(x, w)
+            for x, w, xq in items:
+                yield self.full(x, w, xq)
             return
-        projs = [self._project(_weighted(x, w)) for x, w in items]
+        projs = [self._project(_weighted(x, w)) for x, w, _ in items]
         widths = [p[0].numel() for p in projs]
         total = self._reduce(torch.cat([p.reshape(p.shape[0], -1) for p in projs], dim=1))
         del projs
-        for (x, w), chunk in zip(items, total.split(widths, dim=1)):
+        for (x, w, xq), chunk in zip(items, total.split(widths, dim=1)):
             wx = _weighted(x, w)
-            off = self._lift(chunk.reshape(chunk.shape[0], *x.shape[1:]))
+            off = _plus(self._lift(chunk.reshape(chunk.shape[0], *x.shape[1:])), self._queue_sum(xq))
             yield off.add_(_weighted(wx, 1 - self.nn))
 
-    def row_sums(self) -> torch.Tensor:
-        """R_i = sum_j T_ij."""
-        ones = torch.ones_like(self.nn)
-        off = self.apply(ones)
-        return (1 - self.nn) + (0 if off is None else off)
+
+def _plus(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return a if b is None else a.add_(b)
+
+
+def _unit_rows(labels: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """l_i / ||l_i|| in acc, 0 for a zero row."""
+    l = labels.to(acc)
+    norm = l.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, l / norm.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(l))
+
+
+def _sorted_runs(ids: torch.Tensor):
+    """(sorted ids, their order, the run number of each sorted position): equal ids share a run."""
+    ordered, order = torch.sort(ids.to(torch.int64))
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    return ordered, order, starts.cumsum(0).sub_(1)
+
+
+def _segment_index(ids: torch.Tensor) -> torch.Tensor:
+    """A scene index in [0, n) for each of the n ids (equal ids, equal index), without a host
+    sync (no ``unique``, no ``max``): per-scene tables then have n rows."""
+    _, order, runs = _sorted_runs(ids)
+    return torch.empty_like(runs).scatter_(0, order, runs)
+
+
+class _SceneLookup:
+    """Per-row sums over the queue keys of the row's scene: the queue's ids sorted once, a
+    per-scene table of the values, and a binary search of each row's id (no host sync)."""
+
+    def __init__(self, row_ids: torch.Tensor, queue_ids: torch.Tensor):
+        ordered, order, runs = _sorted_runs(queue_ids)
+        self.inverse = torch.empty_like(runs).scatter_(0, order, runs)
+        rid = row_ids.to(torch.int64)
+        pos = torch.searchsorted(ordered, rid).clamp_(max=ordered.shape[0] - 1)
+        self.hit = ordered[pos] == rid  # the row's scene has keys in the queue
+        self.row_scene = runs[pos]
+
+    def sum(self, xq: torch.Tensor) -> torch.Tensor:
+        table = xq.new_zeros(xq.shape).index_add_(0, self.inverse, xq)
+        return torch.where(self.hit if xq.dim() == 1 else self.hit[:, None], table[self.row_scene], 0.0)
 
 
 def _weighted(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -200,6 +297,25 @@ def _normalize(z1, z2, normalize: bool, kdt: torch.dtype, acc: torch.dtype):
     return uk, vk, uk.to(acc), vk.to(acc), n1, n2
 
 
+def _queue_keys(queue, normalize: bool, kdt: torch.dtype, acc: torch.dtype):
+    """The queue's keys normalised like z2 (no gradient): (for the kernel, in acc), or (None, None)."""
+    if queue is None:
+        return None, None
+    q = queue.detach().to(acc)
+    if normalize:
+        q = q / q.norm(dim=1, keepdim=True).clamp_min_(_EPS)
+    qk = q.to(kdt).contiguous()
+    return qk, qk.to(acc)
+
+
+def _scene_ids(labels, queue_labels):
+    """int64 scene ids of the rows and of the columns (batch, then queue) for the kernels."""
+    ids = labels.to(torch.int64).contiguous()
+    if queue_labels is None:
+        return ids, ids
+    return ids, torch.cat([ids, queue_labels.to(torch.int64)])
+
+
 def _per_sample_losses(mode, need_col, hw, scale, bias_v, u, v, row, col, t: Targets):
     """Per-sample losses from the kernel statistics (row / col log-sum-exps or softplus sums) and
     the target sums. Returns (per-sample losses, target row sums R or None)."""
@@ -210,7 +326,7 @@ def _per_sample_losses(mode, need_col, hw, scale, bias_v, u, v, row, col, t: Tar
         r_sum = None
     elif mode == MODE_SOFTMAX:
         ones = torch.ones_like(t.nn)
-        sums = t.full_many([(ones, None), (v, None)] + ([(u, None)] if need_col else []))
+        sums = t.full_many([(ones, None, t.q_ones), (v, None, t.q_v)] + ([(u, None, None)] if need_col else []))
         r_sum = next(sums)
         ts = _logit_dot(u, next(sums), scale)  # sum_j T_ij s_ij
         per_a = row - hw * sd - (1 - hw) * ts / r_sum
@@ -220,7 +336,7 @@ def _per_sample_losses(mode, need_col, hw, scale, bias_v, u, v, row, col, t: Tar
         else:
             per_b = None
     else:  # sigmoid: sum_j T'_ij x_ij = hw x_ii + (1 - hw) (sum_j T_ij s_ij + bias R_i)
-        sums = t.full_many([(torch.ones_like(t.nn), None), (v, None)])
+        sums = t.full_many([(torch.ones_like(t.nn), None, t.q_ones), (v, None, t.q_v)])
         r_sum = next(sums)
         ts = _logit_dot(u, next(sums), scale)
         per_a = row - hw * (sd + bias_v) - (1 - hw) * (ts + bias_v * r_sum)
@@ -237,7 +353,8 @@ def _subtract_targets(mode, hw, g, h, r_sum, u, v, t: Targets, gu, gv) -> None:
         gv.sub_((g + (h if h is not None else 0))[:, None] * u)
     elif mode == MODE_SOFTMAX:
         # - g_i sum_j P'_ij v_j  and  - sum_i g_i P'_ij u_i
-        items = [(v, None), (u, g / r_sum)] + ([(v, h / r_sum), (u, None)] if h is not None else [])
+        items = [(v, None, t.q_v), (u, g / r_sum, None)]
+        items += [(v, h / r_sum, None), (u, None, None)] if h is not None else []
         sums = t.full_many(items)
         gu.sub_(((1 - hw) * g / r_sum)[:, None] * next(sums)).sub_((hw * g)[:, None] * v)
         gv.sub_((1 - hw) * next(sums)).sub_((hw * g)[:, None] * u)
@@ -245,7 +362,7 @@ def _subtract_targets(mode, hw, g, h, r_sum, u, v, t: Targets, gu, gv) -> None:
             gu.sub_((1 - hw) * next(sums)).sub_((hw * h)[:, None] * v)
             gv.sub_(((1 - hw) * h / r_sum)[:, None] * next(sums)).sub_((hw * h)[:, None] * u)
     else:  # sigmoid: G_ij = g_i (sigmoid(x_ij) - T'_ij)
-        sums = t.full_many([(v, None), (u, g)])
+        sums = t.full_many([(v, None, t.q_v), (u, g, None)])
         gu.sub_(((1 - hw) * g)[:, None] * next(sums)).sub_((hw * g)[:, None] * v)
         gv.sub_((1 - hw) * next(sums)).sub_((hw * g)[:, None] * u)
 
@@ -265,22 +382,24 @@ def _scalar_grads(scale, hw, g, r_sum, u, gu, wsum):
 
 class _FusedSoftContrastive(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z1, z2, temperature, bias, labels, cfg, core):
+    def forward(ctx, z1, z2, temperature, bias, labels, cfg, core, queue=None, queue_labels=None):
         loss, symmetric, hard_weight, normalize, reduction, scene_ignore = cfg
         n = z1.shape[0]
         acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
         scale = 1.0 / float(temperature)
         bias_v = 0.0 if bias is None else float(bias)
         mode = MODE_SIGMOID if loss == "sigmoid" else (MODE_SOFTMAX_IGNORE if scene_ignore else MODE_SOFTMAX)
-        need_col = loss == "softmax" and symmetric
+        need_col = loss == "softmax" and symmetric and queue is None
 
         kdt = core.kernel_dtype(z1.dtype)
         uk, vk, u, v, n1, n2 = _normalize(z1, z2, normalize, kdt, acc)
-        ids = labels if scene_ignore else None
+        qk, vq = _queue_keys(queue, normalize, kdt, acc)
+        ids, col_ids = _scene_ids(labels, queue_labels) if scene_ignore else (None, None)
+        cols = vk if qk is None else torch.cat([vk, qk])  # the M = N + K columns
         bound = scale if normalize else 0.0  # |s_ij| <= 1/tau for unit vectors
 
-        row, col = core.forward(uk, vk, ids, ids, 0, scale, bias_v, bound, mode, need_col)
-        t = Targets(None if scene_ignore else labels, n, acc, z1.device)
+        row, col = core.forward(uk, cols, ids, col_ids, 0, scale, bias_v, bound, mode, need_col)
+        t = Targets(None if scene_ignore else labels, n, acc, z1.device, queue_labels=queue_labels, queue_keys=vq)
         per, r_sum = _per_sample_losses(mode, need_col, hard_weight, scale, bias_v, u, v, row, col, t)
         out = per.mean() if reduction == "mean" else (per.sum() if reduction == "sum" else per)
 
@@ -291,21 +410,22 @@ class _FusedSoftContrastive(torch.autograd.Function):
             (temperature.dtype, temperature.device),
             None if bias is None else (bias.dtype, bias.device),
         )
-        ctx.save_for_backward(uk, vk, ids, row, col, r_sum, n1, n2)
+        ctx.save_for_backward(uk, cols, ids, col_ids, row, col, r_sum, n1, n2)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         mode, need_col, hw, normalize, reduction, scale, bias_v, bound, kdt = ctx.cfg
-        uk, vk, ids, row, col, r_sum, n1, n2 = ctx.saved_tensors
+        uk, cols, ids, col_ids, row, col, r_sum, n1, n2 = ctx.saved_tensors
         t, core = ctx.targets, ctx.core
         acc = row.dtype
         n = uk.shape[0]
         g, h = _loss_weights(grad_out.to(acc), reduction, need_col, n, n)
         ku, kv, wsum = core.backward(
-            uk, vk, ids, ids, 0, scale, bias_v, bound, mode, row, col if need_col else None, g, h
+            uk, cols, ids, col_ids, 0, scale, bias_v, bound, mode, row, col if need_col else None, g, h
         )
-        u, v = uk.to(acc), vk.to(acc)
+        kv = kv[:n]  # the queue's columns get no gradient
+        u, v = uk.to(acc), cols[:n].to(acc)
         gu, gv = ku, kv
         _subtract_targets(mode, hw, g, h, r_sum, u, v, t, gu, gv)
 
@@ -339,7 +459,7 @@ def _input_grads(ctx, scale, gu, gv, u, v, n1, n2, d_tau, d_bias) -> tuple:
     d_z2 = _norm_backward(gv.mul_(scale), v, n2).to(z_dtype) if need_z2 else None
     d_tau = d_tau.to(dtype=tau_meta[0], device=tau_meta[1]) if need_tau else None
     d_bias = d_bias.to(dtype=bias_meta[0], device=bias_meta[1]) if need_bias else None
-    return d_z1, d_z2, d_tau, d_bias, None, None, None
+    return (d_z1, d_z2, d_tau, d_bias) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 def _logit_dot(a: torch.Tensor, b: torch.Tensor, scale: float, rows: int = 4096) -> torch.Tensor:
@@ -423,6 +543,8 @@ def soft_contrastive_loss(
     backend: str = "auto",
     group=None,
     distributed: str = "gather",
+    queue: torch.Tensor | None = None,
+    queue_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Soft-target contrastive loss between two views, fused so that no N x N matrix is stored.
 
@@ -446,6 +568,12 @@ def soft_contrastive_loss(
         distributed: with a group, "gather" (all-gather z2; O(W N D + N C) memory per rank) or
             "ring" (z2 blocks circulate; O(N (D + C)) per rank, any world size W). No effect
             without a group.
+        queue: (K, D) key queue (memory bank, MoCo v2 / SwiMDiff) in z2's dtype: K further
+            columns (negatives, or soft positives by their labels) after z2's N, normalised like
+            z2, never given a gradient. Softmax rows only: needs symmetric=False. With a group,
+            every rank passes the same queue.
+        queue_labels: the queue keys' labels, of the kind of ``labels``: (K, C) multi-label
+            vectors, (K,) integer scene ids, or None when labels is None.
 
     Returns: the loss in fp32 (fp64 for fp64 inputs); gradients flow to z1, z2 and to tensor
     temperature / bias. With a group: every rank gets the loss of the global batch (its own
@@ -453,7 +581,10 @@ def soft_contrastive_loss(
     temperature and bias get 1 / W of their gradient on each rank (DDP averages: scale the loss
     by W for single-process gradients; see fastcon.distributed).
     """
-    _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction)
+    _check(
+        z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction, queue,
+        queue_labels,
+    )  # fmt: skip
     _checks.choice("distributed", distributed, DISTRIBUTED_MODES)
     if group is not None:
         from fastcon import distributed as dist_loss
@@ -461,7 +592,7 @@ def soft_contrastive_loss(
         return dist_loss.soft_contrastive_loss(
             z1, z2, labels, temperature=temperature, loss=loss, symmetric=symmetric, scene_mode=scene_mode,
             hard_weight=hard_weight, bias=bias, normalize=normalize, reduction=reduction, backend=backend,
-            group=group, mode=distributed,
+            group=group, mode=distributed, queue=queue, queue_labels=queue_labels,
         )  # fmt: skip
     name, core = _backends.select("soft_contrastive", backend, z1.device)
     if core is not None:
@@ -479,12 +610,15 @@ def soft_contrastive_loss(
             bias=bias,
             normalize=normalize,
             reduction=reduction,
+            queue=queue,
+            queue_labels=queue_labels,
         )
     acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
     tau = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature), dtype=acc)
     b = None if bias is None else (bias if isinstance(bias, torch.Tensor) else torch.tensor(float(bias), dtype=acc))
     cfg = (loss, symmetric, float(hard_weight), normalize, reduction, scene_mode == "ignore")
-    return _FusedSoftContrastive.apply(z1, z2, tau, b, labels, cfg, core)
+    queue = None if queue is None else queue.detach()
+    return _FusedSoftContrastive.apply(z1, z2, tau, b, labels, cfg, core, queue, queue_labels)
 
 
 class SoftContrastiveLoss(nn.Module):
@@ -549,10 +683,20 @@ class SoftContrastiveLoss(nn.Module):
     def temperature(self) -> torch.Tensor:
         return 1.0 / self.log_scale.clamp(max=math.log(self.max_scale)).exp()
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        queue: torch.Tensor | None = None,
+        queue_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss of z1 against z2 (and the key ``queue`` with its ``queue_labels``, if given)."""
         return soft_contrastive_loss(
-            z1, z2, labels, temperature=self.temperature, bias=self.bias, group=self.group, **self.options
-        )
+            z1, z2, labels, temperature=self.temperature, bias=self.bias, group=self.group, queue=queue,
+            queue_labels=queue_labels, **self.options,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"temperature={float(self.temperature.detach()):.4g}, " + ", ".join(
