@@ -144,6 +144,38 @@ def dense_row_loss(q, k, ids, queue_keys, queue_ids, tau, scene_mode):
     return a.mean()
 
 
+@pytest.mark.parametrize("scene_mode", ["positive", "ignore"])
+def test_queue_loss_equals_the_dense_loss_with_same_scene_queue_keys(scene_mode):
+    cfg = swimdiff_config("swimdiff.queue_size=9", f"swimdiff.scene_mode={scene_mode}")
+    torch.manual_seed(0)
+    method = build_method(cfg, CPU, S2_L1C_BANDS)
+    batch = fake_batch(6, scenes=(0, 1, 2))
+    # queue keys of the batch's scenes (0, 2) and of others (7, 8): the ones of 0 and 2 must count
+    queue_ids = torch.tensor([0, 7, 2, 8, 0, 7, 2])
+    method.queue.push(torch.randn(7, cfg.model.proj_dim), queue_ids)
+    out = method.losses(context(batch))
+
+    with torch.no_grad():
+        x = torch.cat([batch["view1"], batch["view2"]])
+        q1, q2 = method.student.online(x).chunk(2)
+        k1, k2 = method.teacher(x).chunk(2)
+    ids, (qk, qi) = batch["scene_ids"], method.queue.contents()
+    tau = cfg.swimdiff.temperature
+    want = 0.5 * (
+        dense_row_loss(q1, k2, ids, qk, qi, tau, scene_mode) + dense_row_loss(q2, k1, ids, qk, qi, tau, scene_mode)
+    )
+    torch.testing.assert_close(out["loss_contrastive"].double(), want, rtol=1e-5, atol=1e-6)
+    # the queue's scene ids matter: other ids give another loss
+    other = 0.5 * (
+        dense_row_loss(q1, k2, ids, qk, qi + 50, tau, scene_mode)
+        + dense_row_loss(q2, k1, ids, qk, qi + 50, tau, scene_mode)
+    )
+    assert abs(float(other - want)) > 1e-3
+    assert out["loss"].item() == pytest.approx(
+        cfg.swimdiff.lambda_c * out["loss_contrastive"].item() + cfg.swimdiff.lambda_d * out["loss_diffusion"].item()
+    )
+
+
 def test_queue_size_0_is_the_batch_only_loss_without_key_encoder():
     cfg = swimdiff_config("swimdiff.queue_size=0")
     torch.manual_seed(0)
@@ -253,14 +285,20 @@ target = torch.randn(n, 4, dtype=torch.float64)
 labels = torch.rand(n, 3, dtype=torch.float64)
 model = torch.nn.Linear(5, 4).double()
 single = copy.deepcopy(model)
-for method in ("softcon", "swimdiff"):
-    cfg = load_config(sys.argv[1], [f"method={method}", "swimdiff.lambda_d=0.7"], defaults=sys.argv[2])
+queue = torch.randn(7, 4, dtype=torch.float64)  # the same (replicated) key queue on every rank
+queue_ids = torch.tensor([0, 1, 5, 9, 2, 0, 7])
+for method in ("softcon", "swimdiff", "swimdiff_queue"):
+    name = method.split("_")[0]
+    cfg = load_config(sys.argv[1], [f"method={name}", "swimdiff.lambda_d=0.7"], defaults=sys.argv[2])
 
     def losses(info, net, rows):
         z = net(torch.cat([x[:n][rows], x[n:][rows]]))
         z1, z2 = z.chunk(2)
         lab = labels[rows] if method == "softcon" else (torch.arange(n)[rows] // 3)
-        loss_c = Method(cfg, info).contrastive(z1, z2, lab, temperature=0.2, symmetric=True)
+        kw = dict(temperature=0.2, symmetric=True)
+        if method == "swimdiff_queue":
+            kw.update(symmetric=False, queue=queue, queue_labels=queue_ids)
+        loss_c = Method(cfg, info).contrastive(z1, z2, lab, **kw)
         if method == "softcon":
             return ddp_objective(loss_c, info.world_size, 1)
         loss_d = ((z1 - target[rows]) ** 2).mean()  # stands in for the diffusion loss: a local mean
@@ -284,11 +322,58 @@ dist.destroy_process_group()
 
 def test_ddp_gradients_equal_the_single_process_gradients(tmp_path):
     """The objective's scaling (contrastive term times W, diffusion-like local mean as is) gives, after
-    DDP's average over 2 gloo ranks, the gradient one process computes on the whole batch."""
+    DDP's average over 2 gloo ranks, the gradient one process computes on the whole batch, with and
+    without a key queue."""
     script = tmp_path / "ddp_gradients.py"
     script.write_text(DDP_GRADIENT_SCRIPT)
     proc = _torchrun(script, os.path.join(CONFIGS, "demo.yaml"), DEFAULTS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for rank in (0, 1):
-        for method in ("softcon", "swimdiff"):
+        for method in ("softcon", "swimdiff", "swimdiff_queue"):
             assert f"rank {rank} {method}: DDP gradients equal" in proc.stdout
+
+
+QUEUE_SCRIPT = """
+import sys
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from test_methods import S2_L1C_BANDS, fake_batch, swimdiff_config
+from fastcon.train import init_distributed, setup, train_step
+
+info = init_distributed("cpu")
+rank = info.rank
+cfg = swimdiff_config("swimdiff.queue_size=20")  # 2 ranks x 2 views x 4 keys a step: wraps at step 3
+run = setup(cfg, info, S2_L1C_BANDS)
+expected_keys, expected_ids = [], []
+for step in range(3):
+    batch = fake_batch(4, seed=10 * step + rank, scenes=(rank, 5 + step))
+    # this step's keys as the key encoder computes them before its EMA update
+    with torch.no_grad():
+        k = run.method.teacher(torch.cat([batch["view1"], batch["view2"]]))
+    mine = [k, torch.cat([batch["scene_ids"], batch["scene_ids"]])]
+    everyone = [None, None]
+    dist.all_gather_object(everyone, mine)
+    expected_keys += [e[0] for e in everyone]  # rank order
+    expected_ids += [e[1] for e in everyone]
+    train_step(run, iter([batch]))
+keys, ids = run.method.queue.ordered()
+want_keys, want_ids = torch.cat(expected_keys)[-20:], torch.cat(expected_ids)[-20:]
+torch.testing.assert_close(keys, want_keys, rtol=1e-5, atol=1e-6)
+assert torch.equal(ids, want_ids), (ids, want_ids)
+queues = [None, None]
+dist.all_gather_object(queues, run.method.queue.state_dict())
+assert all(torch.equal(queues[0][k], queues[1][k]) for k in ("keys", "ids")), "ranks hold different queues"
+assert queues[0]["ptr"] == queues[1]["ptr"] == (3 * 16) % 20
+print(f"rank {rank}: queue holds both ranks' keys in rank order, identical on both ranks")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_enqueue_both_ranks_keys_and_hold_identical_queues(tmp_path):
+    script = tmp_path / "queue_ranks.py"
+    script.write_text(QUEUE_SCRIPT)
+    proc = _torchrun(script, os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert f"rank {rank}: queue holds both ranks' keys in rank order" in proc.stdout

@@ -148,6 +148,7 @@ def assert_same_state(a, b, what=""):
         ("softcon_vits14_s2", TINY + CPU),
         ("swimdiff_resnet50_s2", [*TINY_RESNET, *CPU, "model.channels_last=true"]),  # the GPU memory format
         ("demo", [*TINY, "method=swimdiff", "mask.keep=null", "swimdiff.decoder_width=8"]),  # SwiMDiff on a ViT
+        ("demo_swimdiff", [*TINY, "swimdiff.decoder_width=8"]),
         ("demo", [*TINY, "softcon.loss=sigmoid", "softcon.bias=-1.0", "softcon.use_labels=false"]),
     ],
     ids=[
@@ -272,8 +273,10 @@ def _compare_runs(a, b):
     [
         ("demo", TINY),
         ("swimdiff_resnet50_s2", [*TINY_RESNET, *CPU, "swimdiff.queue_size=0"]),
+        # 32 keys a step: the queue of 40 wraps at step 2, the checkpoint at step 3 holds a full ring
+        ("swimdiff_resnet50_s2", [*TINY_RESNET, *CPU, "swimdiff.queue_size=40"]),
     ],
-    ids=["softcon", "swimdiff_batch_only"],
+    ids=["softcon", "swimdiff_batch_only", "swimdiff_queue"],
 )
 def test_stop_and_resume_is_bit_identical(sample, tmp_path, name, overrides):
     full, parts = str(tmp_path / "full"), str(tmp_path / "parts")
