@@ -33,6 +33,7 @@ import torch
 from conftest import peak_mib  # benchmarks/conftest.py
 
 import fastcon
+from fastcon.train import endless, init_distributed, ops_backend, setup, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = ("reference", "fused")
@@ -91,19 +92,19 @@ def _loss_alone(run, batch, rounds=5) -> float:
 def test_train_step(benchmark, record, sample, backend, data):
     benchmark.group = f"train step (demo config: SoftCon ViT 4x192, 56 px, batch 64), data {data}"
     cfg = _config(sample, backend)
-    info = pretrain.init_distributed("auto")
+    info = init_distributed("auto")
     loader = pretrain.make_data(cfg)
-    batches = pretrain.endless(loader)
+    batches = endless(loader)
     fixed = next(batches)
-    with pretrain.ops_backend(cfg.ops.backend):
+    with ops_backend(cfg.ops.backend):
         if backend == "fused":
             name, _ = fastcon._backends.select("soft_contrastive", "auto", info.device)
             if name == "reference":
                 pytest.skip("no fused soft_contrastive backend is available here")
-        run = pretrain.setup(cfg, info, loader.band_names)
+        run = setup(cfg, info, loader.band_names)
 
         def step():
-            pretrain.train_step(run, iter([fixed]) if data == "excluded" else batches)
+            train_step(run, iter([fixed]) if data == "excluded" else batches)
 
         for _ in range(3):  # warm-up: allocator, first-call dispatch, loader workers
             step()
@@ -118,7 +119,7 @@ def test_train_step(benchmark, record, sample, backend, data):
             t1 = time.perf_counter()
             batch = next(batches) if data == "included" else fixed
             data_s += time.perf_counter() - t1
-            pretrain.train_step(run, iter([batch]))
+            train_step(run, iter([batch]))
         total = (time.perf_counter() - t0) / steps
         phases = {k: v / steps for k, v in run.timings.items()}
         run.timings = None

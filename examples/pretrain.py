@@ -13,16 +13,11 @@ encoder.safetensors (timm layout: `timm.create_model(name, pretrained=True, num_
 in_chans=C, img_size=crop, **model.timm_kwargs, pretrained_cfg_overlay=dict(file=...))` loads
 it; so does examples/evaluate.py).
 
-The methods
-- softcon: the online encoder sees a Siamese-masked view (only `mask.keep` of the patch tokens),
-  then projector and predictor; an EMA teacher (encoder + projector) sees the other view whole.
-  `fastcon.soft_contrastive_loss` pulls the prediction of tile i toward the teacher embedding of
-  tile j in proportion to the cosine of their land-cover label vectors (not only j == i).
-  `softcon.both_directions` also predicts view 1 from masked view 2.
-- swimdiff: both views through encoder and projector (no teacher); crops of the same scene are
-  positives (`scene_mode: positive`) or left out of the softmax (`ignore`); plus a diffusion
-  branch: the shared encoder sees view 1 noised to a random timestep and a decoder predicts the
-  noise. Total loss `lambda_c * L_C + lambda_d * L_D`.
+This script is the orchestration: config -> data -> model -> loop -> logging. The methods live in
+fastcon.train.methods (docs/methods.md):
+- softcon: a Siamese-masked online ViT + predictor against an EMA teacher, land-cover soft targets;
+- swimdiff: MoCo (momentum key encoder, queue of keys with their scene ids) + a diffusion branch.
+The optimiser step, checkpoint state and resume are in fastcon.train.trainer.
 
 Speed: bf16 autocast on GPUs, fused AdamW, channels_last for CNNs, DALI loading on GPUs, fastcon's
 fused loss / masking / diffusion kernels, optional torch.compile and activation checkpointing,
@@ -30,407 +25,59 @@ gradient accumulation. Each metrics row logs images/s, the step time split into 
 data and computing, and peak memory.
 
 Scale: under torchrun every rank trains on its shard of each batch (DDP); the contrastive loss
-is the one of the global batch (`group=` of fastcon.soft_contrastive_loss, so negatives come from
-every rank); only rank 0 logs and writes files.
+is the one of the global batch (negatives from every rank); only rank 0 logs and writes files.
 
-Reliability: checkpoints hold model, teacher, optimiser, scheduler, step, every rank's RNG
-states and the loader position, written atomically; `--resume` continues bit for bit on CPUs.
-SIGTERM / SIGINT finish the current step, checkpoint and exit. A non-finite loss stops the run
-naming the step (the last checkpoint stays as it was), or skips the step with
+Reliability: checkpoints hold model, teacher / key encoder, queue, optimiser, scheduler, step,
+every rank's RNG states and the loader position, written atomically; `--resume` continues bit
+for bit on CPUs. SIGTERM / SIGINT finish the current step, checkpoint and exit. A non-finite loss
+stops the run naming the step (the last checkpoint stays as it was), or skips the step with
 `train.skip_nonfinite: true`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 
-import torch
-import torch.distributed as dist
-from torch import nn
 from tqdm import tqdm
 
-import fastcon
 from fastcon.data import TileDataset, make_loader, spatial_split
-from fastcon.models import EMATeacher, create_encoder, predictor, projector, save_encoder
-from fastcon.models.diffusion import DiffusionDecoder
+from fastcon.models import save_encoder
 from fastcon.train import (
     CheckpointDir,
     CheckpointError,
     Config,
     ConfigError,
-    DistInfo,
     MetricsLog,
+    NonFiniteLossError,
+    Run,
     StepTimer,
     StopRequest,
     all_ranks_any,
+    checkpoint_state,
     collective_failure,
-    derived_seed,
+    config_differences,
+    endless,
     init_distributed,
     load_config,
+    ops_backend,
     peak_memory_mib,
     plot_metrics,
-    rng_state,
+    restore,
+    run_summary,
     save_config,
-    seed_everything,
-    set_rng_state,
+    setup,
     shutdown_distributed,
-    step_generator,
-    warmup_cosine,
+    train_step,
 )
+from fastcon.train.methods import METHODS
 
 DEFAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "defaults.yaml")
-METHODS = ("softcon", "swimdiff")
-LOSS_TERMS = {"softcon": ("loss",), "swimdiff": ("loss", "loss_contrastive", "loss_diffusion")}
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradients became NaN / inf (the message names the step)."""
-
-
-# =============================================================================================
-# 1. the networks
-
-
-class Branch(nn.Module):
-    """Encoder then projector: what the EMA teacher copies."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Module):
-        super().__init__()
-        self.encoder, self.projector = encoder, head
-
-    def forward(self, x, keep=None, generator=None):
-        return self.projector(self.encoder(x, keep=keep, generator=generator))
-
-
-class SoftConStudent(nn.Module):
-    """Online network: masked view(s) -> encoder -> projector -> predictor."""
-
-    def __init__(self, online: Branch, head: nn.Module, keep, both_directions: bool):
-        super().__init__()
-        self.online, self.predictor = online, head
-        self.keep, self.both_directions = keep, both_directions
-
-    def forward(self, view1, view2, generator):
-        # both directions in one encoder pass over the concatenated batch
-        x = torch.cat([view1, view2]) if self.both_directions else view1
-        return self.predictor(self.online(x, keep=self.keep, generator=generator))
-
-
-class SwiMDiffStudent(nn.Module):
-    """Both views -> encoder -> projector, plus the diffusion branch through the same encoder."""
-
-    def __init__(self, online: Branch, decoder: DiffusionDecoder, schedule: fastcon.NoiseSchedule, keep, target: str):
-        super().__init__()
-        self.online, self.decoder, self.schedule = online, decoder, schedule
-        self.keep, self.target = keep, target
-
-    def forward(self, view1, view2, generator, t, noise_seed):
-        z = self.online(torch.cat([view1, view2]), keep=self.keep, generator=generator)
-        z1, z2 = z.chunk(2)
-        # the noise is drawn inside the fused kernels from noise_seed and regenerated by the loss
-        x_t, _ = self.schedule.q_sample(view1, t, seed=noise_seed)
-        pred = self.decoder(self.online.encoder.forward_pyramid(x_t), t, x_t)
-        loss_d = self.schedule.loss(pred.float(), view1, t, seed=noise_seed, target=self.target)
-        return z1, z2, loss_d
-
-
-def build_networks(cfg: Config, bands, device):
-    """(student, teacher or None, encoder) on ``device``."""
-    m = cfg.model
-    encoder = create_encoder(
-        m.name, bands=list(bands), img_size=cfg.data.crop_size, weights=m.weights, strategy=m.strategy, **m.timm_kwargs
-    )
-    if hasattr(encoder, "mask_patch"):  # CNNs mask image cells instead of tokens
-        encoder.mask_patch = cfg.mask.patch
-    if m.grad_checkpointing:
-        encoder.set_grad_checkpointing(True)
-    online = Branch(encoder, projector(encoder.num_features, m.proj_hidden, m.proj_dim, m.proj_layers))
-    keep = None if cfg.mask.keep in (None, 1.0) else cfg.mask.keep  # None: the encoder sees every token
-    if cfg.method == "softcon":
-        student = SoftConStudent(
-            online, predictor(m.proj_dim, m.pred_hidden, m.pred_layers), keep, cfg.softcon.both_directions
-        )
-        teacher = EMATeacher(online, base_momentum=cfg.softcon.teacher_momentum, total_steps=cfg.train.steps)
-    else:
-        s = cfg.swimdiff
-        schedule = fastcon.NoiseSchedule(s.schedule, timesteps=s.timesteps)
-        decoder = DiffusionDecoder.for_encoder(encoder, width=s.decoder_width)
-        student, teacher = SwiMDiffStudent(online, decoder, schedule, keep, s.target), None
-    student.to(device)
-    if teacher is not None:
-        teacher.to(device)
-    if channels_last(cfg, device):
-        student.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher.to(memory_format=torch.channels_last)
-    return student, teacher, encoder
-
-
-def is_cnn(cfg: Config) -> bool:
-    return cfg.model.name.startswith("resnet")
-
-
-def channels_last(cfg: Config, device: torch.device) -> bool:
-    """NHWC for CNNs: tensor-core convolutions on GPUs; "auto" keeps NCHW on CPUs, where
-    PyTorch's channels_last BatchNorm is several times slower."""
-    if cfg.model.channels_last not in ("auto", True, False):
-        raise ValueError(f"model.channels_last must be auto, true or false; got {cfg.model.channels_last!r}")
-    want = device.type == "cuda" if cfg.model.channels_last == "auto" else cfg.model.channels_last
-    return is_cnn(cfg) and want
-
-
-def build_optimizer(cfg: Config, student: nn.Module, device):
-    """AdamW without weight decay on biases, norms, tokens and positional embeddings."""
-    decay, no_decay = [], []
-    for name, p in student.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or "token" in name or "pos_embed" in name else decay).append(p)
-    o = cfg.optim
-    fused = device.type == "cuda" if o.fused == "auto" else bool(o.fused)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr,
-        betas=tuple(o.betas),
-        fused=fused or None,
-    )
-    scheduler = warmup_cosine(optimizer, cfg.train.steps, min(o.warmup_steps, cfg.train.steps), o.final_lr_ratio)
-    return optimizer, scheduler
-
-
-# =============================================================================================
-# 2. one training step
-
-
-@dataclass
-class Run:
-    """Everything a step needs."""
-
-    cfg: Config
-    info: DistInfo
-    student: nn.Module  # the plain module (state dicts, EMA source)
-    forward: nn.Module  # what is called: student, its DDP wrapper, or a compiled version of either
-    ddp: nn.parallel.DistributedDataParallel | None
-    teacher: EMATeacher | None
-    teacher_forward: nn.Module | None
-    encoder: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    autocast_dtype: torch.dtype | None
-    step: int = 0  # optimiser steps done
-    timings: dict | None = None  # phase -> seconds, filled when a benchmark asks
-    extra: dict = field(default_factory=dict)
-
-
-def _phase(run: Run, name: str, start: float) -> float:
-    """Adds the time since ``start`` to phase ``name`` when timing is on; returns now."""
-    if run.timings is None:
-        return start
-    if run.info.device.type == "cuda":
-        torch.cuda.synchronize(run.info.device)
-    now = time.perf_counter()
-    run.timings[name] = run.timings.get(name, 0.0) + now - start
-    return now
-
-
-def contrastive(run: Run, z1, z2, labels, **kw):
-    """fastcon.soft_contrastive_loss on fp32 (or wider) embeddings, over the global batch under
-    torchrun (negatives from every rank)."""
-    if run.info.distributed:
-        kw.update(group=dist.group.WORLD, distributed=run.cfg.ops.distributed)
-    z1, z2 = (z.float() if z.dtype in (torch.float16, torch.bfloat16) else z for z in (z1, z2))
-    with torch.autocast(run.info.device.type, enabled=False):
-        return fastcon.soft_contrastive_loss(z1, z2, labels, **kw)
-
-
-def compute_losses(run: Run, batch: dict, micro: int) -> dict:
-    """The losses of one micro-batch: "loss" (the global total, for the log), its terms, and
-    "objective", the tensor whose gradient, after DDP's average over ranks, is the gradient of
-    the global loss (see ``ddp_objective``)."""
-    cfg, info = run.cfg, run.info
-    dev = info.device
-    view1 = batch["view1"].to(dev, non_blocking=True)
-    view2 = batch["view2"].to(dev, non_blocking=True)
-    if channels_last(cfg, dev):
-        view1 = view1.contiguous(memory_format=torch.channels_last)
-        view2 = view2.contiguous(memory_format=torch.channels_last)
-    # masks and noise: streams fixed by (seed, step, micro-batch, rank), the same after a resume
-    key = (cfg.run.seed, run.step, micro, info.rank)
-    mask_gen = step_generator(*key, "mask", device=dev)
-    bf16 = run.autocast_dtype is not None
-    autocast = torch.autocast(dev.type, dtype=run.autocast_dtype) if bf16 else contextlib.nullcontext()
-    t0 = time.perf_counter()
-    if cfg.method == "softcon":
-        s = cfg.softcon
-        with autocast:
-            pred = run.forward(view1, view2, mask_gen)
-            with torch.no_grad():
-                target = run.teacher_forward(torch.cat([view2, view1]) if s.both_directions else view2)
-        t0 = _phase(run, "forward", t0)
-        labels = batch["labels"].to(dev, non_blocking=True) if s.use_labels else None
-        kw = dict(temperature=s.temperature, symmetric=s.symmetric, loss=s.loss, hard_weight=s.hard_weight)
-        if s.loss == "sigmoid":
-            kw["bias"] = s.bias
-        if s.both_directions:
-            p1, p2 = pred.chunk(2)
-            k2, k1 = target.chunk(2)
-            loss_c = 0.5 * (contrastive(run, p1, k2, labels, **kw) + contrastive(run, p2, k1, labels, **kw))
-        else:
-            loss_c = contrastive(run, pred, target, labels, **kw)
-        _phase(run, "loss", t0)
-        out = {"loss": loss_c, "objective": ddp_objective(run, loss_c)}
-    else:
-        s = cfg.swimdiff
-        t = run.student.schedule.sample_timesteps(view1.shape[0], step_generator(*key, "t")).to(dev)
-        with autocast:
-            z1, z2, loss_d = run.forward(view1, view2, mask_gen, t, derived_seed(*key, "noise"))
-        t0 = _phase(run, "forward", t0)
-        scene_ids = batch["scene_ids"].to(dev, non_blocking=True)
-        loss_c = contrastive(
-            run, z1, z2, scene_ids, temperature=s.temperature, symmetric=s.symmetric, scene_mode=s.scene_mode
-        )
-        _phase(run, "loss", t0)
-        out = {
-            "loss": s.lambda_c * loss_c + s.lambda_d * loss_d,
-            "loss_contrastive": loss_c,
-            "loss_diffusion": loss_d,
-            "objective": ddp_objective(run, loss_c, loss_d),
-        }
-    if cfg.train.debug_nan_at_step is not None and run.step + 1 == cfg.train.debug_nan_at_step:
-        # TEST ONLY (train.debug_nan_at_step): exercise the non-finite path
-        out["loss"] = out["loss"] * float("nan")
-        out["objective"] = out["objective"] * float("nan")
-    return out
-
-
-def ddp_objective(run: Run, loss_c: torch.Tensor, loss_d: torch.Tensor | None = None) -> torch.Tensor:
-    """What to backpropagate so that DDP's average over W ranks yields the global loss's gradient.
-
-    The distributed contrastive loss gives every rank the exact gradient rows of its own samples
-    (the ranks' shares sum to the global gradient; see fastcon.distributed) and DDP divides the
-    sum over ranks by W, so that term is scaled by W. The diffusion loss is a local mean, which
-    DDP's average turns into the global mean as it is. Divided by the micro-batch count."""
-    w, accum = run.info.world_size, run.cfg.train.accum_steps
-    if loss_d is None:
-        return loss_c * (w / accum)
-    s = run.cfg.swimdiff
-    return (s.lambda_c * w * loss_c + s.lambda_d * loss_d) / accum
-
-
-def train_step(run: Run, batches) -> dict:
-    """One optimiser step over ``accum_steps`` micro-batches drawn from the iterator ``batches``.
-
-    Returns the step's loss terms (averaged over micro-batches and ranks) as floats, plus
-    ``images`` and ``skipped`` (True when a non-finite step was skipped).
-    """
-    cfg, info = run.cfg, run.info
-    accum = cfg.train.accum_steps
-    run.optimizer.zero_grad(set_to_none=True)
-    sums: dict[str, torch.Tensor] = {}
-    images = 0
-    for micro in range(accum):
-        batch = next(batches)
-        images += batch["view1"].shape[0] * info.world_size
-        # DDP all-reduces gradients after the last micro-batch only
-        sync = micro == accum - 1 or run.ddp is None
-        with contextlib.nullcontext() if sync else run.ddp.no_sync():
-            out = compute_losses(run, batch, micro)
-            t0 = time.perf_counter()
-            out.pop("objective").backward()
-            _phase(run, "backward", t0)
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
-
-    t0 = time.perf_counter()
-    params = [p for p in run.student.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    names = sorted(sums)
-    terms = torch.stack([sums[k] for k in names] + [grad_norm.float()])
-    local_loss = float(sums["loss"])  # this rank's own value (log.rank_losses)
-    if info.distributed:  # every rank logs and decides on the same numbers (gloo has no AVG)
-        dist.all_reduce(terms)
-        terms /= info.world_size
-    values = dict(zip(names + ["grad_norm"], terms.tolist()))
-    finite = all(math.isfinite(v) for v in values.values())
-    if not finite and not cfg.train.skip_nonfinite:
-        raise NonFiniteLossError(
-            f"non-finite loss at step {run.step + 1} (loss {values['loss']}, gradient norm {values['grad_norm']})"
-        )
-    if finite:
-        if cfg.optim.clip_grad is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.clip_grad, grad_norm)
-        run.optimizer.step()
-    run.scheduler.step()
-    run.step += 1
-    if finite and run.teacher is not None:
-        run.extra["momentum"] = run.teacher.update(run.student.online, step=run.step)
-    _phase(run, "optimizer", t0)
-    values.update(images=images, skipped=not finite, local_loss=local_loss)
-    return values
-
-
-# =============================================================================================
-# 3. setting up a run
-
-
-def setup(cfg: Config, info: DistInfo, loader_bands) -> Run:
-    """Networks, optimiser and schedule for ``cfg`` on this rank (model weights from run.seed)."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {cfg.method!r}")
-    if cfg.run.threads is not None:
-        torch.set_num_threads(cfg.run.threads)
-    seed_everything(cfg.run.seed)  # the same initial weights on every rank
-    student, teacher, encoder = build_networks(cfg, loader_bands, info.device)
-    if info.distributed and cfg.model.sync_bn and info.device.type == "cuda":
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)  # BatchNorm statistics of the global batch
-        if teacher is not None:
-            teacher.module = nn.SyncBatchNorm.convert_sync_batchnorm(teacher.module)
-    optimizer, scheduler = build_optimizer(cfg, student, info.device)
-    forward, ddp = student, None
-    if info.distributed:
-        forward = ddp = nn.parallel.DistributedDataParallel(
-            student,
-            device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            find_unused_parameters=cfg.ddp.find_unused_parameters,
-        )
-    teacher_forward = teacher
-    if cfg.model.compile:
-        forward = torch.compile(forward)
-        teacher_forward = torch.compile(teacher) if teacher is not None else None
-    precision = cfg.train.precision
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"train.precision must be auto, bf16 or fp32; got {precision!r}")
-    gpu_bf16 = info.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    use_bf16 = precision == "bf16" or (precision == "auto" and gpu_bf16)
-    # seed again per rank: dropout / drop path differ across ranks, masks and noise have own streams
-    seed_everything(cfg.run.seed + 1000003 * info.rank)
-    return Run(
-        cfg, info, student, forward, ddp, teacher, teacher_forward, encoder, optimizer, scheduler,
-        torch.bfloat16 if use_bf16 else None,
-    )  # fmt: skip
-
-
-@contextlib.contextmanager
-def ops_backend(name: str):
-    """Routes every fastcon op (the loss, and the masking / diffusion ops the models call) to
-    backend ``name`` through FASTCON_BACKEND, which replaces their automatic choice; restored after."""
-    old = os.environ.get("FASTCON_BACKEND")
-    if name != "auto":
-        os.environ["FASTCON_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTCON_BACKEND", None)
-        else:
-            os.environ["FASTCON_BACKEND"] = old
+LOSS_TERMS = {name: method.loss_terms for name, method in METHODS.items()}
 
 
 def make_data(cfg: Config):
@@ -439,7 +86,7 @@ def make_data(cfg: Config):
     indices = None
     if cfg.data.holdout_fraction is not None:
         indices, _ = spatial_split(dataset, cfg.data.holdout_fraction, axis=cfg.data.holdout_axis)
-    loader = make_loader(
+    return make_loader(
         dataset,
         cfg.data.batch_size,
         backend=cfg.data.backend,
@@ -450,75 +97,6 @@ def make_data(cfg: Config):
         indices=indices,
         num_workers=cfg.data.num_workers,
     )
-    return loader
-
-
-def endless(loader):
-    """Batches across epochs. Creating a DataLoader iterator draws a worker seed from torch's
-    global RNG; fork_rng undoes that, so a resumed run (which starts an iterator mid-epoch) and an
-    uninterrupted one see the same global RNG stream."""
-    while True:
-        it = iter(loader)
-        while True:
-            with torch.random.fork_rng(devices=[]):
-                batch = next(it, None)
-            if batch is None:
-                break
-            yield batch
-
-
-def checkpoint_state(run: Run, loader, log_state: dict) -> dict:
-    rngs = [rng_state()]
-    if run.info.distributed:  # every rank's RNG, so that each continues its own stream
-        rngs = [None] * run.info.world_size
-        dist.all_gather_object(rngs, rng_state())
-    return {
-        "step": run.step,
-        "config": run.cfg.to_dict(),
-        "world_size": run.info.world_size,
-        "student": run.student.state_dict(),
-        "teacher": run.teacher.state_dict() if run.teacher is not None else None,
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "loader": loader.state_dict(),
-        "rng": rngs,
-        "log": log_state,
-    }
-
-
-def restore(run: Run, loader, state: dict) -> dict:
-    run.student.load_state_dict(state["student"])
-    if run.teacher is not None:
-        run.teacher.load_state_dict(state["teacher"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    loader.load_state_dict(state["loader"])
-    run.step = state["step"]
-    if state["world_size"] == run.info.world_size:
-        set_rng_state(state["rng"][run.info.rank])
-    else:
-        print(
-            f"[rank {run.info.rank}] checkpoint of {state['world_size']} ranks resumed on {run.info.world_size}: "
-            "RNG streams are re-seeded (the run continues, not bit-identically)",
-            file=sys.stderr,
-        )
-        seed_everything(run.cfg.run.seed + 7919 * run.step + 1000003 * run.info.rank)
-    return state["log"]
-
-
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
-
-
-# =============================================================================================
-# 4. the loop
 
 
 def timed(batches, timer: StepTimer):
@@ -539,13 +117,8 @@ def _train(cfg: Config, resume: str | None) -> dict:
     main_rank = info.is_main
     out_dir = cfg.run.out_dir
     ckpts = CheckpointDir(os.path.join(out_dir, "checkpoints"), keep=cfg.checkpoint.keep)
-    if cfg.train.accum_steps < 1:
-        raise ValueError(f"train.accum_steps must be >= 1, got {cfg.train.accum_steps}")
     if main_rank and (stale := ckpts.remove_stale_temporaries()):  # left by writes killed midway
-        mib = sum(size for _, size in stale) / 2**20
-        print(
-            f"removed {len(stale)} stale temporary checkpoint file(s) ({mib:.1f} MiB): {', '.join(p.name for p, _ in stale)}"
-        )
+        print(ckpts.describe_removed(stale))
 
     loader = make_data(cfg)
     run = setup(cfg, info, loader.band_names)
@@ -675,28 +248,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
 def finish(run: Run, cfg: Config, log_state: dict, reason: str, last_ckpt, out_dir: str) -> dict:
     """Encoder weights, loss plot and summary.json (rank 0); returns the summary."""
     info = run.info
-    last = log_state.get("last_row", {})
-    seconds = log_state["step_seconds"]
-    summary = {
-        "method": cfg.method,
-        "model": cfg.model.name,
-        "steps": run.step,
-        "end": reason,
-        "first_loss": log_state["first_loss"],
-        "final_loss": last.get("loss"),
-        "images_per_s": log_state["images"] / seconds if seconds > 0 else None,
-        "last_images_per_s": last.get("images_per_s"),
-        "data_s_per_step": last.get("data_s_per_step"),
-        "compute_s_per_step": last.get("compute_s_per_step"),
-        "peak_mem_mib": peak_memory_mib(info.device),
-        "skipped_steps": log_state["skipped_total"],
-        "step_seconds": seconds,
-        "world_size": info.world_size,
-        "checkpoint": str(last_ckpt) if last_ckpt else None,
-        "encoder": os.path.join(out_dir, "encoder.safetensors"),
-        "metrics": os.path.join(out_dir, "metrics.csv"),
-        "plot": os.path.join(out_dir, "loss.png"),
-    }
+    summary = run_summary(run, log_state, reason, last_ckpt, out_dir)
     if info.is_main:
         save_encoder(run.encoder, summary["encoder"])
         if log_state.get("last_row"):
@@ -716,22 +268,13 @@ def finish(run: Run, cfg: Config, log_state: dict, reason: str, last_ckpt, out_d
     return summary
 
 
-# =============================================================================================
-# 5. command line
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (keys: examples/configs/defaults.yaml)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="section.key=value")
     p.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        metavar="CKPT",
-        help="continue a run (default: newest checkpoint)",
+        "--resume", nargs="?", const="auto", metavar="CKPT", help="continue a run (default: newest checkpoint)"
     )
     return p.parse_args(argv)
 

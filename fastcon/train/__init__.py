@@ -12,11 +12,17 @@ The examples stay scripts a user reads top to bottom; what is not specific to on
 - ``runtime``: torchrun / DDP setup with a collective timeout (and a message naming a stuck
   collective), RNG states for exact resume, derived random streams, SIGTERM / SIGINT as a flag,
   data-wait vs compute timing, peak memory.
+- ``methods``: the pretraining methods behind one interface (``Method``): ``SoftCon`` (masked
+  student + EMA teacher, land-cover soft targets) and ``SwiMDiff`` (momentum key encoder, scene-aware
+  key queue ``KeyQueue``, diffusion branch); ``build_method`` picks ``cfg.method``.
+- ``trainer``: a run's set-up (``setup`` -> ``Run``: networks, DDP, compile, AdamW), the optimiser
+  step (``train_step``), checkpoint state and exact resume (``checkpoint_state``, ``restore``).
 - ``probe``: features of a frozen encoder, a linear multi-label classifier, average precision.
 """
 
 from fastcon.train.checkpoint import CheckpointDir, CheckpointError, load_checkpoint, save_checkpoint
 from fastcon.train.config import Config, ConfigError, load_config, parse_override, save_config
+from fastcon.train.methods import METHODS, KeyQueue, Method, SoftCon, StepContext, SwiMDiff, build_method, ddp_objective
 from fastcon.train.metrics import MetricsLog, plot_metrics, read_metrics, run_throughput
 from fastcon.train.runtime import (
     CollectiveFailure,
@@ -35,8 +41,38 @@ from fastcon.train.runtime import (
     step_generator,
 )
 from fastcon.train.schedules import WarmupCosine, warmup_cosine
+from fastcon.train.trainer import (
+    NonFiniteLossError,
+    Run,
+    checkpoint_state,
+    config_differences,
+    endless,
+    ops_backend,
+    restore,
+    run_summary,
+    setup,
+    train_step,
+)
 
 __all__ = [
+    "METHODS",
+    "KeyQueue",
+    "Method",
+    "NonFiniteLossError",
+    "Run",
+    "SoftCon",
+    "StepContext",
+    "SwiMDiff",
+    "build_method",
+    "checkpoint_state",
+    "config_differences",
+    "ddp_objective",
+    "endless",
+    "ops_backend",
+    "restore",
+    "run_summary",
+    "setup",
+    "train_step",
     "CheckpointDir",
     "CheckpointError",
     "CollectiveFailure",

@@ -160,6 +160,13 @@ class CheckpointDir:
             removed.append((p, size))
         return removed
 
+    @staticmethod
+    def describe_removed(removed: list[tuple[Path, int]]) -> str:
+        """The message for what ``remove_stale_temporaries`` removed."""
+        mib = sum(size for _, size in removed) / 2**20
+        names = ", ".join(p.name for p, _ in removed)
+        return f"removed {len(removed)} stale temporary checkpoint file(s) ({mib:.1f} MiB): {names}"
+
     def load(self, path=None, map_location="cpu") -> tuple[dict, Path]:
         """Load ``path`` (default: the newest); a damaged file names an intact older one to resume from."""
         path = Path(path) if path is not None else self.latest()
