@@ -24,14 +24,14 @@ fused loss / masking / diffusion kernels, optional torch.compile and activation 
 gradient accumulation. Each metrics row logs images/s, the step time split into waiting for
 data and computing, and peak memory.
 
-Scale: under torchrun every rank trains on its shard of each batch (DDP); the contrastive loss
-is the one of the global batch (negatives from every rank); only rank 0 logs and writes files.
+Scale: under torchrun every rank trains on its shard of each batch (DDP); the contrastive loss is
+the global batch's (negatives from every rank); only rank 0 logs and writes files.
 
 Reliability: checkpoints hold model, teacher / key encoder, queue, optimiser, scheduler, step,
 every rank's RNG states and the loader position, written atomically; `--resume` continues bit
-for bit on CPUs. SIGTERM / SIGINT finish the current step, checkpoint and exit. A non-finite loss
-stops the run naming the step (the last checkpoint stays as it was), or skips the step with
-`train.skip_nonfinite: true`.
+for bit on CPUs. SIGTERM / SIGINT (also to the whole process group) finish the current step,
+checkpoint and exit 0 (docs/faults.md). A non-finite loss stops the run naming the step, or skips
+the step with `train.skip_nonfinite: true`.
 """
 
 from __future__ import annotations
@@ -273,9 +273,7 @@ def parse_args(argv=None):
     p.add_argument("--config", help="YAML config (keys: examples/configs/defaults.yaml)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="section.key=value")
-    p.add_argument(
-        "--resume", nargs="?", const="auto", metavar="CKPT", help="continue a run (default: newest checkpoint)"
-    )
+    p.add_argument("--resume", nargs="?", const="auto", metavar="CKPT", help="continue a run (default: the newest)")
     return p.parse_args(argv)
 
 
