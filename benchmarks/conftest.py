@@ -80,7 +80,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def _plot(rows, path):
-    """Mean time per benchmark, one panel per group, log scale: fused and reference side by side."""
+    """Writes ``_figure(rows)`` to ``path`` (nothing without matplotlib)."""
     try:
         import matplotlib
 
@@ -88,20 +88,38 @@ def _plot(rows, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    fig = _figure(rows)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _figure(rows):
+    """Best time per call of every benchmark, one panel per group, on a linear axis from zero in
+    ms: fused backends beside the dense reference of their group, each bar labelled with its time
+    and, next to a reference, the speed-up over it (a log axis with data-driven limits made a
+    6 % difference look like a factor of 20)."""
+    import matplotlib.pyplot as plt
+
     groups = {}
     for r in rows:
         groups.setdefault(r.get("group") or "ungrouped", []).append(r)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(10, 1.2 + 0.32 * len(rows) + 0.6 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(10, 1.2 + 0.32 * len(rows) + 0.75 * len(groups)), squeeze=False)
     for ax, (group, rs) in zip(axes[:, 0], sorted(groups.items())):
         names = [r["name"].split("[", 1)[-1].rstrip("]") for r in rs]
-        ax.barh(
-            names, [r["mean"] * 1e3 for r in rs], color=["tab:gray" if "reference" in n else "tab:blue" for n in names]
-        )
-        ax.set_xscale("log")
+        ms = [(r.get("min") if r.get("min") is not None else r["mean"]) * 1e3 for r in rs]
+        ref = next((t for n, t in zip(names, ms) if "reference" in n), None)
+        ax.barh(names, ms, color=["tab:gray" if "reference" in n else "tab:blue" for n in names])
+        for y, (n, t) in enumerate(zip(names, ms)):
+            label = f" {t / 1e3:.3g} s" if t >= 1000 else f" {t:.3g} ms"
+            if ref is not None and "reference" not in n and t > 0:
+                label += f" ({ref / t:.2f}x the reference's speed)"
+            ax.text(t, y, label, va="center", fontsize=7)
+        ax.set_xlim(0, max(ms) * 1.45 if max(ms) > 0 else 1)  # room for the labels
+        ax.ticklabel_format(axis="x", style="plain", useOffset=False)
+        ax.set_xlabel("time per call (ms)", fontsize=7)
         ax.set_title(group, fontsize=9, loc="left")
         ax.tick_params(labelsize=7)
         ax.invert_yaxis()
-    axes[-1, 0].set_xlabel("mean time per call (ms, log scale); grey = dense reference")
+    fig.suptitle("best of the rounds per call, linear axis from 0; grey = dense reference", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

@@ -123,3 +123,63 @@ def test_cpu_simd_levels(benchmark, record, monkeypatch, level):
     if "avx512" in _best_by_level:
         info["time_vs_avx512"] = round(min(times) / _best_by_level["avx512"], 2)
     record(**info)
+
+
+# --------------------------------------------------------------------------------------------
+# per-GPU-sized batches (N = 64 .. 1024), every label kind: where call overhead, not the N x N
+# pass, decides. The cpu row records the ratio of best times to the reference row just before it.
+
+SMALL_SIZES = [(64, 128), (64, 512), (256, 128), (256, 512), (1024, 128), (1024, 512)]
+SMALL_KINDS = ["multi_hot", "fractions", "scene", "scene_ignore", "none", "sigmoid"]
+SMALL_ROUNDS = {64: 40, 256: 20, 1024: 8}
+_best_small: dict[tuple, float] = {}
+
+
+def _small_case(n: int, d: int, kind: str):
+    z1, z2, labels = _inputs(n, d)
+    gen = torch.Generator().manual_seed(7)
+    kw = dict(temperature=0.1)
+    if kind == "fractions":
+        labels = torch.rand(n, C, generator=gen)
+    elif kind in ("scene", "scene_ignore"):
+        labels = torch.randint(0, max(1, n // 4), (n,), generator=gen)
+        if kind == "scene_ignore":
+            kw["scene_mode"] = "ignore"
+    elif kind == "none":
+        labels = None
+    elif kind == "sigmoid":
+        kw.update(loss="sigmoid", bias=torch.tensor(-10.0, requires_grad=True))
+    return z1, z2, labels, kw
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "kind", "backend"),
+    [(n, d, k, b) for n, d in SMALL_SIZES for k in SMALL_KINDS for b in ("reference", "cpu")],
+    ids=lambda x: str(x),
+)
+def test_small_batch_fwd_bwd(benchmark, record, n, d, kind, backend):
+    benchmark.group = f"soft_contrastive small batch fwd+bwd N={n} D={d} {kind}"
+    z1, z2, labels, kw = _small_case(n, d, kind)
+    temperature = torch.tensor(0.1, requires_grad=True)  # learnable, as in training
+    kw["temperature"] = temperature
+
+    def step():
+        loss = fastcon.soft_contrastive_loss(z1, z2, labels, backend=backend, **kw)
+        torch.autograd.grad(loss, (z1, z2, temperature))
+
+    for _ in range(3):
+        step()  # warm-up
+    times = []
+
+    def timed():
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+
+    benchmark.pedantic(timed, rounds=SMALL_ROUNDS[n], iterations=1)
+    _best_small[(n, d, kind, backend)] = min(times)
+    info = dict(backend=backend, threads=torch.get_num_threads(), best_ms=round(1e3 * min(times), 3))
+    ref = _best_small.get((n, d, kind, "reference"))
+    if backend == "cpu" and ref is not None:
+        info["speedup_vs_reference"] = round(ref / min(times), 2)
+    record(**info)

@@ -11,7 +11,7 @@ line (`section.key=value`, or `--set section.key=value`) any. A run writes into 
 config.yaml (resolved), metrics.csv, loss.png, summary.json, checkpoints/ and, at the end,
 encoder.safetensors (timm layout: `timm.create_model(name, pretrained=True, num_classes=0,
 in_chans=C, img_size=crop, **model.timm_kwargs, pretrained_cfg_overlay=dict(file=...))` loads
-it; so does examples/linear_probe.py).
+it; so does examples/evaluate.py).
 
 The methods
 - softcon: the online encoder sees a Siamese-masked view (only `mask.keep` of the patch tokens),
@@ -70,6 +70,7 @@ from fastcon.train import (
     StepTimer,
     StopRequest,
     all_ranks_any,
+    collective_failure,
     derived_seed,
     init_distributed,
     load_config,
@@ -534,12 +535,17 @@ def train(cfg: Config, resume: str | None = None) -> dict:
 
 
 def _train(cfg: Config, resume: str | None) -> dict:
-    info = init_distributed(cfg.run.device)
+    info = init_distributed(cfg.run.device, timeout=cfg.run.dist_timeout)
     main_rank = info.is_main
     out_dir = cfg.run.out_dir
     ckpts = CheckpointDir(os.path.join(out_dir, "checkpoints"), keep=cfg.checkpoint.keep)
     if cfg.train.accum_steps < 1:
         raise ValueError(f"train.accum_steps must be >= 1, got {cfg.train.accum_steps}")
+    if main_rank and (stale := ckpts.remove_stale_temporaries()):  # left by writes killed midway
+        mib = sum(size for _, size in stale) / 2**20
+        print(
+            f"removed {len(stale)} stale temporary checkpoint file(s) ({mib:.1f} MiB): {', '.join(p.name for p, _ in stale)}"
+        )
 
     loader = make_data(cfg)
     run = setup(cfg, info, loader.band_names)
@@ -613,7 +619,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
             window["n"] = window.get("n", 0) + (0 if skipped else 1)
             window["skipped"] = window.get("skipped", 0) + int(skipped)
 
-            if run.step % cfg.log.every == 0 or run.step == cfg.train.steps:
+            if run.step % cfg.log.every == 0 or run.step in (1, cfg.train.steps):  # step 1: the first loss
                 n = window["n"]
                 row = {k: window[k] / n if n else math.nan for k in (*terms, "grad_norm")}
                 row.update(
@@ -738,6 +744,11 @@ def main(argv=None) -> int:
     except (ConfigError, NonFiniteLossError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         shutdown_distributed()
+        return 1
+    except RuntimeError as e:  # a collective that timed out or lost its peer: named (docs/faults.md)
+        if (failure := collective_failure(e)) is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
         return 1
     return 0
 

@@ -77,10 +77,11 @@ def real(name: str, value, *, low=None, high=None, low_open=False, high_open=Fal
     return value
 
 
-def scalar(name: str, value, *, positive: bool = False, device=None) -> float:
+def scalar(name: str, value, *, positive: bool = False, device=None, read: bool = True) -> float | None:
     """A Python number or a 0-dim floating tensor; returns its value as a float.
 
     Reading a CUDA tensor's value synchronises once; the kernels take the value on the host.
+    ``read=False``: a tensor's type, shape and device only (its value is not read; None).
     """
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
@@ -89,6 +90,8 @@ def scalar(name: str, value, *, positive: bool = False, device=None) -> float:
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
         if device is not None and value.device != device and value.device.type != "cpu":
             raise ValueError(f"{name} must be on the inputs' device ({device}) or the CPU, got {value.device}")
+        if not read:
+            return None
         v = float(value.detach())
     else:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -99,3 +102,14 @@ def scalar(name: str, value, *, positive: bool = False, device=None) -> float:
     if positive and v <= 0:
         raise ValueError(f"{name} must be > 0, got {v}")
     return v
+
+
+def first_order_only(op: str) -> None:
+    """Called first in the backward of a fused op whose backward is not differentiable: under
+    ``create_graph=True`` (grad mode is on inside backward only then) a second-order gradient
+    through ``op`` would be silently detached, so it is an error naming the op (SPEC section 1)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: second-order gradients (backward with create_graph=True through this fused op) are not "
+            "implemented; use backend='reference' for higher-order gradients"
+        )

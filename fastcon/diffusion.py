@@ -130,6 +130,7 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _checks.first_order_only("fastcon.NoiseSchedule.loss")
         pred, x0, noise, coef_x0, coef_noise = ctx.saved_tensors
         seed, target, reduction, core, per_sample, x0_dtype, noise_dtype = ctx.cfg
         batch = x0.shape[0]

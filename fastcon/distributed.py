@@ -35,9 +35,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from fastcon import _backends, reference
-from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
-from fastcon.soft_contrastive import (
+from fastcon import _backends, _checks, reference
+from fastcon._sc_algebra import (
     DISTRIBUTED_MODES,
     LOSSES,
     REDUCTIONS,
@@ -47,9 +46,11 @@ from fastcon.soft_contrastive import (
     _loss_weights,
     _normalize,
     _per_sample_losses,
+    _queue_keys,
     _scalar_grads,
     _subtract_targets,
 )
+from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
 
 MODES = DISTRIBUTED_MODES
 
@@ -99,7 +100,7 @@ def resolve_group(group):
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check_same_on_all_ranks(comm, z1, labels, opts: dict) -> None:
+def _check_same_on_all_ranks(comm, z1, labels, opts: dict, queue=None) -> None:
     """One small all-gather: the local batch size, feature size, dtype, label kind and options
     must agree on every rank (else the global loss is undefined, or a collective would hang)."""
     kind = 0 if labels is None else (1 if labels.dim() == 1 else 2)
@@ -109,6 +110,7 @@ def _check_same_on_all_ranks(comm, z1, labels, opts: dict) -> None:
         "z1 dtype": _DTYPES.index(z1.dtype),
         "labels kind (0 None, 1 scene ids, 2 multi-label)": kind,
         "number of label classes C": labels.shape[1] if kind == 2 else 0,
+        "queue size K (0 without a queue)": 0 if queue is None else queue.shape[0],
     }
     fields.update(opts)
     mine = torch.tensor([float(v) for v in fields.values()], dtype=torch.float64, device=z1.device)
@@ -123,6 +125,50 @@ def _check_same_on_all_ranks(comm, z1, labels, opts: dict) -> None:
             raise ValueError(
                 f"{name} must be equal on all ranks of the group, got {values} on ranks 0..{comm.world - 1}"
             )
+
+
+_ERROR_BYTES = 480  # of each rank's message that reaches the other ranks
+
+
+def check_on_every_rank(group, check) -> None:
+    """Run this rank's input check ``check()`` so that an error on any rank raises on every rank.
+
+    Under a process group an argument error raised on one rank only would leave the others
+    waiting in the loss's first collective until that process exits. So every rank runs its own
+    check, then one small all-gather (a flag and the start of the message, per rank) tells each
+    rank about the others: a rank whose input is bad raises its own error, every other rank the
+    same type of error naming the bad rank(s) and the first one's message.
+    """
+    try:
+        check()
+        error = None
+    except (ValueError, TypeError) as e:
+        error = e
+    try:
+        comm = _Comm(resolve_group(group))
+    except (ValueError, TypeError):
+        if error is not None:  # no group to tell: this rank's own error
+            raise error from None
+        raise
+    row = torch.zeros(2 + _ERROR_BYTES, dtype=torch.uint8)
+    if error is not None:
+        text = str(error).encode()
+        text = text if len(text) <= _ERROR_BYTES else text[: _ERROR_BYTES - 3] + b"..."
+        row[0], row[1] = 1, int(isinstance(error, TypeError))
+        row[2 : 2 + len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+    device = "cpu" if "gloo" in str(dist.get_backend(comm.group)) else torch.device("cuda", torch.cuda.current_device())
+    every = comm.all_gather(row[None].to(device)).cpu()
+    if error is not None:
+        raise error
+    bad = [r for r in range(comm.world) if every[r, 0]]
+    if bad:
+        first = every[bad[0]]
+        message = bytes(first[2:].tolist()).rstrip(b"\0").decode(errors="replace")
+        kind = TypeError if first[1] else ValueError
+        raise kind(
+            f"rank(s) {bad} of the group got invalid input, so every rank raises (none is left waiting in a "
+            f"collective); rank {bad[0]}: {message}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,10 +288,10 @@ class _GatherPass:
         self.comm, self.core = comm, core
         self.targets = _GatherTargetSums(comm)
 
-    def forward(self, uk, vk, ids, scale, bias_v, bound, mode, need_col, acc):
+    def forward(self, uk, vk, ids, scale, bias_v, bound, mode, need_col, acc, qk=None, qids=None):
         comm, n = self.comm, uk.shape[0]
-        v_all = comm.all_gather(vk)
-        ids_all = comm.all_gather(ids) if ids is not None else None
+        v_all = _then(comm.all_gather(vk), qk)  # the global batch's columns, then the queue's
+        ids_all = _then(comm.all_gather(ids), qids) if ids is not None else None
         row, col_part = self.core.forward(uk, v_all, ids, ids_all, comm.rank * n, scale, bias_v, bound, mode, need_col)
         col_all = comm.logsumexp(col_part.to(acc)) if need_col else None
         col = col_all[comm.rank * n : (comm.rank + 1) * n] if need_col else None
@@ -258,6 +304,7 @@ class _GatherPass:
         ku, kv_all, wsum = self.core.backward(
             uk, v_all, ids, ids_all, comm.rank * n, scale, bias_v, bound, mode, row, col_all, g, h_all
         )
+        kv_all = kv_all[: n * comm.world]  # the queue's columns get no gradient
         return ku.to(acc), comm.reduce_scatter(kv_all.to(acc)), wsum.to(acc)
 
 
@@ -269,7 +316,7 @@ class _RingPass:
         self.comm, self.core = comm, core
         self.targets = _RingTargetSums(comm)
 
-    def forward(self, uk, vk, ids, scale, bias_v, bound, mode, need_col, acc):
+    def forward(self, uk, vk, ids, scale, bias_v, bound, mode, need_col, acc, qk=None, qids=None):
         comm, core, n = self.comm, self.core, uk.shape[0]
         block = [vk] + ([ids] if ids is not None else [])
         row = col_acc = None
@@ -293,10 +340,15 @@ class _RingPass:
             if nxt is not None:
                 block = nxt.wait()
         col = col_acc.wait()[0] if need_col else None
-        return row, col, []
+        if qk is not None:  # the replicated queue, a last block no rank owns (no positives: offset K)
+            row_q, _ = core.forward(uk, qk, ids, qids, qk.shape[0], scale, bias_v, bound, mode, False)
+            row_q = row_q.to(acc)
+            row = row.add_(row_q) if mode == MODE_SIGMOID else torch.logaddexp(row, row_q)
+        return row, col, [qk, qids]
 
     def backward(self, saved, uk, vk, ids, scale, bias_v, bound, mode, row, col, g, h, acc):
         comm, core, n = self.comm, self.core, uk.shape[0]
+        qk, qids = saved
         # a block is its columns, their ids, and the column statistic and weights (symmetric softmax)
         block = [vk] + ([ids] if ids is not None else []) + ([torch.stack([col, h])] if h is not None else [])
         ku = wsum = dv_acc = None
@@ -317,10 +369,19 @@ class _RingPass:
             del kv_k
             if nxt is not None:
                 block = nxt.wait()
+        if qk is not None:
+            ku_q, _, ws_q = core.backward(
+                uk, qk, ids, qids, qk.shape[0], scale, bias_v, bound, mode, row, None, g, None
+            )
+            ku, wsum = ku.add_(ku_q), wsum.add_(ws_q)
         return ku, dv_acc.wait()[0], wsum
 
 
 _PASSES = {"gather": _GatherPass, "ring": _RingPass}
+
+
+def _then(x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+    return x if extra is None else torch.cat([x, extra])
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,22 +390,27 @@ _PASSES = {"gather": _GatherPass, "ring": _RingPass}
 
 class _DistributedSoftContrastive(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z1, z2, temperature, bias, labels, cfg, kpass):
+    def forward(ctx, z1, z2, temperature, bias, labels, cfg, kpass, queue=None, queue_labels=None):
         loss, symmetric, hard_weight, normalize, reduction, scene_ignore = cfg
         comm, n = kpass.comm, z1.shape[0]
         acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
         scale = 1.0 / float(temperature)
         bias_v = 0.0 if bias is None else float(bias)
         mode = MODE_SIGMOID if loss == "sigmoid" else (MODE_SOFTMAX_IGNORE if scene_ignore else MODE_SOFTMAX)
-        need_col = loss == "softmax" and symmetric
+        need_col = loss == "softmax" and symmetric and queue is None
 
         kdt = kpass.core.kernel_dtype(z1.dtype)
         uk, vk, u, v, n1, n2 = _normalize(z1, z2, normalize, kdt, acc)
+        qk, vq = _queue_keys(queue, normalize, kdt, acc)
         ids = labels.to(torch.int64).contiguous() if scene_ignore else None
+        qids = queue_labels.to(torch.int64).contiguous() if scene_ignore and qk is not None else None
         bound = scale if normalize else 0.0  # |s_ij| <= 1/tau for unit vectors
 
-        row, col, saved = kpass.forward(uk, vk, ids, scale, bias_v, bound, mode, need_col, acc)
-        t = Targets(None if scene_ignore else labels, n, acc, z1.device, reducer=kpass.targets)
+        row, col, saved = kpass.forward(uk, vk, ids, scale, bias_v, bound, mode, need_col, acc, qk, qids)
+        t = Targets(
+            None if scene_ignore else labels, n, acc, z1.device, reducer=kpass.targets, queue_labels=queue_labels,
+            queue_keys=vq,
+        )  # fmt: skip
         per, r_sum = _per_sample_losses(mode, need_col, hard_weight, scale, bias_v, u, v, row, col, t)
         if reduction == "none":
             out = per  # this rank's samples
@@ -365,6 +431,7 @@ class _DistributedSoftContrastive(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _checks.first_order_only("fastcon.soft_contrastive_loss (group=...)")
         mode, need_col, hw, normalize, reduction, scale, bias_v, bound = ctx.cfg
         uk, vk, ids, row, col, r_sum, n1, n2, *saved = ctx.saved_tensors
         kpass, t = ctx.kpass, ctx.targets
@@ -396,7 +463,7 @@ def _value(x) -> float:
 
 def soft_contrastive_loss(
     z1, z2, labels, *, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction, backend,
-    group, mode,
+    group, mode, queue=None, queue_labels=None,
 ):  # fmt: skip
     """The distributed loss; arguments were checked by ``fastcon.soft_contrastive_loss``."""
     comm = _Comm(resolve_group(group))
@@ -418,7 +485,7 @@ def soft_contrastive_loss(
     except _backends.BackendError as e:
         unavailable = e
     opts["backend available (1 yes, 0 no)"] = unavailable is None
-    _check_same_on_all_ranks(comm, z1, labels, opts)
+    _check_same_on_all_ranks(comm, z1, labels, opts, queue)
     if unavailable is not None:
         raise unavailable
     if name == "reference":
@@ -428,4 +495,6 @@ def soft_contrastive_loss(
     tau = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature), dtype=acc)
     b = None if bias is None else (bias if isinstance(bias, torch.Tensor) else torch.tensor(float(bias), dtype=acc))
     cfg = (loss, symmetric, float(hard_weight), normalize, reduction, scene_mode == "ignore")
-    return _DistributedSoftContrastive.apply(z1, z2, tau, b, labels, cfg, _PASSES[mode](comm, core))
+    queue = None if queue is None else queue.detach()
+    kpass = _PASSES[mode](comm, core)
+    return _DistributedSoftContrastive.apply(z1, z2, tau, b, labels, cfg, kpass, queue, queue_labels)

@@ -148,6 +148,7 @@ class _SiameseMask(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_visible):
+        _checks.first_order_only("fastcon.siamese_mask")
         (ids_keep,) = ctx.saved_tensors
         need_tokens, need_pos = ctx.needs_input_grad[:2]
         if not (need_tokens or need_pos):
@@ -168,6 +169,7 @@ class _Unmask(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _checks.first_order_only("fastcon.unmask")
         (ids_keep,) = ctx.saved_tensors
         need_visible, need_fill = ctx.needs_input_grad[:2]
         if not (need_visible or need_fill):
@@ -194,8 +196,9 @@ class _MaskImage(torch.autograd.Function):
         (ids_keep,) = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        # zeroing is linear and its own adjoint: the same mask on the gradient
-        return ctx.impl.image(grad_out.contiguous(), ctx.patch, ids_keep), None, None, None
+        # zeroing is linear and its own adjoint: the same mask on the gradient, through this
+        # Function again so that second-order gradients (create_graph=True) are exact too
+        return _MaskImage.apply(grad_out, ctx.patch, ids_keep, ctx.impl), None, None, None
 
 
 # --------------------------------------------------------------------------------------------

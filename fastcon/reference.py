@@ -16,18 +16,27 @@ import torch.nn.functional as F
 # 1. Soft contrastive loss
 
 
-def target_similarity(labels: torch.Tensor | None, n: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """T (N x N): label cosine, same-scene indicator, or identity; always 1 on the diagonal."""
-    eye = torch.eye(n, dtype=torch.bool, device=device)
+def _unit_rows(labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """l_i / ||l_i||, and 0 for a zero row."""
+    l = labels.to(dtype)
+    norm = l.norm(dim=1)
+    return torch.where(norm[:, None] > 0, l / norm.clamp_min(torch.finfo(dtype).tiny)[:, None], torch.zeros_like(l))
+
+
+def target_similarity(
+    labels: torch.Tensor | None, n: int, dtype: torch.dtype, device, col_labels: torch.Tensor | None = None, m=None
+) -> torch.Tensor:
+    """T (N x M): label cosine, same-scene indicator, or identity; always 1 on the positive
+    diagonal (i, i). Columns are the batch's own labels, or ``col_labels`` (M entries) when given."""
+    cols = labels if col_labels is None else col_labels
+    m = n if m is None else m
+    eye = torch.eye(n, m, dtype=torch.bool, device=device)
     if labels is None:
-        t = torch.zeros(n, n, dtype=dtype, device=device)
+        t = torch.zeros(n, m, dtype=dtype, device=device)
     elif labels.dim() == 1:  # scene ids
-        t = (labels[:, None] == labels[None, :]).to(dtype)
+        t = (labels[:, None] == cols[None, :]).to(dtype)
     else:  # multi-label vectors: cosine, 0 where either norm is 0
-        l = labels.to(dtype)
-        norm = l.norm(dim=1)
-        lhat = torch.where(norm[:, None] > 0, l / norm.clamp_min(torch.finfo(dtype).tiny)[:, None], torch.zeros_like(l))
-        t = lhat @ lhat.T
+        t = _unit_rows(labels, dtype) @ _unit_rows(cols, dtype).T
     return torch.where(eye, torch.ones_like(t), t)
 
 
@@ -44,35 +53,47 @@ def soft_contrastive_loss(
     bias: float | torch.Tensor | None = None,
     normalize: bool = True,
     reduction: str = "mean",
+    queue: torch.Tensor | None = None,
+    queue_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """SPEC sections 1 and 1b. With a ``queue`` (K, D) the columns are [z2; queue] (M = N + K),
+    row losses only (no symmetric form), and the queue gets no gradient."""
     n = z1.shape[0]
     # the spec's accumulation precision: at least fp32 (float64 stays float64)
     acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    keys = z2 if queue is None else torch.cat([z2, queue.detach()])
+    m = keys.shape[0]
     if normalize:
         u = z1 / z1.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        v = z2 / z2.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        v = keys / keys.norm(dim=1, keepdim=True).clamp_min(1e-12)
     else:
-        u, v = z1, z2
-    s = (u @ v.T).to(acc) / temperature  # logits s_ij
-    eye = torch.eye(n, dtype=torch.bool, device=z1.device)
+        u, v = z1, keys
+    s = (u @ v.T).to(acc) / temperature  # logits s_ij (N x M)
+    eye = torch.eye(n, m, dtype=torch.bool, device=z1.device)
+    col_labels = None
+    if queue is not None and labels is not None:  # ids compared as int64, label vectors in acc
+        cast = torch.int64 if labels.dim() == 1 else acc
+        col_labels = torch.cat([labels.to(cast), queue_labels.to(cast)])
 
     if loss == "softmax":
         if scene_mode == "ignore":
             # same-scene pairs other than the positive leave the softmax; the target is the positive
-            keep = (labels[:, None] != labels[None, :]) | eye
+            cols = labels if col_labels is None else col_labels
+            keep = (labels[:, None] != cols[None, :]) | eye
             masked = s.masked_fill(~keep, float("-inf"))
             a = torch.logsumexp(masked, dim=1) - s.diagonal()
-            b = torch.logsumexp(masked, dim=0) - s.diagonal()
+            b = torch.logsumexp(masked, dim=0) - s.diagonal() if queue is None else None
         else:
-            t = target_similarity(labels, n, acc, z1.device)
+            t = target_similarity(labels, n, acc, z1.device, col_labels, m)
             p = hard_weight * eye.to(acc) + (1 - hard_weight) * t / t.sum(dim=1, keepdim=True)
-            q = hard_weight * eye.to(acc) + (1 - hard_weight) * t / t.sum(dim=0, keepdim=True)
             a = torch.logsumexp(s, dim=1) - (p * s).sum(dim=1)
-            b = torch.logsumexp(s, dim=0) - (q * s).sum(dim=0)
-        per_sample = (a + b) / 2 if symmetric else a
+            if queue is None:
+                q = hard_weight * eye.to(acc) + (1 - hard_weight) * t / t.sum(dim=0, keepdim=True)
+                b = torch.logsumexp(s, dim=0) - (q * s).sum(dim=0)
+        per_sample = (a + b) / 2 if symmetric and queue is None else a
     elif loss == "sigmoid":
         x = s + (0.0 if bias is None else bias)
-        t = target_similarity(labels, n, acc, z1.device)
+        t = target_similarity(labels, n, acc, z1.device, col_labels, m)
         t = hard_weight * eye.to(acc) + (1 - hard_weight) * t
         per_sample = (F.softplus(x) - t * x).sum(dim=1)
     else:

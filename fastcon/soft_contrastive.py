@@ -17,52 +17,143 @@ The reference backend is the dense spec (``fastcon.reference``), differentiated 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from fastcon import _backends, _checks, reference
+from fastcon import distributed as dist_loss
+from fastcon._sc_algebra import (
+    DISTRIBUTED_MODES,
+    LOSSES,
+    REDUCTIONS,
+    SCENE_MODES,
+    Targets,
+    _input_grads,
+    _loss_weights,
+    _normalize,
+    _per_sample_losses,
+    _queue_keys,
+    _scalar_grads,
+    _scene_ids,
+    _subtract_targets,
+)
 from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
-
-LOSSES = ("softmax", "sigmoid")
-REDUCTIONS = ("mean", "sum", "none")
-SCENE_MODES = ("positive", "ignore")
-DISTRIBUTED_MODES = ("gather", "ring")
-_EPS = 1e-12  # the norm floor of the spec: u = z / max(||z||, 1e-12)
-
 
 # --------------------------------------------------------------------------------------------
 # argument checks
 
 
-def check_labels(labels, n: int, ref: torch.Tensor) -> None:
+def check_labels(labels, n: int, ref: torch.Tensor, name: str = "labels", rows: str = "") -> None:
+    """``rows`` says what the length n is (default: the batch size of z1)."""
     if labels is None:
         return
-    _checks.tensor("labels", labels, dims=(1, 2))
-    _checks.same_device("labels", labels, "z1", ref)
+    _checks.tensor(name, labels, dims=(1, 2))
+    _checks.same_device(name, labels, "z1", ref)
     if labels.dtype.is_complex:
-        raise TypeError(f"labels must be real (multi-label vectors) or integer (scene ids), got {labels.dtype}")
-    if labels.shape[0] != n:
+        raise TypeError(f"{name} must be real (multi-label vectors) or integer (scene ids), got {labels.dtype}")
+    if labels.requires_grad:  # one behaviour on every backend: targets are constants
         raise ValueError(
-            f"labels must have one row per sample (length {n}, the batch size of z1), got shape {tuple(labels.shape)}"
+            f"{name} must not require grad: the targets are constants of the loss (no backend differentiates "
+            f"them); pass {name}.detach()"
         )
+    if labels.shape[0] != n:
+        rows = rows or f"one row per sample (length {n}, the batch size of z1)"
+        raise ValueError(f"{name} must have {rows}, got shape {tuple(labels.shape)}")
     if labels.dim() == 1:
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise TypeError(
-                f"1-D labels are scene ids and must be an integer tensor, got {labels.dtype}; "
+                f"1-D {name} are scene ids and must be an integer tensor, got {labels.dtype}; "
                 "pass multi-label vectors as a 2-D (N, C) tensor"
             )
         return
     if labels.shape[1] == 0:
-        raise ValueError(f"labels must have at least one class column, got shape {tuple(labels.shape)}")
+        raise ValueError(f"{name} must have at least one class column, got shape {tuple(labels.shape)}")
+
+
+def check_label_values(labels, name: str = "labels", sync_free: bool | None = None) -> None:
+    """The checks that read label values (multi-label vectors: finite, >= 0). They run where the
+    values are read anyway: eagerly for the reference and distributed paths, inside the fused
+    loss op otherwise (so that torch.compile sees no data-dependent branch).
+
+    ``sync_free`` (default: for tensors not on the CPU) checks with ``torch._assert_async``
+    instead of reading the result on the host: no host-device synchronisation; a failure is then
+    reported by the device (on CUDA a device-side assert naming the check, surfacing at the
+    next synchronisation), not as a ValueError here. On CPU tensors reading a value costs no
+    synchronisation, so the check raises the ValueError at once."""
+    if labels is None or labels.dim() != 2:
+        return
+    checks = []
     if labels.dtype.is_floating_point:
-        if not bool(torch.isfinite(labels).all()):
-            raise ValueError("labels must be finite, got NaN or infinite values")
-    if labels.dtype != torch.bool and bool((labels < 0).any()):
-        raise ValueError("labels must be >= 0 (multi-hot or class-fraction vectors), got negative values")
+        checks.append((torch.isfinite(labels).all(), f"{name} must be finite, got NaN or infinite values"))
+    if labels.dtype != torch.bool:
+        negative = f"{name} must be >= 0 (multi-hot or class-fraction vectors), got negative values"
+        checks.append(((labels >= 0).all(), negative))
+    for ok, message in checks:
+        if sync_free if sync_free is not None else labels.device.type != "cpu":
+            torch._assert_async(ok, message)
+        elif not bool(ok):
+            raise ValueError(message)
 
 
-def _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction):
+def _check_values(z1, temperature, bias, labels, queue_labels) -> tuple[float, float]:
+    """The value checks of the loss's arguments; returns (temperature, bias) as floats."""
+    tau = _checks.scalar("temperature", temperature, positive=True, device=z1.device)
+    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    if tau < 1.0 / torch.finfo(acc).max:  # the logit scale 1 / tau must be a finite number in acc
+        raise ValueError(
+            f"temperature must be >= {1.0 / torch.finfo(acc).max:.3g} for {z1.dtype} inputs (its inverse, the logit "
+            f"scale, must be finite in {acc}), got {tau:.3g}"
+        )
+    bias_v = 0.0 if bias is None else _checks.scalar("bias", bias, device=z1.device)
+    check_label_values(labels)
+    check_label_values(queue_labels, "queue_labels")
+    return tau, bias_v
+
+
+def check_queue(queue, queue_labels, labels, z2: torch.Tensor, loss: str, symmetric: bool) -> None:
+    """SPEC section 1b: a (K, D) key queue in z2's dtype and device, and labels of its keys of
+    the kind of ``labels``."""
+    if queue is None:
+        if queue_labels is not None:
+            raise ValueError("queue_labels are the labels of a key queue: pass queue= too, or queue_labels=None")
+        return
+    _checks.tensor("queue", queue, dims=2, floating=True)
+    _checks.same_device("queue", queue, "z2", z2)
+    _checks.same_dtype("queue", queue, "z2", z2)
+    if queue.shape[0] == 0 or queue.shape[1] != z2.shape[1]:
+        raise ValueError(
+            f"queue must be (K, D) with K >= 1 keys of z2's feature size D = {z2.shape[1]}, got shape {tuple(queue.shape)}"
+        )
+    if loss == "softmax" and symmetric:
+        raise ValueError(
+            "symmetric=True is not defined with a queue (the queue's keys have no rows): pass symmetric=False, "
+            "and symmetrise as MoCo does by calling again with the views swapped"
+        )
+    k = queue.shape[0]
+    want = {
+        None: "None (labels is None)",
+        1: f"(K,) = ({k},) integer scene ids (labels holds scene ids)",
+        2: f"(K, C) = ({k}, {labels.shape[1] if labels is not None and labels.dim() == 2 else 0}) multi-label "
+        "vectors (labels is (N, C))",
+    }[None if labels is None else labels.dim()]
+    got = None if queue_labels is None else queue_labels.dim() if isinstance(queue_labels, torch.Tensor) else -1
+    if (labels is None) != (queue_labels is None) or (labels is not None and got != labels.dim()):
+        shown = "None" if queue_labels is None else getattr(queue_labels, "shape", type(queue_labels).__name__)
+        raise ValueError(f"queue_labels must be {want}, got {shown}")
+    if labels is None:
+        return
+    rows = f"one entry per queue key (length K = {k})"
+    check_labels(queue_labels, k, z2, "queue_labels", rows)
+    if labels.dim() == 2 and queue_labels.shape[1] != labels.shape[1]:
+        raise ValueError(f"queue_labels must be {want}, got shape {tuple(queue_labels.shape)}")
+
+
+def _check(
+    z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction, queue=None,
+    queue_labels=None,
+):  # fmt: skip
     _checks.tensor("z1", z1, dims=2, floating=True)
     _checks.tensor("z2", z2, dims=2, floating=True)
     _checks.same_device("z2", z2, "z1", z1)
@@ -80,7 +171,7 @@ def _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight
     _checks.boolean("symmetric", symmetric)
     _checks.boolean("normalize", normalize)
     _checks.real("hard_weight", hard_weight, low=0.0, high=1.0)
-    tau = _checks.scalar("temperature", temperature, positive=True, device=z1.device)
+    _checks.scalar("temperature", temperature, positive=True, device=z1.device, read=False)
     if scene_mode == "ignore":
         if labels is None or labels.dim() != 1:
             raise ValueError("scene_mode='ignore' needs scene ids: labels must be a 1-D integer tensor (N,)")
@@ -89,277 +180,194 @@ def _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight
     if bias is not None:
         if loss != "sigmoid":
             raise ValueError("bias is only used by loss='sigmoid'; pass bias=None for loss='softmax'")
-        _checks.scalar("bias", bias, device=z1.device)
-    return tau
+        _checks.scalar("bias", bias, device=z1.device, read=False)
+    check_queue(queue, queue_labels, labels, z2, loss, symmetric)
 
 
 # --------------------------------------------------------------------------------------------
-# low-rank target terms
+# the fused loss: two custom ops (forward, backward) over every fused backend's kernel core
+#
+# Both are ``torch.library.custom_op``s, so that torch.compile(fullgraph=True) takes the fused loss
+# as two opaque nodes (with fake implementations for tracing) instead of breaking the graph where
+# the algebra reads the temperature or the label values. What autograd saves between them: the
+# inputs and the O(N) kernel statistics (row / column log-sum-exps, target row sums); backward
+# recomputes the normalised rows and the low-rank target sums, O(N * (D + C)), rather than
+# keeping normalised copies alive.
 
 
-class Targets:
-    """The target similarity T through its off-diagonal formula T~ (T = T~ off the positive
-    diagonal, 1 on it; T~_ii = nn_i). ``apply(x)_i = sum_j T~_ij x_j`` for x of shape (N,) or (N, K).
-    Labels ``None`` is T~ = 0, so every formula below also covers plain InfoNCE.
-
-    Each sum is a projection onto the classes (``lhat^T x``, C x K) or the scenes (per-scene sums),
-    then a lift back to the rows. With a ``reducer`` (fastcon.distributed) the rows are this rank's
-    samples and j runs over the global batch: the reducer sums the projections over the ranks
-    (``all_reduce`` of the C x K sums; per-scene sums with ``scene_index`` / ``scene_sum``)."""
-
-    def __init__(self, labels: torch.Tensor | None, n: int, acc: torch.dtype, device, reducer=None):
-        self.kind = "none" if labels is None else ("scene" if labels.dim() == 1 else "labels")
-        self._reduce = None
-        if self.kind == "labels":
-            l = labels.to(acc)
-            norm = l.norm(dim=1, keepdim=True)
-            self.lhat = torch.where(norm > 0, l / norm.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(l))
-            self.nn = (self.lhat * self.lhat).sum(dim=1)
-            self._reduce = None if reducer is None else reducer.all_reduce
-        elif self.kind == "scene":
-            if reducer is None:
-                _, self.inverse = torch.unique(labels, return_inverse=True)
-                self.num_scenes = int(self.inverse.max()) + 1
-            else:
-                self.inverse, self.num_scenes = reducer.scene_index(labels)
-                self._reduce = reducer.scene_sum
-            self.nn = torch.ones(n, dtype=acc, device=device)
-        else:
-            self.nn = torch.zeros(n, dtype=acc, device=device)
-
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "labels":
-            return self.lhat.T @ x
-        return x.new_zeros((self.num_scenes, *x.shape[1:])).index_add_(0, self.inverse, x)
-
-    def _lift(self, p: torch.Tensor) -> torch.Tensor:
-        return self.lhat @ p if self.kind == "labels" else p[self.inverse]
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor | None:
-        """sum_j T~_ij x_j; None stands for zeros (no labels)."""
-        if self.kind == "none":
-            return None
-        p = self._project(x)
-        return self._lift(p if self._reduce is None else self._reduce(p))
-
-    def full(self, x: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """sum_j T_ij (w_j x_j) with the true diagonal T_ii = 1, for x (N,) or (N, D) and optional w (N,)."""
-        wx = _weighted(x, w)
-        off = self.apply(wx)
-        diag = _weighted(wx, 1 - self.nn)
-        return diag if off is None else off.add_(diag)
-
-    def full_many(self, items):
-        """``full(x, w)`` for each (x, w) in items, yielded one at a time. With a reducer, the
-        projections of all items are summed over the ranks in one communication; without one,
-        each is computed only when the caller asks for it (no extra memory)."""
-        if self._reduce is None:
-            for x, w in items:
-                yield self.full(x, w)
-            return
-        projs = [self._project(_weighted(x, w)) for x, w in items]
-        widths = [p[0].numel() for p in projs]
-        total = self._reduce(torch.cat([p.reshape(p.shape[0], -1) for p in projs], dim=1))
-        del projs
-        for (x, w), chunk in zip(items, total.split(widths, dim=1)):
-            wx = _weighted(x, w)
-            off = self._lift(chunk.reshape(chunk.shape[0], *x.shape[1:]))
-            yield off.add_(_weighted(wx, 1 - self.nn))
-
-    def row_sums(self) -> torch.Tensor:
-        """R_i = sum_j T_ij."""
-        ones = torch.ones_like(self.nn)
-        off = self.apply(ones)
-        return (1 - self.nn) + (0 if off is None else off)
+def _mode(loss: str, scene_ignore: bool) -> int:
+    return MODE_SIGMOID if loss == "sigmoid" else (MODE_SOFTMAX_IGNORE if scene_ignore else MODE_SOFTMAX)
 
 
-def _weighted(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """w_i x_i for x (N,) or (N, K)."""
-    if w is None:
-        return x
-    return w * x if x.dim() == 1 else w[:, None] * x
+def _core_for(backend: str, device):
+    """The kernel core of a fused backend; "reference" is the dense kernel contract (the algebra
+    below with no kernel: tests)."""
+    if backend == "reference":
+        return reference.DenseCore()
+    return _backends.select("soft_contrastive", backend, device)[1]
 
 
-# --------------------------------------------------------------------------------------------
-# the algebra around the kernel pass, shared by the single-process Function and the distributed
-# one (fastcon.distributed): rows are the local samples, column sums run over the whole batch
-
-
-def _normalize(z1, z2, normalize: bool, kdt: torch.dtype, acc: torch.dtype):
-    """Unit rows in the accumulation dtype, handed to the kernel in its storage dtype ``kdt``.
-    Returns (uk, vk) for the kernel, (u, v) = the values the kernel sees in ``acc`` (for the target
-    terms), and the row norms (None without normalisation) for the backward."""
-    z1a, z2a = z1.to(acc), z2.to(acc)
-    if normalize:
-        n1 = z1a.norm(dim=1).clamp_min_(_EPS)
-        n2 = z2a.norm(dim=1).clamp_min_(_EPS)
-        z1a, z2a = z1a / n1[:, None], z2a / n2[:, None]
+def _prepare(core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, check: bool):
+    """Everything both directions recompute from the inputs: scalars, normalised rows and columns
+    (batch, then queue), kernel ids, target sums. ``check``: the value checks first (forward)."""
+    loss, symmetric, hard_weight, normalize, reduction, scene_ignore = cfg
+    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    if check:
+        tau, bias_v = _check_values(z1, temperature, bias, labels, queue_labels)
     else:
-        n1 = n2 = None
-    uk, vk = z1a.to(kdt).contiguous(), z2a.to(kdt).contiguous()
-    return uk, vk, uk.to(acc), vk.to(acc), n1, n2
+        tau, bias_v = float(temperature), (0.0 if bias is None else float(bias))
+    scale = 1.0 / tau
+    kdt = core.kernel_dtype(z1.dtype)
+    uk, vk, u, v, n1, n2 = _normalize(z1, z2, normalize, kdt, acc)
+    qk, vq = _queue_keys(queue, normalize, kdt, acc)
+    ids, col_ids = _scene_ids(labels, queue_labels) if scene_ignore else (None, None)
+    cols = vk if qk is None else torch.cat([vk, qk])  # the M = N + K columns
+    t = Targets(None if scene_ignore else labels, z1.shape[0], acc, z1.device, queue_labels=queue_labels, queue_keys=vq)
+    bound = scale if normalize else 0.0  # |s_ij| <= 1/tau for unit vectors
+    need_col = loss == "softmax" and symmetric and queue is None
+    kargs = (ids, col_ids, 0, scale, bias_v, bound, _mode(loss, scene_ignore))
+    return uk, cols, u, v, n1, n2, t, kargs, need_col
 
 
-def _per_sample_losses(mode, need_col, hw, scale, bias_v, u, v, row, col, t: Targets):
-    """Per-sample losses from the kernel statistics (row / col log-sum-exps or softplus sums) and
-    the target sums. Returns (per-sample losses, target row sums R or None)."""
-    sd = _logit_dot(u, v, scale)  # s_ii, the positive logits
-    if mode == MODE_SOFTMAX_IGNORE:
-        per_a = row - sd
-        per_b = col - sd if need_col else None
-        r_sum = None
-    elif mode == MODE_SOFTMAX:
-        ones = torch.ones_like(t.nn)
-        sums = t.full_many([(ones, None), (v, None)] + ([(u, None)] if need_col else []))
-        r_sum = next(sums)
-        ts = _logit_dot(u, next(sums), scale)  # sum_j T_ij s_ij
-        per_a = row - hw * sd - (1 - hw) * ts / r_sum
-        if need_col:  # T is symmetric here: column sums equal row sums
-            tsc = _logit_dot(v, next(sums), scale)
-            per_b = col - hw * sd - (1 - hw) * tsc / r_sum
-        else:
-            per_b = None
-    else:  # sigmoid: sum_j T'_ij x_ij = hw x_ii + (1 - hw) (sum_j T_ij s_ij + bias R_i)
-        sums = t.full_many([(torch.ones_like(t.nn), None), (v, None)])
-        r_sum = next(sums)
-        ts = _logit_dot(u, next(sums), scale)
-        per_a = row - hw * (sd + bias_v) - (1 - hw) * (ts + bias_v * r_sum)
-        per_b = None
-    per = (per_a + per_b) / 2 if per_b is not None else per_a
-    return per, r_sum
+@torch.library.custom_op("fastcon_loss::fused_forward", mutates_args=())
+def _fused_forward(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    queue: torch.Tensor | None,
+    queue_labels: torch.Tensor | None,
+    backend: str,
+    loss: str,
+    symmetric: bool,
+    hard_weight: float,
+    normalize: bool,
+    reduction: str,
+    scene_ignore: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, row statistics (N,), column statistics (N,) or (0,), target row sums (N,) or (0,))."""
+    cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
+    core = _core_for(backend, z1.device)
+    uk, cols, u, v, _, _, t, kargs, need_col = _prepare(
+        core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, True
+    )
+    scale, bias_v, mode = kargs[3], kargs[4], kargs[6]
+    row, col = core.forward(uk, cols, *kargs, need_col)
+    acc = u.dtype
+    row, col = row.to(acc), col.to(acc)
+    per, r_sum = _per_sample_losses(mode, need_col, hard_weight, scale, bias_v, u, v, row, col, t)
+    out = per.mean() if reduction == "mean" else (per.sum() if reduction == "sum" else per)
+    return out, row, col, (row.new_empty(0) if r_sum is None else r_sum)
 
 
-def _subtract_targets(mode, hw, g, h, r_sum, u, v, t: Targets, gu, gv) -> None:
-    """GU_i = sum_j G_ij v_j and GV_j = sum_i G_ij u_i, where G = dL/ds: the kernel gives the
-    softmax / sigmoid part in gu, gv; this subtracts the target part, in place."""
-    if mode == MODE_SOFTMAX_IGNORE:
-        gu.sub_((g + (h if h is not None else 0))[:, None] * v)
-        gv.sub_((g + (h if h is not None else 0))[:, None] * u)
-    elif mode == MODE_SOFTMAX:
-        # - g_i sum_j P'_ij v_j  and  - sum_i g_i P'_ij u_i
-        items = [(v, None), (u, g / r_sum)] + ([(v, h / r_sum), (u, None)] if h is not None else [])
-        sums = t.full_many(items)
-        gu.sub_(((1 - hw) * g / r_sum)[:, None] * next(sums)).sub_((hw * g)[:, None] * v)
-        gv.sub_((1 - hw) * next(sums)).sub_((hw * g)[:, None] * u)
-        if h is not None:  # - sum_j h_j Q'_ij v_j  and  - h_j sum_i Q'_ij u_i  (C_j = R_j)
-            gu.sub_((1 - hw) * next(sums)).sub_((hw * h)[:, None] * v)
-            gv.sub_(((1 - hw) * h / r_sum)[:, None] * next(sums)).sub_((hw * h)[:, None] * u)
-    else:  # sigmoid: G_ij = g_i (sigmoid(x_ij) - T'_ij)
-        sums = t.full_many([(v, None), (u, g)])
-        gu.sub_(((1 - hw) * g)[:, None] * next(sums)).sub_((hw * g)[:, None] * v)
-        gv.sub_((1 - hw) * next(sums)).sub_((hw * g)[:, None] * u)
+@_fused_forward.register_fake
+def _(z1, z2, temperature, bias, labels, queue, queue_labels, backend, loss, symmetric, hard_weight, normalize, reduction, scene_ignore):  # fmt: skip
+    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    n = z1.shape[0]
+    need_col = loss == "softmax" and symmetric and queue is None
+    out = z1.new_empty((n,) if reduction == "none" else (), dtype=acc)
+    r_sum = z1.new_empty(0 if scene_ignore else n, dtype=acc)
+    return out, z1.new_empty(n, dtype=acc), z1.new_empty(n if need_col else 0, dtype=acc), r_sum
 
 
-def _scalar_grads(scale, hw, g, r_sum, u, gu, wsum):
-    """(dL/dtau, dL/dbias) from this process's rows, before gu is scaled:
-    dL/dtau = -scale^2 * sum_ij G_ij (u_i . v_j) = -scale^2 * sum_i u_i . GU_i;
-    dL/dbias = sum_ij G_ij (sigmoid only; None otherwise)."""
-    d_tau = -(scale**2) * (u * gu).sum()
-    d_bias = None if r_sum is None else wsum.sum() - (g * (hw + (1 - hw) * r_sum)).sum()
-    return d_tau, d_bias
+@torch.library.custom_op("fastcon_loss::fused_backward", mutates_args=())
+def _fused_backward(
+    grad_out: torch.Tensor,
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    queue: torch.Tensor | None,
+    queue_labels: torch.Tensor | None,
+    row: torch.Tensor,
+    col: torch.Tensor,
+    r_sum: torch.Tensor,
+    backend: str,
+    loss: str,
+    symmetric: bool,
+    hard_weight: float,
+    normalize: bool,
+    reduction: str,
+    scene_ignore: bool,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d z1, d z2, d temperature, d bias); an empty tensor where ``needs`` says no gradient."""
+    cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
+    core = _core_for(backend, z1.device)
+    uk, cols, u, v, n1, n2, t, kargs, need_col = _prepare(
+        core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, False
+    )
+    scale, mode = kargs[3], kargs[6]
+    acc, n = u.dtype, z1.shape[0]
+    g, h = _loss_weights(grad_out.to(acc), reduction, need_col, n, n)
+    ku, kv, wsum = core.backward(uk, cols, *kargs, row, col if need_col else None, g, h)
+    gu, gv = ku.to(acc), kv[:n].to(acc)  # the queue's columns get no gradient
+    r = None if scene_ignore else r_sum
+    _subtract_targets(mode, hard_weight, g, h, r, u, v, t, gu, gv)
+    d_tau = d_bias = None
+    if needs[2] or needs[3]:
+        d_tau, d_bias = _scalar_grads(scale, hard_weight, g, r, u, gu, wsum.to(acc))
+    shell = SimpleNamespace(
+        metas=(z1.dtype, (temperature.dtype, temperature.device), None if bias is None else (bias.dtype, bias.device)),
+        needs_input_grad=tuple(needs),
+    )
+    grads = _input_grads(shell, scale, gu, gv, u, v, n1, n2, d_tau, d_bias)
+    return tuple(z1.new_empty(0) if x is None else x for x in grads)
 
 
-# --------------------------------------------------------------------------------------------
-# the autograd Function shared by every fused backend
+@_fused_backward.register_fake
+def _(grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, backend, loss, symmetric, hard_weight, normalize, reduction, scene_ignore, needs):  # fmt: skip
+    return (
+        torch.empty_like(z1) if needs[0] else z1.new_empty(0),
+        torch.empty_like(z2) if needs[1] else z1.new_empty(0),
+        torch.empty_like(temperature) if needs[2] else z1.new_empty(0),
+        torch.empty_like(bias) if needs[3] and bias is not None else z1.new_empty(0),
+    )
 
 
-class _FusedSoftContrastive(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z1, z2, temperature, bias, labels, cfg, core):
-        loss, symmetric, hard_weight, normalize, reduction, scene_ignore = cfg
-        n = z1.shape[0]
-        acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
-        scale = 1.0 / float(temperature)
-        bias_v = 0.0 if bias is None else float(bias)
-        mode = MODE_SIGMOID if loss == "sigmoid" else (MODE_SOFTMAX_IGNORE if scene_ignore else MODE_SOFTMAX)
-        need_col = loss == "softmax" and symmetric
-
-        kdt = core.kernel_dtype(z1.dtype)
-        uk, vk, u, v, n1, n2 = _normalize(z1, z2, normalize, kdt, acc)
-        ids = labels if scene_ignore else None
-        bound = scale if normalize else 0.0  # |s_ij| <= 1/tau for unit vectors
-
-        row, col = core.forward(uk, vk, ids, ids, 0, scale, bias_v, bound, mode, need_col)
-        t = Targets(None if scene_ignore else labels, n, acc, z1.device)
-        per, r_sum = _per_sample_losses(mode, need_col, hard_weight, scale, bias_v, u, v, row, col, t)
-        out = per.mean() if reduction == "mean" else (per.sum() if reduction == "sum" else per)
-
-        ctx.cfg = (mode, need_col, hard_weight, normalize, reduction, scale, bias_v, bound, kdt)
-        ctx.core, ctx.targets = core, t
-        ctx.metas = (
-            z1.dtype,
-            (temperature.dtype, temperature.device),
-            None if bias is None else (bias.dtype, bias.device),
-        )
-        ctx.save_for_backward(uk, vk, ids, row, col, r_sum, n1, n2)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        mode, need_col, hw, normalize, reduction, scale, bias_v, bound, kdt = ctx.cfg
-        uk, vk, ids, row, col, r_sum, n1, n2 = ctx.saved_tensors
-        t, core = ctx.targets, ctx.core
-        acc = row.dtype
-        n = uk.shape[0]
-        g, h = _loss_weights(grad_out.to(acc), reduction, need_col, n, n)
-        ku, kv, wsum = core.backward(
-            uk, vk, ids, ids, 0, scale, bias_v, bound, mode, row, col if need_col else None, g, h
-        )
-        u, v = uk.to(acc), vk.to(acc)
-        gu, gv = ku, kv
-        _subtract_targets(mode, hw, g, h, r_sum, u, v, t, gu, gv)
-
-        d_tau = d_bias = None
-        if any(ctx.needs_input_grad[2:4]):
-            d_tau, d_bias = _scalar_grads(scale, hw, g, r_sum, u, gu, wsum)
-        return _input_grads(ctx, scale, gu, gv, u, v, n1, n2, d_tau, d_bias)
+_TENSOR_INPUTS = 7  # z1, z2, temperature, bias, labels, queue, queue_labels
 
 
-def _loss_weights(go, reduction, need_col, n, total):
-    """(g, h): the upstream weight of each of the n per-sample losses here (of ``total`` in the
-    mean over the whole batch), halved for the row and the column half of the symmetric softmax
-    (h = g then, None otherwise)."""
-    if reduction == "mean":
-        w = (go / total).expand(n)
-    elif reduction == "sum":
-        w = go.expand(n)
-    else:
-        w = go
-    g = (w / 2 if need_col else w).contiguous()
-    return g, (g if need_col else None)
+def _setup_context(ctx, inputs, output):
+    _, row, col, r_sum = output
+    ctx.mark_non_differentiable(row, col, r_sum)
+    ctx.save_for_backward(*inputs[:_TENSOR_INPUTS], row, col, r_sum)
+    ctx.cfg = inputs[_TENSOR_INPUTS:]
 
 
-def _input_grads(ctx, scale, gu, gv, u, v, n1, n2, d_tau, d_bias) -> tuple:
-    """The Functions' backward result (z1, z2, temperature, bias, then None for the rest): the
-    logit-space row gradients gu, gv scaled and taken through the normalisation, each in its
-    input's dtype, and only where an input needs one."""
-    z_dtype, tau_meta, bias_meta = ctx.metas
-    need_z1, need_z2, need_tau, need_bias = ctx.needs_input_grad[:4]
-    d_z1 = _norm_backward(gu.mul_(scale), u, n1).to(z_dtype) if need_z1 else None
-    d_z2 = _norm_backward(gv.mul_(scale), v, n2).to(z_dtype) if need_z2 else None
-    d_tau = d_tau.to(dtype=tau_meta[0], device=tau_meta[1]) if need_tau else None
-    d_bias = d_bias.to(dtype=bias_meta[0], device=bias_meta[1]) if need_bias else None
-    return d_z1, d_z2, d_tau, d_bias, None, None, None
+def _backward(ctx, grad_out, *_):
+    _checks.first_order_only("fastcon.soft_contrastive_loss")
+    needs = [bool(x) for x in ctx.needs_input_grad[:4]]
+    if not any(needs):
+        return (None,) * (_TENSOR_INPUTS + len(ctx.cfg))
+    grads = _fused_backward(grad_out, *ctx.saved_tensors, *ctx.cfg, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * (3 + len(ctx.cfg))
 
 
-def _logit_dot(a: torch.Tensor, b: torch.Tensor, scale: float, rows: int = 4096) -> torch.Tensor:
-    """scale * (a_i . b_i) accumulated in float64 and rounded once to a's dtype, in row chunks
-    (O(rows * D) extra memory). These positive / target logits are subtracted from log-sum-exps of
-    the same size (about 1 / tau): a small loss is their difference, so they must carry no
-    rounding beyond the one the kernels' own (float64-accumulated) positive logits carry."""
-    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
-    for i in range(0, a.shape[0], rows):
-        out[i : i + rows] = scale * (a[i : i + rows].double() * b[i : i + rows].double()).sum(dim=1)
-    return out
+_fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _norm_backward(du: torch.Tensor, u: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
-    """Backward of u = z / max(||z||, eps): (du - u (u . du)) / ||z|| where ||z|| > eps, du / eps otherwise."""
-    if norm is None:
-        return du
-    proj = (u * du).sum(dim=1, keepdim=True)
-    clamped = (norm <= _EPS)[:, None]
-    return torch.where(clamped, du, du - u * proj).div_(norm[:, None])
+@torch._dynamo.assume_constant_result
+def _backend_name(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend a call on ``device`` runs on; torch.compile takes it as a constant of the graph
+    (chosen when compiling) instead of tracing the registry. A backend without kernels for
+    ``dtype`` says so here, before any work."""
+    name, core = _backends.select("soft_contrastive", backend, device)
+    if core is not None:
+        core.kernel_dtype(dtype)
+    return name
+
+
+def _fused_loss(z1, z2, temperature, bias, labels, cfg, backend: str, queue=None, queue_labels=None):
+    """The fused loss on a backend's kernels (``backend="reference"``: the dense kernel contract)."""
+    loss, symmetric, hard_weight, normalize, reduction, scene_ignore = cfg
+    out = _fused_forward(
+        z1, z2, temperature, bias, labels, queue, queue_labels, backend, loss, symmetric, float(hard_weight),
+        normalize, reduction, scene_ignore,
+    )  # fmt: skip
+    return out[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,6 +431,8 @@ def soft_contrastive_loss(
     backend: str = "auto",
     group=None,
     distributed: str = "gather",
+    queue: torch.Tensor | None = None,
+    queue_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Soft-target contrastive loss between two views, fused so that no N x N matrix is stored.
 
@@ -446,6 +456,12 @@ def soft_contrastive_loss(
         distributed: with a group, "gather" (all-gather z2; O(W N D + N C) memory per rank) or
             "ring" (z2 blocks circulate; O(N (D + C)) per rank, any world size W). No effect
             without a group.
+        queue: (K, D) key queue (memory bank, MoCo v2 / SwiMDiff) in z2's dtype: K further
+            columns (negatives, or soft positives by their labels) after z2's N, normalised like
+            z2, never given a gradient. Softmax rows only: needs symmetric=False. With a group,
+            every rank passes the same queue.
+        queue_labels: the queue keys' labels, of the kind of ``labels``: (K, C) multi-label
+            vectors, (K,) integer scene ids, or None when labels is None.
 
     Returns: the loss in fp32 (fp64 for fp64 inputs); gradients flow to z1, z2 and to tensor
     temperature / bias. With a group: every rank gets the loss of the global batch (its own
@@ -453,20 +469,31 @@ def soft_contrastive_loss(
     temperature and bias get 1 / W of their gradient on each rank (DDP averages: scale the loss
     by W for single-process gradients; see fastcon.distributed).
     """
-    _check(z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction)
-    _checks.choice("distributed", distributed, DISTRIBUTED_MODES)
-    if group is not None:
-        from fastcon import distributed as dist_loss
 
+    # checks of types, shapes and options here; the value checks (temperature, bias and label
+    # values) where the values are read: below for the reference, in the fused op otherwise.
+    # Under a group every rank runs them first, so that an input error on one rank raises on all.
+    def check():
+        _check(
+            z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction, queue,
+            queue_labels,
+        )  # fmt: skip
+        _checks.choice("distributed", distributed, DISTRIBUTED_MODES)
+        if group is not None:
+            _check_values(z1, temperature, bias, labels, queue_labels)
+
+    if group is None:
+        check()
+    else:
+        dist_loss.check_on_every_rank(group, check)  # an input error on one rank raises on every rank
         return dist_loss.soft_contrastive_loss(
             z1, z2, labels, temperature=temperature, loss=loss, symmetric=symmetric, scene_mode=scene_mode,
             hard_weight=hard_weight, bias=bias, normalize=normalize, reduction=reduction, backend=backend,
-            group=group, mode=distributed,
+            group=group, mode=distributed, queue=queue, queue_labels=queue_labels,
         )  # fmt: skip
-    name, core = _backends.select("soft_contrastive", backend, z1.device)
-    if core is not None:
-        core.kernel_dtype(z1.dtype)  # a backend without kernels for this dtype says so before any work
+    name = _backend_name(backend, z1.device, z1.dtype)
     if name == "reference":
+        _check_values(z1, temperature, bias, labels, queue_labels)
         return reference.soft_contrastive_loss(
             z1,
             z2,
@@ -479,12 +506,15 @@ def soft_contrastive_loss(
             bias=bias,
             normalize=normalize,
             reduction=reduction,
+            queue=queue,
+            queue_labels=queue_labels,
         )
     acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
     tau = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature), dtype=acc)
     b = None if bias is None else (bias if isinstance(bias, torch.Tensor) else torch.tensor(float(bias), dtype=acc))
     cfg = (loss, symmetric, float(hard_weight), normalize, reduction, scene_mode == "ignore")
-    return _FusedSoftContrastive.apply(z1, z2, tau, b, labels, cfg, core)
+    queue = None if queue is None else queue.detach()
+    return _fused_loss(z1, z2, tau, b, labels, cfg, name, queue, queue_labels)
 
 
 class SoftContrastiveLoss(nn.Module):
@@ -516,7 +546,11 @@ class SoftContrastiveLoss(nn.Module):
     ):
         super().__init__()
         _checks.real("temperature", temperature, low=0.0, low_open=True)
+        _checks.real("max_scale", max_scale, low=0.0, low_open=True)
         _checks.choice("loss", loss, LOSSES)
+        _checks.boolean("learnable_bias", learnable_bias)
+        if learnable_bias and loss != "sigmoid":
+            raise ValueError("learnable_bias=True needs loss='sigmoid' (the softmax form has no bias)")
         if loss == "sigmoid" and bias is None:
             bias = -10.0 if learnable_bias else 0.0  # SigLIP's initial bias
         if bias is not None and loss != "sigmoid":
@@ -549,10 +583,20 @@ class SoftContrastiveLoss(nn.Module):
     def temperature(self) -> torch.Tensor:
         return 1.0 / self.log_scale.clamp(max=math.log(self.max_scale)).exp()
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        queue: torch.Tensor | None = None,
+        queue_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss of z1 against z2 (and the key ``queue`` with its ``queue_labels``, if given)."""
         return soft_contrastive_loss(
-            z1, z2, labels, temperature=self.temperature, bias=self.bias, group=self.group, **self.options
-        )
+            z1, z2, labels, temperature=self.temperature, bias=self.bias, group=self.group, queue=queue,
+            queue_labels=queue_labels, **self.options,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"temperature={float(self.temperature.detach()):.4g}, " + ", ".join(

@@ -55,6 +55,15 @@ CASES = [
     ("fractions", "softmax_sym", 0.3, False, True, "mean", 0.05, 15),
     ("multi_hot", "softmax_sym", 0.0, True, True, "mean", 0.01, 16),
 ]
+# with a key queue (SPEC 1b; softmax cases are row losses only): (case, K)
+QUEUE_CASES = [
+    (("multi_hot", "softmax", 0.3, True, True, "mean", 0.2, 7), 5),
+    (("scene", "sigmoid", 0.0, True, True, "none", 0.1, 6), 37),
+    (("scene_ignore", "softmax", 0.0, True, True, "none", 0.1, 9), 11),
+    (("none", "softmax", 0.0, True, True, "sum", 0.1, 5), 1),
+    (("fractions", "sigmoid", 1.0, False, True, "mean", 0.3, 4), 20),
+    (("zero_rows", "softmax", 0.3, True, False, "mean", 0.05, 8), 13),
+]
 PRECISIONS = {  # name: (backend, dtype, loss tolerance, gradient tolerance)
     **{f"{b}_fp32": (b, torch.float32, 1e-5, 1e-4) for b in CPU_FUSED},
     "dense_f64": ("reference", torch.float64, 1e-11, 1e-9),
@@ -66,8 +75,9 @@ def case_id(case) -> str:
     return f"{labels_kind}-{lossconf}-hw{hw}-{'norm' if norm else 'raw'}-{'learn' if learn else 'fixed'}-{red}-tau{tau}-n{n}"
 
 
-def global_inputs(case, world: int, seed: int):
-    """The global batch of a case (identical on every rank): z1, z2 (float64), labels, upstream."""
+def global_inputs(case, world: int, seed: int, queue_k: int = 0):
+    """The global batch of a case (identical on every rank): z1, z2 (float64), labels, upstream,
+    and with queue_k > 0 the replicated queue and its labels (else None, None)."""
     labels_kind, lossconf, hw, norm, learn, red, tau, n = case
     big = world * n
     gen = torch.Generator().manual_seed(seed)
@@ -84,7 +94,14 @@ def global_inputs(case, world: int, seed: int):
         idx = torch.arange(big)
         labels = torch.where(idx < n + n // 2, 0, idx)
     upstream = torch.rand(big, generator=gen, dtype=torch.float64) if red == "none" else None
-    return z1, z2, labels, upstream
+    queue = queue_labels = None
+    if queue_k:
+        queue = torch.randn(queue_k, 11, generator=gen, dtype=torch.float64) * scale
+        if kind == "scene":  # some scenes shared with the batch, some only in the queue
+            queue_labels = torch.randint(0, big // 3 + 3, (queue_k,), generator=gen)
+        else:
+            queue_labels = make_labels(kind, queue_k, 4, gen)
+    return z1, z2, labels, upstream, queue, queue_labels
 
 
 def case_kwargs(case):
@@ -92,10 +109,10 @@ def case_kwargs(case):
     return _kw(lossconf, "scene_ignore" if "ignore" in labels_kind else labels_kind, hw, norm, red, tau=tau)
 
 
-def run_case(case, world, rank, group, mode, backend, dtype, seed):
+def run_case(case, world, rank, group, mode, backend, dtype, seed, queue_k=0):
     """This rank's loss and gradients for one case."""
     labels_kind, lossconf, hw, norm, learn, red, tau, n = case
-    z1, z2, labels, upstream = global_inputs(case, world, seed)
+    z1, z2, labels, upstream, queue, queue_labels = global_inputs(case, world, seed, queue_k)
     rows = slice(rank * n, (rank + 1) * n)
     kw = case_kwargs(case)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -109,16 +126,18 @@ def run_case(case, world, rank, group, mode, backend, dtype, seed):
             kw["bias"] = torch.tensor(kw["bias"], dtype=acc, requires_grad=True)
             inputs.append(kw["bias"])
     lab = None if labels is None else labels[rows]
+    if queue is not None:
+        kw.update(queue=queue.to(dtype), queue_labels=queue_labels)
     out = fastcon.soft_contrastive_loss(a, b, lab, backend=backend, group=group, distributed=mode, **kw)
     go = torch.ones_like(out) if upstream is None else upstream[rows].to(out)
     grads = torch.autograd.grad(out, inputs, go)
     return {"out": out.detach(), "grads": [g.detach() for g in grads]}
 
 
-def expected(case, world, seed):
+def expected(case, world, seed, queue_k=0):
     """The float64 single-process reference over the concatenated batch."""
     labels_kind, lossconf, hw, norm, learn, red, tau, n = case
-    z1, z2, labels, upstream = global_inputs(case, world, seed)
+    z1, z2, labels, upstream, queue, queue_labels = global_inputs(case, world, seed, queue_k)
     kw = case_kwargs(case)
     a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
     inputs = [a, b]
@@ -128,7 +147,7 @@ def expected(case, world, seed):
         if lossconf == "sigmoid":
             kw["bias"] = torch.tensor(kw["bias"], dtype=torch.float64, requires_grad=True)
             inputs.append(kw["bias"])
-    out = reference.soft_contrastive_loss(a, b, labels, **kw)
+    out = reference.soft_contrastive_loss(a, b, labels, queue=queue, queue_labels=queue_labels, **kw)
     grads = torch.autograd.grad(out, inputs, torch.ones_like(out) if upstream is None else upstream)
     return out.detach(), [g.detach() for g in grads]
 
@@ -220,11 +239,15 @@ def _worker(rank, world, store, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        results = {"cases": {}, "ddp": {}, "sub": {}}
+        results = {"cases": {}, "queue": {}, "ddp": {}, "sub": {}}
         for mode in MODES:
             for prec, (backend, dtype, _, _) in PRECISIONS.items():
                 for k, case in enumerate(CASES):
                     results["cases"][(mode, prec, k)] = run_case(case, world, rank, True, mode, backend, dtype, k)
+                for k, (case, queue_k) in enumerate(QUEUE_CASES):
+                    results["queue"][(mode, prec, k)] = run_case(
+                        case, world, rank, True, mode, backend, dtype, 100 + k, queue_k
+                    )
         for k, ddp_case in enumerate(DDP_CASES):
             results["ddp"][k] = ddp_gradients(ddp_case, world, rank)
         # subgroups: the last two ranks, and each rank alone (group of one)
@@ -273,9 +296,9 @@ def world_results(request, tmp_path_factory):
 # the tests
 
 
-def _compare(ranks, case, world, seed, loss_tol, grad_tol, what):
+def _compare(ranks, case, world, seed, loss_tol, grad_tol, what, queue_k=0):
     red = case[5]
-    r_out, r_grads = expected(case, world, seed)
+    r_out, r_grads = expected(case, world, seed, queue_k)
     if red == "none":  # each rank returns its own samples' losses
         assert_rel(torch.cat([r["out"] for r in ranks]), r_out, loss_tol, what + " per-sample losses")
     else:
@@ -300,6 +323,19 @@ def test_matches_single_process(world_results, mode, prec, k):
     got = [r["cases"][(mode, prec, k)] for r in ranks]
     assert all(g["grads"][0].dtype == dtype for g in got), "gradients come back in the inputs' dtype"
     _compare(got, CASES[k], world, k, loss_tol, grad_tol, f"world {world} {mode} {prec} {case_id(CASES[k])}")
+
+
+@pytest.mark.parametrize("prec", list(PRECISIONS))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("k", range(len(QUEUE_CASES)), ids=[f"{case_id(c)}-K{q}" for c, q in QUEUE_CASES])
+def test_queue_matches_single_process(world_results, mode, prec, k):
+    """With a replicated key queue: the single-process loss of the global batch against the queue."""
+    world, ranks = world_results
+    _, _, loss_tol, grad_tol = PRECISIONS[prec]
+    case, queue_k = QUEUE_CASES[k]
+    got = [r["queue"][(mode, prec, k)] for r in ranks]
+    what = f"world {world} {mode} {prec} {case_id(case)} K={queue_k}"
+    _compare(got, case, world, 100 + k, loss_tol, grad_tol, what, queue_k)
 
 
 @pytest.mark.parametrize("mode", MODES)

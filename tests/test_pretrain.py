@@ -1,4 +1,4 @@
-"""examples/pretrain.py and examples/linear_probe.py on the real sample, at tiny model sizes on the CPU.
+"""examples/pretrain.py, examples/evaluate.py (--dataset sample) and examples/demo.py on the real sample, at tiny model sizes on the CPU.
 
 Every config family runs a few steps; the loss falls on a fixed batch; a run stopped at step k
 (by train.stop_at or by SIGTERM) and resumed equals the uninterrupted run bit for bit; a
@@ -35,7 +35,7 @@ def _load(name):
 
 
 pretrain = _load("pretrain")
-linear_probe = _load("linear_probe")
+evaluate = _load("evaluate")
 sys.path.insert(0, EXAMPLES)  # demo.py imports its sibling scripts
 demo = _load("demo")
 
@@ -304,17 +304,22 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_exactly(sample, tmp_path)
     assert proc.poll() is None, "the run ended before it could be stopped:\n" + proc.communicate()[0]
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output
+    assert_stopped_then_resumes_exactly(proc.returncode, output, out, args, str(tmp_path / "straight"))
+
+
+def assert_stopped_then_resumes_exactly(returncode, output, out, args, straight):
+    """A run of ``args`` stopped by SIGTERM: exit 0 and a stop checkpoint at its step k; resumed
+    for two more steps, it equals an uninterrupted run (into ``straight``) to the same step."""
+    assert returncode == 0, output
     assert "stopped by SIGTERM" in output
     state, path = CheckpointDir(os.path.join(out, "checkpoints")).load()
     k = state["step"]
     assert 3 <= k < 400
     assert path.name == f"step_{k:08d}.ckpt"
-    # resume for two more steps; an uninterrupted run to the same step must be identical
-    args.append(f"train.stop_at={k + 2}")
+    args = [*args, f"train.stop_at={k + 2}"]
     pretrain.train(config("demo", *args, out=out), resume="auto")
-    pretrain.train(config("demo", *args, out=str(tmp_path / "straight")))
-    _compare_runs(out, str(tmp_path / "straight"))
+    pretrain.train(config("demo", *args, out=straight))
+    _compare_runs(out, straight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,25 +475,38 @@ def test_ddp_gradients_equal_the_single_process_gradients(tmp_path):
 # linear probe
 
 
-def test_linear_probe_pretrained_and_random(sample, tmp_path):
+def test_evaluate_sample_pretrained_and_random(sample, tmp_path):
     cfg = config("demo", *TINY, "train.steps=2", data=sample, out=tmp_path)
     pretrain.train(cfg)
-    for extra in ([], ["--random-init"]):
-        assert linear_probe.main(["--run", str(tmp_path), *extra]) == 0
-    pre = json.load(open(tmp_path / "probe_pretrained.json"))
-    rnd = json.load(open(tmp_path / "probe_random.json"))
-    for r in (pre, rnd):
-        assert 0.0 < r["test_map"] <= 1.0
-        assert r["train_tiles"] > r["test_tiles"] > 0
-        assert set(r["test_ap"]) == {"farm", "forest", "grass", "meadow", "residential", "scrub", "water", "wetland"}
-        assert r["feature_dim"] == 48  # the class token of a 48-wide ViT
-    assert pre["encoder"].endswith("encoder.safetensors")
-    assert rnd["encoder"].startswith("random init")
-    assert pre["test_map"] != rnd["test_map"]
+    reports = {}
+    for name, extra in (("pre", []), ("rnd", ["--random-init"])):
+        out = tmp_path / f"{name}.json"
+        assert evaluate.main(["--dataset", "sample", "--run", str(tmp_path), "--out", str(out), *extra]) == 0
+        reports[name] = json.load(open(out))
+        # features are cached beside the output
+        assert len(list((tmp_path / f"{name}.features").glob("sample_*.pt"))) == 2
+    for r in reports.values():
+        rows = {row["metric"]: row for row in r["results"]}
+        assert set(rows) == {"map_micro", "map_macro"}
+        for row in rows.values():
+            assert 0.0 < row["value"] <= 1.0
+            assert row["n_train"] > row["n_test"] > 0
+            assert (row["dataset"], row["split"], row["protocol"]) == ("sample", "test", "linear")
+        assert set(r["details"]["per_class_ap"]) == {
+            "farm", "forest", "grass", "meadow", "residential", "scrub", "water", "wetland",
+        }  # fmt: skip
+        assert r["details"]["selected_on"] == "cv"  # the sample has no validation split
+    assert reports["pre"]["encoder"]["weights"].endswith("encoder.safetensors")
+    assert reports["rnd"]["encoder"]["weights"].startswith("random init")
+    assert reports["pre"]["results"][1]["value"] != reports["rnd"]["results"][1]["value"]
     # the final training checkpoint holds the same encoder as encoder.safetensors
     ckpt = CheckpointDir(tmp_path / "checkpoints").latest()
-    assert linear_probe.main(["--run", str(tmp_path), "--weights", str(ckpt), "--out", str(tmp_path / "c.json")]) == 0
-    assert json.load(open(tmp_path / "c.json"))["test_map"] == pre["test_map"]
+    argv = ["--dataset", "sample", "--run", str(tmp_path), "--weights", str(ckpt), "--out", str(tmp_path / "c.json")]
+    assert evaluate.main(argv) == 0
+    assert json.load(open(tmp_path / "c.json"))["results"] == reports["pre"]["results"]
+    # a second run reads the cached features and gives the same numbers
+    assert evaluate.main(["--dataset", "sample", "--run", str(tmp_path), "--out", str(tmp_path / "pre.json")]) == 0
+    assert json.load(open(tmp_path / "pre.json"))["results"] == reports["pre"]["results"]
 
 
 def test_demo_end_to_end_at_tiny_size(sample, tmp_path, capsys):
@@ -497,6 +515,12 @@ def test_demo_end_to_end_at_tiny_size(sample, tmp_path, capsys):
     out = capsys.readouterr().out
     for text in ("images/s", "loss ", "linear probe mAP pretrained", "vs random init", "loss.png", "metrics.csv"):
         assert text in out, text
-    # a rerun continues the finished run instead of training again
+    summary = json.load(open(tmp_path / "demo" / "summary.json"))
+    for name in ("pretrained", "random"):
+        assert 0.0 < summary["probe"][name]["map_macro"] <= 1.0
+        assert 0.0 < summary["probe"][name]["map_micro"] <= 1.0
+        report = json.load(open(tmp_path / "demo" / f"eval_{name}.json"))
+        assert {r["metric"]: r["value"] for r in report["results"]} == summary["probe"][name]
+    # a rerun reports the finished run instead of training again
     assert demo.main(args) == 0
-    assert "continuing the run" in capsys.readouterr().out
+    assert "already finished its 3 steps" in capsys.readouterr().out

@@ -319,12 +319,24 @@ def test_stop_request_turns_sigterm_into_a_flag():
 
 
 def test_second_sigint_interrupts():
-    stop = StopRequest()
+    stop = StopRequest(repeat_s=0.0)
     try:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signal_name == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+
+
+def test_copies_of_one_sigint_are_one_stop_request():
+    """The group's SIGINT and torchrun's (or srun's) forwarded copy arrive together: one request."""
+    stop = StopRequest(repeat_s=60.0)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal_name == "SIGINT"
     finally:
         stop.restore()
 

@@ -14,9 +14,11 @@
 // vectors are loaded and stored there; lanes past bc are masked out of every sum.
 // No include guard: included once per level on purpose.
 
-// exp with Cephes' range reduction and polynomial (about 1 ulp); 0 below -104, inf above 88.7
+// exp with Cephes' range reduction and polynomial (about 1 ulp); 0 below -104, inf above 88.7,
+// NaN for NaN: x is the second operand of the clamps, whose max / min return it when it is NaN
+// (a NaN logit must reach the sums, SPEC section 1, not be clamped to 0 or inf)
 FI V::F exp_v(V::F x) {
-  x = V::min(V::max(x, V::set1(-104.0f)), V::set1(89.0f));
+  x = V::min(V::set1(89.0f), V::max(V::set1(-104.0f), x));
   const V::F n = V::round(V::mul(x, V::set1(1.44269504088896341f)));
   V::F r = V::fnmadd(n, V::set1(0.693359375f), x);
   r = V::fnmadd(n, V::set1(-2.12194440e-4f), r);

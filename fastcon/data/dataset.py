@@ -8,6 +8,8 @@ import os
 import numpy as np
 import torch
 
+from fastcon.data.raw import RawTiles
+
 REQUIRED_FILES = ("dataset.json", "labels.npy", "multihot.npy", "stats.json")
 
 
@@ -19,7 +21,7 @@ def read_manifest(root: str):
         path = os.path.join(root, name)
         if os.path.exists(path):
             m = read(path)
-            for col in ("id", "file", "scene", "source", "crs", "bands", "classes"):
+            for col in ("id", "file", "scene", "source", "crs", "bands", "classes", "band_files", "band_channels"):
                 if col in m:
                     m[col] = m[col].fillna("").astype(str)
             return m
@@ -35,6 +37,9 @@ class TileDataset(torch.utils.data.Dataset):
     ``manifest`` (DataFrame). Those arrays cover the whole folder and are indexed by tile
     index; ``indices`` says which tiles this dataset (and a loader over it) uses.
 
+    ``store``: "npy" (tiles/{id}.npy) or "raw" (tiles cut from the band files on use, ``raw``:
+    a ``fastcon.data.raw.RawTiles``).
+
     Items (``dataset[i]``, for linear probes and plots): ``{"image": float32 (C, H, W) stored
     values, not normalised; "labels"; "multihot"; "scene_id"; "tile_id"; "index"}``.
     """
@@ -44,7 +49,11 @@ class TileDataset(torch.utils.data.Dataset):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"prepared dataset {root} does not exist; run `python -m fastcon.data prepare`")
         missing = [f for f in REQUIRED_FILES if not os.path.exists(os.path.join(root, f))]
-        if not os.path.isdir(os.path.join(root, "tiles")):
+        if not missing:
+            with open(os.path.join(root, "dataset.json")) as f:
+                self.info = json.load(f)
+        self.store = self.info.get("store", "npy") if not missing else "npy"
+        if self.store == "npy" and not os.path.isdir(os.path.join(root, "tiles")):
             missing.append("tiles/")
         if missing:
             raise FileNotFoundError(
@@ -52,8 +61,6 @@ class TileDataset(torch.utils.data.Dataset):
                 "(run `python -m fastcon.data prepare ...` on it; a rerun finishes an interrupted one)"
             )
         self.root = root
-        with open(os.path.join(root, "dataset.json")) as f:
-            self.info = json.load(f)
         with open(os.path.join(root, "stats.json")) as f:
             stats = json.load(f)
         self.manifest = read_manifest(root)
@@ -78,6 +85,9 @@ class TileDataset(torch.utils.data.Dataset):
         self.ids = self.manifest["id"].tolist()
         self.scene_ids = self.manifest["scene_id"].to_numpy(dtype=np.int64, copy=True)
         self.files = [os.path.join(root, f) for f in self.manifest["file"]]
+        # --store raw: tiles are cut from the band files (checked to exist here, not mid-epoch)
+        self.raw = RawTiles(root, self.info, self.manifest) if self.store == "raw" else None
+        self._rows, self._cols = self.manifest["row"].to_numpy(), self.manifest["col"].to_numpy()
         self._index_of = None
         self.indices = self._check_indices(indices)
 
@@ -122,7 +132,13 @@ class TileDataset(torch.utils.data.Dataset):
     # ---------------------------------------------------------------- tiles
 
     def read_tile(self, index: int) -> np.ndarray:
-        """The stored uint16 (C, H, W) array of tile ``index`` (a folder index)."""
+        """The stored uint16 (C, H, W) array of tile ``index`` (a folder index).
+
+        A ``--store raw`` dataset reads the tile's windows of the band files with rasterio and
+        resamples them exactly as ``prepare`` does: the array ``--store npy`` would have written.
+        """
+        if self.raw is not None:
+            return self.raw.read(index, int(self._rows[index]), int(self._cols[index]))
         a = np.load(self.files[index])
         if a.dtype != np.uint16 or a.shape != (self.num_bands, self.tile_size, self.tile_size):
             raise ValueError(
@@ -153,7 +169,7 @@ class TileDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return (
-            f"TileDataset({self.root!r}: {len(self)} of {self.num_tiles} tiles, {self.num_bands} bands "
+            f"TileDataset({self.root!r}: {len(self)} of {self.num_tiles} tiles ({self.store}), {self.num_bands} bands "
             f"{','.join(self.band_names)}, {self.tile_size} px, {self.num_classes} classes)"
         )
 

@@ -121,18 +121,29 @@ class RasterLandCover(LandCover):
         from rasterio.enums import Resampling
         from rasterio.warp import reproject
 
+        from fastcon.data import gdal_errors
+        from fastcon.data.raster import gdal_message, open_raster
+
         missing = np.iinfo(np.int32).min
         codes = np.full((grid.height, grid.width), missing, dtype=np.int32)
-        with rasterio.open(self.path) as ds:
-            reproject(
-                rasterio.band(ds, 1),
-                codes,
-                src_nodata=self.nodata,
-                dst_transform=grid.transform,
-                dst_crs=grid.crs,
-                dst_nodata=missing,
-                resampling=Resampling.nearest,
-            )
+        with open_raster(self.path, "land cover") as ds:
+            start = gdal_errors.mark()
+            try:
+                reproject(
+                    rasterio.band(ds, 1),
+                    codes,
+                    src_nodata=self.nodata,
+                    dst_transform=grid.transform,
+                    dst_crs=grid.crs,
+                    dst_nodata=missing,
+                    resampling=Resampling.nearest,
+                )
+            except Exception as e:  # a damaged block shows up only when it is decoded
+                raise InputError(f"land cover {self.path}: reading it failed: {gdal_message(e)}") from e
+            if gdal_errors.since(start):  # a read GDAL reports as failed, though it returned
+                raise InputError(
+                    f"land cover {self.path}: reading it failed: {gdal_errors.describe(gdal_errors.since(start))}"
+                )
         pos = np.searchsorted(self.codes, codes)
         pos = np.minimum(pos, len(self.codes) - 1)
         known = self.codes[pos] == codes

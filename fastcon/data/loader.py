@@ -1,4 +1,5 @@
-"""Two-view training batches from a prepared folder: ``make_loader`` and the torch backend.
+"""Two-view training batches from a prepared folder: ``make_loader`` (the one place that picks a
+backend) and the torch backend.
 
 Both backends (DALI in ``fastcon.data.dali``, torch here) take the tile order and the view
 ROIs from ``fastcon.data.views``, so for the same settings they yield the same tiles in the
@@ -7,15 +8,18 @@ same order with the same crops and flips; they differ only in who does the work.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+import signal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fastcon import _checks
+from fastcon.data.dali import DALILoader
 from fastcon.data.dataset import TileDataset
+from fastcon.data.twoview import TwoViewLoader
 from fastcon.data.views import EpochPlan
 
 BACKENDS = ("auto", "dali", "torch")
@@ -40,123 +44,18 @@ def render_views(tiles: torch.Tensor, rois: torch.Tensor, crop_size: int, mean, 
     return (out - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
-class TwoViewLoader:
-    """An iterable of two-view batches, one epoch per ``iter()``; see ``fastcon.data.make_loader``.
-
-    Position: ``epoch`` and ``step`` (the next batch to yield). Iterating yields the batches of
-    ``epoch`` from ``step`` on, and afterwards moves to the next epoch at step 0.
-    ``set_epoch(epoch, step)`` / ``load_state_dict(state)`` jump anywhere, deterministically.
-    """
-
-    backend = "base"
-
-    def __init__(self, dataset: TileDataset, plan: EpochPlan, *, crop_size: int, label_kind: str, num_workers: int):
-        self.dataset, self.plan, self.crop_size = dataset, plan, crop_size
-        self.label_kind, self.num_workers = label_kind, num_workers
-        if plan.steps_per_epoch == 0:
-            raise ValueError(
-                f"{len(dataset)} tiles make no batch of {plan.batch_size} on each of {plan.num_shards} shard(s) "
-                "with drop_last=True; lower batch_size or pass drop_last=False"
-            )
-        self._labels = torch.from_numpy(
-            dataset.labels if label_kind == "fractions" else dataset.multihot.astype(np.float32)
-        )
-        self._scene_ids = torch.from_numpy(dataset.scene_ids)
-        self.epoch, self.step = 0, 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.plan.batch_size
-
-    @property
-    def seed(self) -> int:
-        return self.plan.seed
-
-    # the dataset's metadata, for building the model and logging
-    @property
-    def band_names(self) -> tuple[str, ...]:
-        return self.dataset.band_names
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.dataset.class_names
-
-    @property
-    def mean(self) -> np.ndarray:
-        return self.dataset.mean
-
-    @property
-    def std(self) -> np.ndarray:
-        return self.dataset.std
-
-    @property
-    def num_tiles(self) -> int:
-        """Tiles this loader draws from (all shards together)."""
-        return len(self.dataset)
-
-    # ---------------------------------------------------------------- position
-
-    def __len__(self) -> int:
-        """Batches per epoch on this shard (the same on every shard)."""
-        return self.plan.steps_per_epoch
-
-    def set_epoch(self, epoch: int, step: int = 0) -> None:
-        self.epoch = _checks.integer("epoch", epoch, low=0)
-        self.step = _checks.integer("step", step, low=0, high=len(self))
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("seed", self.seed) != self.seed:
-            raise ValueError(f"the state was saved with seed {state['seed']}, this loader uses seed {self.seed}")
-        self.set_epoch(state["epoch"], state["step"])
-
-    # ---------------------------------------------------------------- iteration
-
-    def _finish(self, view1, view2, indices: np.ndarray) -> dict:
-        """The common batch: views plus labels, scene ids and tile ids looked up by tile index."""
-        idx = torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64))
-        labels, scene_ids = self._labels[idx], self._scene_ids[idx]
-        if view1.is_cuda:
-            labels = labels.to(view1.device, non_blocking=True)
-            scene_ids = scene_ids.to(view1.device, non_blocking=True)
-        return {
-            "view1": view1,
-            "view2": view2,
-            "labels": labels,
-            "scene_ids": scene_ids,
-            "tile_ids": [self.dataset.ids[i] for i in idx.tolist()],
-            "indices": idx,
-        }
-
-    def __iter__(self) -> Iterator[dict]:
-        epoch, start = self.epoch, self.step
-        for step, batch in enumerate(self._batches(epoch, start), start):
-            self.step = step + 1  # a checkpoint taken after this batch resumes with the next one
-            yield batch
-        self.epoch, self.step = epoch + 1, 0
-
-    def _batches(self, epoch: int, start: int) -> Iterator[dict]:
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        p = self.plan
-        return (
-            f"{type(self).__name__}({len(self.dataset)} tiles, batch {p.batch_size}, crop {self.crop_size}, "
-            f"{len(self)} steps/epoch, shard {p.shard_id}/{p.num_shards}, epoch {self.epoch} step {self.step})"
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # torch backend
 
 
 class _StepBatches(torch.utils.data.Dataset):
-    """Map-style dataset whose items are whole batches, keyed by (epoch, step); small to pickle."""
+    """Map-style dataset whose items are whole batches, keyed by (epoch, step).
 
-    def __init__(self, plan: EpochPlan, files: list[str], shape, crop_size: int, mean, std):
-        self.plan, self.files, self.shape, self.crop_size = plan, files, tuple(shape), crop_size
+    ``read_tile``: the dataset's tile reader (``.npy`` files, or band-file windows on ``--store raw``).
+    """
+
+    def __init__(self, plan: EpochPlan, read_tile, crop_size: int, mean, std):
+        self.plan, self.read_tile, self.crop_size = plan, read_tile, crop_size
         self.mean, self.std = torch.as_tensor(mean), torch.as_tensor(std)
         self._orders = {}
 
@@ -165,18 +64,12 @@ class _StepBatches(torch.utils.data.Dataset):
             self._orders = {epoch: self.plan.order(epoch)}  # one epoch at a time: orders can be large
         return self._orders[epoch]
 
-    def _read(self, i):
-        a = np.load(self.files[i])
-        if a.dtype != np.uint16 or a.shape != self.shape:
-            raise ValueError(f"tile {self.files[i]} is {a.dtype} {a.shape}; expected uint16 {self.shape}")
-        return a
-
     def __getitem__(self, key):
         epoch, step = key
         p = self.plan
         n = p.batch_size_at(step)
         indices = self._order(epoch)[step * p.batch_size : step * p.batch_size + n]
-        tiles = torch.from_numpy(np.stack([self._read(i) for i in indices]).astype(np.float32))
+        tiles = torch.from_numpy(np.stack([self.read_tile(i) for i in indices]).astype(np.float32))
         rois = torch.from_numpy(p.rois(epoch, step)[:, :n])
         view1 = render_views(tiles, rois[0], self.crop_size, self.mean, self.std)
         view2 = render_views(tiles, rois[1], self.crop_size, self.mean, self.std) if p.augment else view1
@@ -207,10 +100,7 @@ class TorchLoader(TwoViewLoader):
 
     def __init__(self, dataset, plan, *, pin_memory: bool | None = None, **kwargs):
         super().__init__(dataset, plan, **kwargs)
-        ds = dataset
-        batches = _StepBatches(
-            plan, ds.files, (ds.num_bands, ds.tile_size, ds.tile_size), self.crop_size, ds.mean, ds.std
-        )
+        batches = _StepBatches(plan, dataset.read_tile, self.crop_size, dataset.mean, dataset.std)
         self._sampler = _StepSampler(plan.steps_per_epoch)
         workers = self.num_workers
         self._dataloader = torch.utils.data.DataLoader(
@@ -221,7 +111,7 @@ class TorchLoader(TwoViewLoader):
             pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
             persistent_workers=workers > 0,  # the plan is a function of the key: no per-epoch restart
             prefetch_factor=2 if workers > 0 else None,
-            worker_init_fn=_worker_init if workers > 0 else None,
+            worker_init_fn=functools.partial(_worker_init, _main_exiting_flag()) if workers > 0 else None,
         )
 
     def _batches(self, epoch, start):
@@ -230,8 +120,35 @@ class TorchLoader(TwoViewLoader):
             yield self._finish(view1, view2, indices)
 
 
-def _worker_init(_):
+def _worker_init(main_exiting, _):
     torch.set_num_threads(1)  # one batch per worker process; the processes share the cores
+    # SLURM, torchrun, `timeout` and Ctrl-C signal the whole process group: a worker leaves
+    # stopping to the main process, which checkpoints first (docs/faults.md). SIGTERM still ends
+    # it once the main process exits: multiprocessing stops daemonic workers with it then.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, functools.partial(_worker_sigterm, main_exiting))
+
+
+def _worker_sigterm(main_exiting, signum, _frame):
+    if main_exiting.value:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+_MAIN_EXITING = None
+
+
+def _main_exiting_flag():
+    """Shared with the worker processes; set by this process's exit (before multiprocessing's own
+    exit hook, which was registered earlier and so runs later)."""
+    global _MAIN_EXITING
+    if _MAIN_EXITING is None:
+        import atexit
+        import multiprocessing
+
+        _MAIN_EXITING = multiprocessing.RawValue("b", 0)
+        atexit.register(setattr, _MAIN_EXITING, "value", 1)
+    return _MAIN_EXITING
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,8 +247,6 @@ def make_loader(
         ok, why = dali_available()
         if not ok:
             raise RuntimeError(f"backend='dali' needs NVIDIA DALI: {why}; use backend='torch'")
-        from fastcon.data.dali import DALILoader
-
         loader = DALILoader(dataset, plan, device=dali_device, **common)
     else:
         loader = TorchLoader(dataset, plan, **common)

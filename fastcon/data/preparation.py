@@ -28,6 +28,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -40,6 +41,7 @@ from fastcon import _checks
 from fastcon.data.bands import BandSet, get_band_set
 from fastcon.data.inputs import InputError, SceneInput, find_inputs
 from fastcon.data.landcover import LandCover, class_pixel_counts, open_landcover
+from fastcon.data.raw import STORES, band_sources, manifest_columns, write_scenes
 from fastcon.data.stats import RunningStats, write_stats
 
 FORMAT_VERSION = 1
@@ -63,6 +65,7 @@ class _Job:
     tiles_dir: str
     max_strip_bytes: int
     read_threads: int
+    store: str = "npy"
 
 
 @dataclass
@@ -74,6 +77,7 @@ class PrepareSummary:
     processed: int = 0
     resumed: int = 0  # already done by an earlier run, skipped
     failed: list[tuple[str, str]] = field(default_factory=list)
+    unlabelled: int = 0  # scenes without a label in labels_json, skipped
     new_tiles: int = 0
     num_tiles: int = 0
     num_scenes: int = 0
@@ -92,10 +96,27 @@ class PrepareSummary:
             lines.append(f"classes ({len(self.class_names)}): tiles with the class / mean fraction")
             for c in self.class_names:
                 lines.append(f"  {c:24s} {self.tiles_with_class.get(c, 0):7d}  {self.mean_fraction.get(c, 0.0):.3f}")
-        if self.failed:
-            lines.append(f"{len(self.failed)} input(s) skipped:")
-            lines += [f"  {name}: {msg}" for name, msg in self.failed]
-        return "\n".join(lines)
+        if self.unlabelled:
+            lines.append(f"{self.unlabelled} scene(s) without a label in the labels JSON skipped")
+        return "\n".join(lines + self.failure_lines())
+
+    def failure_lines(self) -> list[str]:
+        if not self.failed:
+            return []
+        return [f"{len(self.failed)} input(s) skipped:", *(f"  {name}: {msg}" for name, msg in self.failed)]
+
+    def finish(self, info: dict, t0: float, progress: bool) -> PrepareSummary:
+        """Fill in the totals of ``finalize``'s dataset.json; print the report if ``progress``."""
+        self.num_tiles, self.num_scenes = info["num_tiles"], info["num_scenes"]
+        self.class_names = tuple(info["classes"])
+        self.tiles_with_class = info["class_stats"]["tiles_with_class"]
+        self.mean_fraction = info["class_stats"]["mean_fraction"]
+        self.seconds = time.perf_counter() - t0
+        if progress:
+            print(self)
+        elif self.failed:  # failures are printed with or without progress output
+            print("\n".join(self.failure_lines()), file=sys.stderr)
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,6 +146,7 @@ def process_scene(scene: SceneInput, job: _Job) -> dict:
             scene, bs, resolution=job.resolution, resampling=job.resampling, threads=job.read_threads
         ) as reader:
             grid = reader.grid
+            raw = {"raw": band_sources(reader)} if job.store == "raw" else {}
             if job.landcover is not None:
                 job.landcover.check_overlap(grid, scene.key)
             rows, cols = _offsets(grid.height, size, stride), _offsets(grid.width, size, stride)
@@ -149,7 +171,9 @@ def process_scene(scene: SceneInput, job: _Job) -> dict:
                         tile = data[:, y : y + size, c : c + size]
                         tile_id = f"{scene.tile_prefix}_{r // stride:03d}_{c // stride:03d}"
                         path = os.path.join(job.tiles_dir, tile_id + ".npy")
-                        if not os.path.exists(path):  # a rerun of a half-done scene keeps finished tiles
+                        if job.store == "npy" and not os.path.exists(
+                            path
+                        ):  # a rerun of a half-done scene keeps finished tiles
                             _save_atomic(path, tile)
                             written.append(path)
                         stats.update(tile.reshape(bs.num_bands, -1) if nodata == 0.0 else tile[:, ok])
@@ -172,6 +196,7 @@ def process_scene(scene: SceneInput, job: _Job) -> dict:
         "counts": counts,
         "stats": stats.to_dict(),
         "new_tiles": len(written),
+        **raw,
     }
 
 
@@ -200,9 +225,12 @@ def _pool_context():
 
 
 def _run(todo: list[SceneInput], job: _Job, workers: int, on_result) -> None:
+    """Process ``todo``, passing each result to ``on_result``; when that returns True (stop), no
+    further scene starts and the scenes already running finish (their results passed on too)."""
     if workers <= 1 or len(todo) <= 1:
         for scene in todo:
-            on_result(_work(scene, job))
+            if on_result(_work(scene, job)):
+                return
         return
     ctx = _pool_context()
     queue, suspects = deque(todo), deque()
@@ -218,7 +246,9 @@ def _run(todo: list[SceneInput], job: _Job, workers: int, on_result) -> None:
                         scene.key,
                         f"input {scene.key}: the worker process died while reading {', '.join(map(str, scene.files))}",
                     )
-            on_result(result)
+            if on_result(result):
+                queue.clear()
+                suspects.clear()
             continue
         with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
             in_flight = {}
@@ -237,7 +267,8 @@ def _run(todo: list[SceneInput], job: _Job, workers: int, on_result) -> None:
                             suspects.append(scene)
                             broken = True
                             continue
-                        on_result(result)
+                        if on_result(result):
+                            queue.clear()
                     if broken:
                         suspects.extend(in_flight.values())
                         break
@@ -301,6 +332,10 @@ def prepare(
     on_error: str = "skip",
     progress: bool = True,
     max_strip_mib: float = 1024,
+    store: str = "npy",
+    labels_json=None,
+    label_scheme: str = "dynamicworld",
+    keep_unlabelled: bool = False,
 ) -> PrepareSummary:
     """Tile raw rasters into ``out_dir``; see the module docstring and ``fastcon.data``.
 
@@ -320,6 +355,10 @@ def prepare(
     workers: process-pool size (default: CPU count); 0 or 1 runs in this process.
     on_error: "skip" (report bad inputs and go on) or "raise" (stop at the first).
     max_strip_mib: memory budget of one strip of a scene being read (float32 bands).
+    store: "npy" (write tiles/{id}.npy) or "raw" (no tile files: the manifest names each
+        tile's band files and windows, read at load time; see ``fastcon.data.raw``).
+    labels_json: scene-level labels of SSL4EO-S12 scenes (``fastcon.data.ssl4eo``), classes of
+        ``label_scheme``; scenes without a label are skipped and counted unless ``keep_unlabelled``.
     """
     t0 = time.perf_counter()
     bs = get_band_set(band_set)
@@ -333,11 +372,27 @@ def prepare(
         resolution = _checks.real("resolution", resolution, low=0.0, low_open=True)
     _checks.choice("on_error", on_error, ("skip", "raise"))
     max_strip_mib = _checks.real("max_strip_mib", max_strip_mib, low=0.0, low_open=True)
+    _checks.choice("store", store, STORES)
     from rasterio.enums import Resampling
 
     if resampling not in Resampling.__members__:
         raise ValueError(f"resampling must be a rasterio Resampling name (e.g. 'bilinear'), got {resampling!r}")
     workers = (os.cpu_count() or 1) if workers is None else _checks.integer("workers", workers, low=0)
+
+    from fastcon.data.ssl4eo import is_zarr_zip
+
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)  # a generator is read once
+    paths = inputs
+    if layout in ("auto", "ssl4eo") and paths and all(is_zarr_zip(p) for p in paths):  # SSL4EO-S12 v1.1
+        from fastcon.data.ssl4eo import prepare_zarr
+
+        if landcover is not None:
+            raise ValueError("SSL4EO-S12 v1.1 zarr inputs take labels_json, not a landcover file")
+        return prepare_zarr(
+            paths, out_dir, band_set=bs, tile_size=tile_size, stride=stride, max_nodata=max_nodata,
+            label_threshold=label_threshold, labels_json=labels_json, label_scheme=label_scheme,
+            keep_unlabelled=keep_unlabelled, progress=progress,
+        )  # fmt: skip
 
     lc = None
     if landcover is not None:
@@ -352,9 +407,17 @@ def prepare(
         raise ValueError("class_field / landcover_scheme / classes / landcover_layer need a landcover file")
 
     scenes, problems = find_inputs(inputs, bs, layout)
+    scene_classes, unlabelled = None, 0
+    if labels_json is not None:
+        from fastcon.data.ssl4eo import SceneLabels
+
+        if lc is not None:
+            raise ValueError("give either landcover or labels_json, not both")
+        lc = SceneLabels(labels_json, label_scheme)
+        scenes, scene_classes, unlabelled = lc.select(scenes, keep_unlabelled)
     out_dir = os.fspath(out_dir)
     tiles_dir = os.path.join(out_dir, TILES_DIR)
-    os.makedirs(tiles_dir, exist_ok=True)
+    os.makedirs(tiles_dir if store == "npy" else out_dir, exist_ok=True)
     settings = {
         "format_version": FORMAT_VERSION,
         "band_set": bs.name,
@@ -368,11 +431,13 @@ def prepare(
         "landcover": lc.describe() if lc else None,
         "classes": list(lc.class_names) if lc else [],
     }
+    if store != "npy":  # npy folders keep the settings of earlier versions, so they still resume
+        settings["store"] = store
     _check_settings(out_dir, settings)
     for stale in glob.glob(os.path.join(tiles_dir, ".*.tmp")):  # left by a run that was killed
         os.remove(stale)
 
-    summary = PrepareSummary(out_dir=out_dir, num_inputs=len(scenes) + len(problems))
+    summary = PrepareSummary(out_dir=out_dir, num_inputs=len(scenes) + len(problems), unlabelled=unlabelled)
     if on_error == "raise" and problems:
         raise InputError(problems[0][1])
     summary.failed += problems
@@ -381,7 +446,9 @@ def prepare(
     todo = []
     for s in scenes:
         rec = journal.get(s.key)
-        if rec is not None and all(os.path.exists(os.path.join(tiles_dir, t[0] + ".npy")) for t in rec["tiles"]):
+        if rec is not None and (
+            store == "raw" or all(os.path.exists(os.path.join(tiles_dir, t[0] + ".npy")) for t in rec["tiles"])
+        ):
             summary.resumed += 1
         else:
             todo.append(s)
@@ -396,10 +463,11 @@ def prepare(
         resolution,
         resampling,
         max_nodata,
-        lc,
+        lc if scene_classes is None else None,
         tiles_dir,
         int(max_strip_mib * 2**20),
         read_threads,
+        store,
     )
     bar = None
     if progress and todo:
@@ -409,21 +477,25 @@ def prepare(
     journal_path = os.path.join(out_dir, JOURNAL_FILE)
     with open(journal_path, "a") as jf:
 
-        def on_result(result):
+        def on_result(result) -> bool:
+            """Journal a finished scene; True (stop) at a failure with on_error="raise"."""
             if result[0] == "ok":
                 rec = result[1]
+                if scene_classes is not None:
+                    from fastcon.data.ssl4eo import tile_counts
+
+                    k, n = len(lc.class_names), len(rec["tiles"])
+                    rec["counts"] = tile_counts(scene_classes[rec["key"]], k, n, tile_size)
                 summary.processed += 1
                 summary.new_tiles += rec.pop("new_tiles")
                 jf.write(json.dumps(rec, separators=(",", ":")) + "\n")
                 jf.flush()
             else:
-                _, key, msg = result
-                if on_error == "raise":
-                    raise InputError(msg)
-                summary.failed.append((key, msg))
+                summary.failed.append(result[1:])
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(tiles=summary.new_tiles, failed=len(summary.failed))
+            return on_error == "raise" and bool(summary.failed)
 
         try:
             _run(todo, job, workers, on_result)
@@ -431,14 +503,11 @@ def prepare(
             if bar is not None:
                 bar.close()
 
+    # also after a strict stop: the manifest then lists every scene the journal holds
     info = finalize(out_dir, label_threshold=label_threshold, scene_block=scene_block, failed=summary.failed)
-    summary.num_tiles, summary.num_scenes = info["num_tiles"], info["num_scenes"]
-    summary.class_names = tuple(info["classes"])
-    summary.tiles_with_class = info["class_stats"]["tiles_with_class"]
-    summary.mean_fraction = info["class_stats"]["mean_fraction"]
-    summary.seconds = time.perf_counter() - t0
-    if progress:
-        print(summary)
+    summary.finish(info, t0, progress)
+    if on_error == "raise" and summary.failed:
+        raise InputError(summary.failed[0][1])
     return summary
 
 
@@ -478,6 +547,9 @@ def finalize(out_dir, *, label_threshold: float = 0.01, scene_block: float | Non
     )
     bands, classes, size = settings["bands"], settings["classes"], settings["tile_size"]
     tiles = [t for rec in records for t in rec["tiles"]]
+    raw = settings.get("store", "npy") == "raw"
+    if raw:
+        write_scenes(out_dir, records)
     n, k = len(tiles), len(classes)
     counts = np.array([c for rec in records for c in rec["counts"]], dtype=np.int64).reshape(n, k)
     fractions = (counts / float(size * size)).astype(np.float32)
@@ -493,7 +565,7 @@ def finalize(out_dir, *, label_threshold: float = 0.01, scene_block: float | Non
     manifest = pd.DataFrame(
         {
             "id": pd.Series(t[0], dtype=str),
-            "file": pd.Series([f"{TILES_DIR}/{i}.npy" for i in t[0]], dtype=str),
+            "file": pd.Series([f"{TILES_DIR}/{i}.npy" if not raw else "" for i in t[0]], dtype=str),
             "scene_id": scene_ids,
             "scene": pd.Series(scene_keys, dtype=str),
             "source": pd.Series(source, dtype=str),
@@ -507,6 +579,7 @@ def finalize(out_dir, *, label_threshold: float = 0.01, scene_block: float | Non
             "nodata_fraction": np.asarray(t[7], dtype=np.float64),
             "bands": pd.Series([",".join(bands)] * n, dtype=str),
             "classes": pd.Series(present, dtype=str),
+            **({k: pd.Series(v, dtype=str) for k, v in manifest_columns(records, size).items()} if raw else {}),
         }
     )
     manifest_file = _write_manifest(out_dir, manifest, bands, classes)
@@ -520,6 +593,7 @@ def finalize(out_dir, *, label_threshold: float = 0.01, scene_block: float | Non
 
     info = {
         **settings,
+        "store": settings.get("store", "npy"),
         "dtype": "uint16",
         "layout": "CHW",
         "num_tiles": n,

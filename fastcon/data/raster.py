@@ -5,8 +5,9 @@ same extent. Every band is warped onto it with ``rasterio.warp.reproject``: bili
 because reflectance and backscatter vary smoothly and bilinear interpolation neither shifts
 edges (as nearest does by up to half a coarse pixel) nor overshoots (as cubic does). A band in
 another CRS is reprojected; a band without a CRS, or one that does not overlap the grid, is an
-error naming its file. Reads go strip by strip, so a full 10980 x 10980 scene never has to fit
-in memory at once.
+error naming its file, and so is a read that GDAL reports as failed where the call returns
+(``fastcon.data.gdal_errors``: a truncated JPEG 2000 band). Reads go strip by strip, so a full
+10980 x 10980 scene never has to fit in memory at once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from rasterio.transform import array_bounds
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window, from_bounds
 
+from fastcon.data import gdal_errors
 from fastcon.data.bands import BandSet
 from fastcon.data.inputs import InputError, SceneInput
 
@@ -58,12 +60,26 @@ def bounds_overlap(a, b) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
+def gdal_message(e: BaseException) -> str:
+    """An exception's text with the GDAL error rasterio chained to it ("Read failed. See previous
+    exception for details." says little by itself)."""
+    cause = e.__cause__
+    return f"{e} ({cause})" if cause is not None and str(cause) not in str(e) else str(e)
+
+
 def open_raster(path: str, what: str):
-    """rasterio.open, with an error that names the file and what it was for."""
+    """rasterio.open, with an error that names the file and what it was for; a file GDAL
+    reports a failure for while opening it (though the open returns) is an error too."""
+    start = gdal_errors.mark()
     try:
-        return rasterio.open(path)
+        ds = rasterio.open(path)
     except Exception as e:  # RasterioIOError, or a driver error on a damaged file
-        raise InputError(f"{what} {path} cannot be opened: {e}") from e
+        raise InputError(f"{what} {path} cannot be opened: {gdal_message(e)}") from e
+    failures = gdal_errors.since(start)
+    if failures:
+        ds.close()
+        raise InputError(f"{what} {path} cannot be opened: {gdal_errors.describe(failures)}")
+    return ds
 
 
 class SceneReader:
@@ -156,6 +172,7 @@ class SceneReader:
         """The bands on ``grid`` as stored uint16 (C, H, W), and the valid-pixel mask (H, W)."""
         out = np.full((self.band_set.num_bands, grid.height, grid.width), np.nan, dtype=np.float32)
         sources = self._sources()
+        start = gdal_errors.mark()
         if self.threads > 1 and not self.scene.multiband:
             # decoding (the slow part) runs in threads, one dataset each: GDAL releases the GIL.
             # Warping stays in this thread: rasterio toggles process-wide warning filters
@@ -166,10 +183,28 @@ class SceneReader:
                 raws = list(ex.map(lambda src: self._load(*src, grid), sources))
         else:
             raws = [self._load(ds, band, grid) for ds, band in sources]
+        if gdal_errors.since(start):
+            self._failed_read(sources, grid, start)
         for (ds, band), raw, dst in zip(sources, raws, out):
             self._place(ds, band, raw, grid, dst)
         valid = ~np.isnan(out).any(axis=0)
         return encode(out, self.band_set), valid
+
+    def _failed_read(self, sources, grid: Grid, start: int):
+        """GDAL reported a failure while the reads returned (a truncated JPEG 2000 decodes to
+        zeros and garbage), perhaps from a decoding thread of its own: the files are read again
+        one at a time to name the damaged one."""
+        for ds, band in sources:
+            again = gdal_errors.mark()
+            self._load(ds, band, grid)
+            if gdal_errors.since(again):
+                raise InputError(
+                    f"input {self.scene.key}: reading {ds.name} failed: {gdal_errors.describe(gdal_errors.since(again))}"
+                )
+        names = ", ".join(dict.fromkeys(ds.name for ds, _ in sources))
+        raise InputError(
+            f"input {self.scene.key}: reading {names} failed: {gdal_errors.describe(gdal_errors.since(start))}"
+        )
 
     def _nodata(self, ds, band):
         nodata = ds.nodatavals[band - 1]
@@ -197,7 +232,7 @@ class SceneReader:
             win = Window(col0, row0, col1 - col0, row1 - row0)
             return ds.read(band, window=win), ds.window_transform(win)
         except Exception as e:  # a damaged block shows up only when it is decoded
-            raise InputError(f"input {self.scene.key}: reading {ds.name} failed: {e}") from e
+            raise InputError(f"input {self.scene.key}: reading {ds.name} failed: {gdal_message(e)}") from e
 
     def _place(self, ds, band: int, raw, grid: Grid, out: np.ndarray) -> None:
         """Put loaded pixels onto the grid: copied when they are its pixels, warped otherwise."""

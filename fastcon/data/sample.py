@@ -32,8 +32,12 @@ def sample_dir() -> str:
     return path
 
 
-def prepare_sample(out_dir, *, tile_size: int = 128, stride: int = 64, label_threshold: float = 0.01, **kwargs):
+def prepare_sample(
+    out_dir, *, tile_size: int = 128, stride: int = 64, label_threshold: float = 0.01, store: str = "npy", **kwargs
+):
     """Tile the sample scene into ``out_dir`` with OSM land-use multi-labels; returns the summary.
+
+    ``store="raw"`` writes no tile files: tiles are cut from the JP2 bands at load time.
 
     With the defaults: 11 x 23 = 253 tiles of 13 x 128 x 128 (stride 64, so neighbours overlap
     by half), 8 classes, one scene id per 1280 m block (tiles whose centres share it overlap) for scene-wide
@@ -54,5 +58,6 @@ def prepare_sample(out_dir, *, tile_size: int = 128, stride: int = 64, label_thr
         landcover=os.path.join(root, LANDCOVER_FILE),
         class_field=CLASS_FIELD,
         label_threshold=label_threshold,
+        store=store,
         **kwargs,
     )

@@ -131,7 +131,7 @@ def _unwrap(obj: dict, path: str) -> dict[str, torch.Tensor]:
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise CheckpointError(f"weight file {path!r} holds no tensors (top-level keys: {_show(list(obj))})")
-    for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
+    for prefix in ("module.", "_orig_mod.", "model."):  # DDP / torch.compile / Lightning (torchgeo) wrappers
         if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix) :]: v for k, v in sd.items()}
     for prefix in ("backbone.", "encoder."):  # DINO: backbone.* next to the projection head.*
@@ -296,17 +296,25 @@ def load_state_dict_adapted(model: nn.Module, state_dict: dict, *, source: str, 
     return report
 
 
-def save_encoder(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the encoder's timm weights to ``path`` (.safetensors), loadable by timm.
+EXPORT_FORMATS = ("timm", "torchgeo")
 
-    ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path),
-    in_chans=C, num_classes=0)`` loads it back (positional embeddings resampled if img_size differs).
+
+def save_encoder(model: nn.Module, path: str | os.PathLike, format: str = "timm") -> None:
+    """Write the encoder's weights to ``path``.
+
+    - ``format="timm"`` (a ``.safetensors`` file): ``timm.create_model(name, pretrained=True,
+      pretrained_cfg_overlay=dict(file=path), in_chans=C, num_classes=0)`` loads it back
+      (positional embeddings resampled if img_size differs).
+    - ``format="torchgeo"`` (a ``.ckpt`` / ``.pth`` torch file): a Lightning-style checkpoint
+      ``{"hyper_parameters": {"model": name, "in_channels": C, ...}, "state_dict": {"model.<timm
+      key>": ...}}`` that ``torchgeo.trainers.ClassificationTask(model=name, weights=path,
+      in_channels=C, ...)`` (and ``MultiLabelClassificationTask``) load unchanged. torchgeo builds
+      ``timm.create_model(name)`` at the architecture's default input size (518 px for the DINOv2
+      ViTs), so a ViT's positional embeddings are resampled (bicubic) to that grid here.
     """
-    from safetensors.torch import save_file
-
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(EXPORT_FORMATS)}; got {format!r}")
     path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
     backbone = timm_backbone(model)
     # safetensors wants contiguous tensors that share no storage
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.state_dict().items()}
@@ -317,5 +325,33 @@ def save_encoder(model: nn.Module, path: str | os.PathLike) -> None:
     bands = getattr(model, "bands", None)
     if bands:
         meta["bands"] = ",".join(map(str, bands))
+    if format == "torchgeo":
+        if path.suffix.lower() not in (".ckpt", ".pth", ".pt"):
+            raise ValueError(f"path must end in .ckpt, .pth or .pt for format='torchgeo', got {str(path)!r}")
+        sd = _at_default_grid(sd, backbone)
+        hparams = {"model": meta["architecture"], "in_channels": int(meta["in_chans"]), "bands": meta.get("bands", "")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"hyper_parameters": hparams, "state_dict": {f"model.{k}": v for k, v in sd.items()}}, str(path))
+        return
+    from safetensors.torch import save_file
+
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"path must end in .safetensors, got {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path), metadata=meta)
+
+
+def _at_default_grid(sd: dict, backbone: nn.Module) -> dict:
+    """A ViT's pos_embed resampled to the patch grid of its architecture's default input size."""
+    pos = sd.get("pos_embed")
+    if pos is None or not hasattr(backbone, "patch_embed"):
+        return sd
+    from timm.layers import resample_abs_pos_embed
+
+    size = backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-2:]
+    patch = backbone.patch_embed.patch_size
+    grid = [size[0] // patch[0], size[1] // patch[1]]
+    prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
+    if list(backbone.patch_embed.grid_size) != grid:
+        sd = dict(sd, pos_embed=resample_abs_pos_embed(pos, grid, num_prefix_tokens=prefix).contiguous())
+    return sd

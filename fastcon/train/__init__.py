@@ -1,4 +1,4 @@
-"""fastcon.train: the reusable machinery of examples/pretrain.py and examples/linear_probe.py.
+"""fastcon.train: the reusable machinery of examples/pretrain.py and examples/evaluate.py.
 
 The examples stay scripts a user reads top to bottom; what is not specific to one method lives here:
 
@@ -8,20 +8,23 @@ The examples stay scripts a user reads top to bottom; what is not specific to on
   ``CheckpointDir`` keeping the newest few, ``CheckpointError``).
 - ``schedules``: warmup + cosine learning rate as a resumable torch scheduler (``warmup_cosine``).
 - ``metrics``: ``metrics.csv`` rows that survive crashes and resumes (``MetricsLog``) and the
-  loss-curve figure (``plot_metrics``).
-- ``runtime``: torchrun / DDP setup, RNG states for exact resume, derived random streams,
-  SIGTERM / SIGINT as a flag, data-wait vs compute timing, peak memory.
+  loss-curve figure (``plot_metrics``); a run's whole and last-window speed from it (``run_throughput``).
+- ``runtime``: torchrun / DDP setup with a collective timeout (and a message naming a stuck
+  collective), RNG states for exact resume, derived random streams, SIGTERM / SIGINT as a flag,
+  data-wait vs compute timing, peak memory.
 - ``probe``: features of a frozen encoder, a linear multi-label classifier, average precision.
 """
 
 from fastcon.train.checkpoint import CheckpointDir, CheckpointError, load_checkpoint, save_checkpoint
 from fastcon.train.config import Config, ConfigError, load_config, parse_override, save_config
-from fastcon.train.metrics import MetricsLog, plot_metrics, read_metrics
+from fastcon.train.metrics import MetricsLog, plot_metrics, read_metrics, run_throughput
 from fastcon.train.runtime import (
+    CollectiveFailure,
     DistInfo,
     StepTimer,
     StopRequest,
     all_ranks_any,
+    collective_failure,
     derived_seed,
     init_distributed,
     peak_memory_mib,
@@ -36,6 +39,7 @@ from fastcon.train.schedules import WarmupCosine, warmup_cosine
 __all__ = [
     "CheckpointDir",
     "CheckpointError",
+    "CollectiveFailure",
     "Config",
     "ConfigError",
     "DistInfo",
@@ -44,6 +48,7 @@ __all__ = [
     "StopRequest",
     "WarmupCosine",
     "all_ranks_any",
+    "collective_failure",
     "derived_seed",
     "init_distributed",
     "load_checkpoint",
@@ -53,6 +58,7 @@ __all__ = [
     "plot_metrics",
     "read_metrics",
     "rng_state",
+    "run_throughput",
     "save_checkpoint",
     "save_config",
     "seed_everything",

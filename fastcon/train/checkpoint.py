@@ -10,7 +10,8 @@ with ``weights_only=True``: tensors, numbers, strings and containers only (RNG s
 stored in those terms by ``fastcon.train.runtime``).
 
 ``CheckpointDir`` keeps the last ``keep`` checkpoints of a run as ``step_00001234.ckpt``; a new
-one is complete on disk before older ones are pruned.
+one is complete on disk before older ones are pruned. ``remove_stale_temporaries`` deletes the
+temporary files that writes killed midway left (their process no longer exists).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 MAGIC = b"FASTCON-CHECKPOINT 1\n"
 _HEADER = re.compile(rb"sha256 ([0-9a-f]{64}) (\d+)\n")
 _NAME = re.compile(r"step_(\d{8,})\.ckpt")
+_TEMPORARY = re.compile(r"\.step_\d{8,}\.ckpt\.(\d+)\.tmp")  # save_checkpoint's, with the writer's PID
 
 
 class CheckpointError(RuntimeError):
@@ -65,6 +67,16 @@ def save_checkpoint(state: dict, path) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -128,6 +140,25 @@ class CheckpointDir:
         for old in self.all()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
+
+    def remove_stale_temporaries(self) -> list[tuple[Path, int]]:
+        """Delete the temporary files of writes whose process is gone (killed while writing a
+        checkpoint: ``.step_*.ckpt.PID.tmp``); returns the (path, size in bytes) of each. A file
+        whose PID is a running process on this machine is left alone (it may be writing)."""
+        removed = []
+        if not self.root.is_dir():
+            return removed
+        for p in sorted(self.root.iterdir()):
+            m = _TEMPORARY.fullmatch(p.name)
+            if m is None or int(m.group(1)) == os.getpid() or _process_exists(int(m.group(1))):
+                continue
+            try:
+                size = p.stat().st_size
+                p.unlink()
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            removed.append((p, size))
+        return removed
 
     def load(self, path=None, map_location="cpu") -> tuple[dict, Path]:
         """Load ``path`` (default: the newest); a damaged file names an intact older one to resume from."""

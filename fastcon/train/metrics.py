@@ -16,6 +16,41 @@ def read_metrics(path) -> list[dict]:
     return [{k: _num(v) for k, v in r.items()} for r in rows]
 
 
+def run_throughput(rows: Sequence[dict]) -> dict:
+    """The whole run's speed from its ``metrics.csv`` rows, and the last row's window apart.
+
+    Each row averages the steps since the previous row, so the run's figures are the rows weighted
+    by their step counts: images/s is all images over all step time (data wait plus compute), not
+    the mean of the rows' rates. Returns ``steps``, ``images_per_s``, ``data_s_per_step``,
+    ``compute_s_per_step`` over the run, and ``last`` with the same keys for the last row alone.
+    """
+    if not rows:
+        raise ValueError("run_throughput needs at least one metrics row, got none")
+    images = data = compute = 0.0
+    steps, prev = 0, 0
+    for r in rows:
+        n = int(r["step"]) - prev
+        prev = int(r["step"])
+        data += r["data_s_per_step"] * n
+        compute += r["compute_s_per_step"] * n
+        images += r["images_per_s"] * (r["data_s_per_step"] + r["compute_s_per_step"]) * n
+        steps += n
+    last = rows[-1]
+    last_n = int(last["step"]) - (int(rows[-2]["step"]) if len(rows) > 1 else 0)
+    return {
+        "steps": steps,
+        "images_per_s": images / (data + compute) if data + compute > 0 else math.nan,
+        "data_s_per_step": data / steps,
+        "compute_s_per_step": compute / steps,
+        "last": {
+            "steps": last_n,
+            "images_per_s": last["images_per_s"],
+            "data_s_per_step": last["data_s_per_step"],
+            "compute_s_per_step": last["compute_s_per_step"],
+        },
+    }
+
+
 def _num(v):
     if v is None or v == "":
         return math.nan

@@ -1,12 +1,13 @@
-"""Linear probing of a frozen encoder on multi-label land cover: features, classifier, average precision.
+"""Linear probing of a frozen encoder: features, classifier, average precision and accuracy.
 
-- ``extract_features(encoder, loader, device, pool="cls")``: one pass over a loader of whole
-  tiles; ViTs give the class token (the encoder output that pretraining feeds to the projector,
-  and what MoCo v3 / SoftCon probe), the mean patch token, or both concatenated (DINOv2's
-  recipe); CNNs their pooled features.
-- ``fit_linear_probe(x, y, weight_decays, folds)``: independent logistic regressions (one per
-  class) on standardised features, fitted full-batch with L-BFGS; the L2 weight is picked by
-  k-fold cross-validated mAP on the training set only.
+- ``encoder_features(encoder, x, pool="cls")``: ViTs give the class token (the encoder output
+  that pretraining feeds to the projector, and what MoCo v3 / SoftCon probe), the mean patch
+  token, or both concatenated (DINOv2's recipe); CNNs their pooled features.
+- ``fit_linear_probe(x, y, weight_decays, folds, val=None, multiclass=False)``: logistic
+  regression on standardised features, fitted full-batch with L-BFGS: independent sigmoid
+  outputs (multi-label, scored by mAP) or one softmax (``multiclass``: ``y`` one-hot, scored by
+  top-1 accuracy). The L2 weight is picked on ``val = (x_val, y_val)`` when given (a
+  validation split), else by k-fold cross-validation on the training set; never on the test set.
 - ``average_precision(scores, targets)``: per-class AP as the area under the precision-recall
   step curve over distinct score thresholds (what scikit-learn's ``average_precision_score``
   computes); NaN for a class without positives, which ``mean_average_precision`` leaves out.
@@ -24,25 +25,27 @@ from torch import nn
 POOLS = ("cls", "cls+avg", "avg")
 
 
-@torch.no_grad()
-def extract_features(encoder: nn.Module, loader, device, pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, F) float32 on the CPU, tile indices (N,)) of every batch's ``view1``."""
+def check_pool(pool: str) -> str:
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {', '.join(POOLS)}; got {pool!r}")
-    encoder.eval()
-    feats, indices = [], []
-    for batch in loader:
-        x = batch["view1"].to(device)
-        if hasattr(encoder, "num_prefix_tokens"):  # ViT: tokens (B, P + L, D)
-            tokens = encoder.forward_features(x)
-            p = encoder.num_prefix_tokens
-            cls, avg = tokens[:, 0], tokens[:, p:].mean(dim=1)
-            f = {"cls+avg": torch.cat([cls, avg], dim=1), "cls": cls, "avg": avg}[pool]
-        else:
-            f = encoder(x)
-        feats.append(f.float().cpu())
-        indices.append(batch["indices"].cpu())
-    return torch.cat(feats), torch.cat(indices)
+    return pool
+
+
+def encoder_features(encoder: nn.Module, x: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+    """Frozen features (B, F) of a batch of normalised images (B, C, H, W)."""
+    if hasattr(encoder, "num_prefix_tokens"):  # ViT: tokens (B, P + L, D)
+        tokens = encoder.forward_features(x)
+        p = encoder.num_prefix_tokens
+        cls, avg = tokens[:, 0], tokens[:, p:].mean(dim=1)
+        return {"cls+avg": torch.cat([cls, avg], dim=1), "cls": cls, "avg": avg}[pool]
+    return encoder(x)
+
+
+def top1_accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of rows whose highest score is at their class (``targets`` one-hot (N, C) or indices (N,))."""
+    if targets.dim() == 2:
+        targets = targets.argmax(dim=1)
+    return float((scores.argmax(dim=1) == targets).double().mean())
 
 
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -79,22 +82,26 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> tuple
 
 @dataclass
 class LinearProbe:
-    """A fitted multi-label linear classifier on standardised features."""
+    """A fitted linear classifier on standardised features (sigmoid outputs, or softmax if ``multiclass``)."""
 
     weight: torch.Tensor  # (C, F)
     bias: torch.Tensor  # (C,)
     mean: torch.Tensor  # (F,)
     std: torch.Tensor  # (F,)
     weight_decay: float
-    cv_map: dict
+    cv_map: dict  # weight decay -> its selection score (mAP, or top-1 accuracy if multiclass)
+    multiclass: bool = False
+    selected_on: str = "cv"  # "cv" (k-fold on the training set) or "val" (the validation split)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return ((x - self.mean) / self.std) @ self.weight.T + self.bias
 
 
-def _fit_many(x: torch.Tensor, y: torch.Tensor, sample_weights: torch.Tensor, weight_decays, iters: int):
+def _fit_many(
+    x: torch.Tensor, y: torch.Tensor, sample_weights: torch.Tensor, weight_decays, iters: int, multiclass: bool = False
+):
     """K independent logistic-regression problems at once: problem k minimises the
-    ``sample_weights[k]``-weighted mean BCE plus ``weight_decays[k] / 2 * ||W_k||^2``. Their sum
+    ``sample_weights[k]``-weighted mean BCE (or softmax cross-entropy, ``multiclass``) plus ``weight_decays[k] / 2 * ||W_k||^2``. Their sum
     separates, so one full-batch L-BFGS over all of them finds each one's optimum (every problem
     is strictly convex), with one small batched product per evaluation instead of K.
     Returns W (K, C, F) and b (K, C)."""
@@ -111,8 +118,11 @@ def _fit_many(x: torch.Tensor, y: torch.Tensor, sample_weights: torch.Tensor, we
     def closure():
         opt.zero_grad()
         logits = torch.einsum("nf,kcf->knc", x, w) + b[:, None, :]
-        bce = F.binary_cross_entropy_with_logits(logits, y.expand(k, -1, -1), reduction="none").mean(dim=2)
-        loss = (sw * bce).sum() + 0.5 * (wd * (w * w).sum(dim=(1, 2))).sum()
+        if multiclass:
+            per_sample = -(y * F.log_softmax(logits, dim=2)).sum(dim=2)
+        else:
+            per_sample = F.binary_cross_entropy_with_logits(logits, y.expand(k, -1, -1), reduction="none").mean(dim=2)
+        loss = (sw * per_sample).sum() + 0.5 * (wd * (w * w).sum(dim=(1, 2))).sum()
         loss.backward()
         return loss
 
@@ -126,6 +136,10 @@ def _fit_many(x: torch.Tensor, y: torch.Tensor, sample_weights: torch.Tensor, we
     return w.detach(), b.detach()
 
 
+def _score(scores: torch.Tensor, y: torch.Tensor, multiclass: bool) -> float:
+    return top1_accuracy(scores, y) if multiclass else mean_average_precision(scores, y)[0]
+
+
 def fit_linear_probe(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -133,23 +147,40 @@ def fit_linear_probe(
     folds: int = 3,
     seed: int = 0,
     iters: int = 200,
+    *,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    multiclass: bool = False,
 ) -> LinearProbe:
-    """Fit on (x (N, F), y (N, C) multi-hot); the weight decay with the best cross-validated mAP wins."""
+    """Fit on (x (N, F), y (N, C) multi-hot, or one-hot if ``multiclass``); the weight decay with the
+    best validation score wins: on ``val`` when given, else k-fold cross-validated on (x, y)."""
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must be (N, F) and (N, C), got {tuple(x.shape)} and {tuple(y.shape)}")
     x, y = x.double(), (y > 0).double()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     xs = (x - mean) / std
     n = x.shape[0]
-    fold_of = torch.empty(n, dtype=torch.long)
-    fold_of[torch.randperm(n, generator=torch.Generator().manual_seed(seed))] = torch.arange(n) % folds
-    # every (weight decay, fold) problem in one batched fit
-    grid = [(wd, k) for wd in weight_decays for k in range(folds)]
-    train_mask = torch.stack([(fold_of != k).double() for _, k in grid])
-    w, b = _fit_many(xs, y, train_mask, [wd for wd, _ in grid], iters)
     cv = {}
-    for i, (wd, k) in enumerate(grid):
-        held = fold_of == k
-        m, _ = mean_average_precision(xs[held] @ w[i].T + b[i], y[held])
-        cv[wd] = cv.get(wd, 0.0) + m / folds
+    if val is not None:  # one fit per weight decay on all training rows, scored on the validation split
+        xv, yv = (val[0].double() - mean) / std, (val[1] > 0).double()
+        w, b = _fit_many(
+            xs, y, torch.ones(len(weight_decays), n, dtype=torch.float64), weight_decays, iters, multiclass
+        )
+        for i, wd in enumerate(weight_decays):
+            cv[wd] = _score(xv @ w[i].T + b[i], yv, multiclass)
+    else:
+        fold_of = torch.empty(n, dtype=torch.long)
+        fold_of[torch.randperm(n, generator=torch.Generator().manual_seed(seed))] = torch.arange(n) % folds
+        # every (weight decay, fold) problem in one batched fit
+        grid = [(wd, k) for wd in weight_decays for k in range(folds)]
+        train_mask = torch.stack([(fold_of != k).double() for _, k in grid])
+        w, b = _fit_many(xs, y, train_mask, [wd for wd, _ in grid], iters, multiclass)
+        for i, (wd, k) in enumerate(grid):
+            held = fold_of == k
+            cv[wd] = cv.get(wd, 0.0) + _score(xs[held] @ w[i].T + b[i], y[held], multiclass) / folds
     best = max(cv, key=lambda wd: (cv[wd], wd))  # ties: the stronger regularisation
-    w, b = _fit_many(xs, y, torch.ones(1, n, dtype=torch.float64), [best], iters)
-    return LinearProbe(w[0], b[0], mean, std, best, cv)
+    if val is not None:
+        i = list(weight_decays).index(best)
+        w, b = w[i : i + 1], b[i : i + 1]
+    else:
+        w, b = _fit_many(xs, y, torch.ones(1, n, dtype=torch.float64), [best], iters, multiclass)
+    return LinearProbe(w[0], b[0], mean, std, best, cv, multiclass, "val" if val is not None else "cv")

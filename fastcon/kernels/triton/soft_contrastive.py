@@ -402,7 +402,8 @@ def _sc_forward_kernel(
     if MODE == 2:
         res = l_i
     else:
-        res = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        # no pair: -inf; a NaN logit made l_i NaN and stays NaN (SPEC section 1), not -inf
+        res = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
     tl.store(out_ptr + tl.program_id(2) * NA + offs_n, res, mask=n_ok)
 
 
