@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d", type=int, nargs="+", default=[256, 768])
     ap.add_argument("--dtype", nargs="+", default=["bf16"], choices=list(cc.DTYPES))
     ns = ap.parse_args(argv)
+    cc.use_gpu_configs()
     shapes = {f"D={d} {dt}" for d in ns.d for dt in ns.dtype}
 
     def select(launch: cc.Launch) -> bool:

@@ -45,11 +45,6 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-if os.environ.pop("TRITON_INTERPRET", None) == "1" and any(
-    m in sys.modules for m in ("fastcon.kernels.triton.soft_contrastive", "fastcon.kernels.triton.masking")
-):
-    raise RuntimeError("the compile check needs the GPU configs: run it in a process without TRITON_INTERPRET=1")
-
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
@@ -57,9 +52,29 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from fastcon.kernels.triton import diffusion, masking
-from fastcon.kernels.triton import soft_contrastive as sc
 from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
+
+_KERNEL_MODULES = ("soft_contrastive", "masking", "diffusion")
+
+
+def use_gpu_configs() -> None:
+    """The kernel modules must be imported with their GPU configs and Triton without its
+    interpreter: both happen at import time, so a process with TRITON_INTERPRET=1 (the test
+    suite's) cannot run the check. Raises a clear error there."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError(
+            "the compile check compiles the GPU configs: run it in a process without TRITON_INTERPRET=1 "
+            "(env -u TRITON_INTERPRET python -m fastcon.kernels.triton.compile_check)"
+        )
+
+
+def _modules():
+    """(soft_contrastive, masking, diffusion), imported on first use (see use_gpu_configs)."""
+    use_gpu_configs()
+    from fastcon.kernels.triton import diffusion, masking, soft_contrastive
+
+    return soft_contrastive, masking, diffusion
+
 
 # Largest dynamic shared memory one block may use (opt-in), per compute capability.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -94,6 +109,7 @@ class Launch:
 
 
 def _loss_launches() -> list[Launch]:
+    sc = _modules()[0]
     out = []
     for (dt_name, dtype), d in itertools.product(DTYPES.items(), DIMS):
         a = _t(dtype)
@@ -144,6 +160,7 @@ _BWD_F32_PTRS = ("pos_ptr", "a_stat_ptr", "b_stat_ptr", "a_w_ptr", "b_w_ptr", "b
 
 
 def _masking_launches() -> list[Launch]:
+    masking = _modules()[1]
     out = []
     tokens, keep = 256, 64  # ViT-S/14 at 224 px: a 16 x 16 grid, 75 % masked
     for (dt_name, dtype), d in itertools.product(DTYPES.items(), DIMS):
@@ -177,6 +194,7 @@ def _masking_launches() -> list[Launch]:
 
 
 def _diffusion_launches() -> list[Launch]:
+    diffusion = _modules()[2]
     out = []
     k0, k1 = diffusion._keys(12345)
     per = 13 * 64 * 64
@@ -209,7 +227,7 @@ def kernels_without_launch(found: list[Launch]) -> list[str]:
     that the matrix never launches: a new kernel must be added to it."""
     launched = {launch.name for launch in found}
     missing = []
-    for module in (sc, masking, diffusion):
+    for module in _modules():
         for attr, value in vars(module).items():
             fn = _jit(value) if isinstance(value, (Autotuner, Heuristics, JITFunction)) else None
             if fn is not None and "program_id" in fn.src and attr.endswith("_kernel"):
@@ -361,7 +379,7 @@ def _cpu_seconds() -> float:
 def compile_one(job: Compile) -> dict:
     """Compile one job for its architecture and return its row."""
     module_name, kernel_name = job.kernel.split(".")
-    module = {"soft_contrastive": sc, "masking": masking, "diffusion": diffusion}[module_name]
+    module = dict(zip(_KERNEL_MODULES, _modules()))[module_name]
     fn = _jit(getattr(module, kernel_name))
     row = {"kernel": job.kernel, "config": job.config, "autotune": "" if job.autotune is None else job.autotune}
     row.update(arch=f"sm_{job.arch}", regs="", stack_bytes="", spill_bytes="")
@@ -474,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     ap.add_argument("--quiet", action="store_true", help="print only failures and the summary")
     ns = ap.parse_args(argv)
+    use_gpu_configs()
     try:
         archs = [int(a) for a in ns.arch.split(",") if a.strip()]
     except ValueError:
