@@ -71,3 +71,12 @@ $(STAMPS)/build: $(STAMPS)/deps setup.py $(CSRC)
 
 clean:
 	rm -rf build $(STAMPS) fastcon/*.so
+
+# One prepared run for a machine with an NVIDIA GPU (docs/gpu-check.md): builds the extension for
+# that GPU only against the preinstalled torch (no venv), then GPU tests, compute-sanitizer,
+# benchmarks and short pretraining runs; report.md, CSVs and logs in $FASTCON_GPU_REPORT
+# (default gpu-report/). FASTCON_GPU_CHECK_DRY=1 runs the same plumbing on the CPU at tiny sizes.
+GPU_PYTHON ?= python3
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py

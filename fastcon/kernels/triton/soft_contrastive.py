@@ -36,11 +36,11 @@ with u/v, ids, statistics and weights exchanged and the row offset negated.
   style) and partial log-sum-exps / sums are combined with torch (<= 8 splits, O(splits N D)).
 
 D: the forward keeps an A block resident for D <= 256 and streams 64-wide K chunks beyond. The
-backward holds A's rows in up to 4 resident chunks (D <= 1024; D = 768 is 3 x 256), loads each
+backward holds A's rows in up to 3 resident chunks (D <= 768 = 3 x 256), loads each
 B tile once as the same chunks for both the logits and the product, and keeps the BLOCK_N x D
 fp32 accumulator in registers; that register budget is what sizes its tiles (BLOCK_N = 32 at
-D = 768: ~220 registers/thread, no spills when compiled for sm_90 and sm_80). D > 1024
-streams the logits and recomputes them per group of output chunks.
+D = 768: ~220 registers/thread, no spills when compiled for sm_90 and sm_80; every config
+spills at 4 chunks). D > 768 streams the logits and recomputes them per group of output chunks.
 
 Precision: fp16/bf16 tiles go to tensor cores with fp32 accumulation; fp32 inputs use
 ``input_precision="tf32x3"`` on NVIDIA GPUs (about fp32 accuracy from three TF32 MMAs). Its
@@ -107,7 +107,7 @@ STREAM_BLOCK_K = {2: 32, 4: 32} if INTERPRET else {2: 64, 4: 32}
 # product, and the output accumulators cover all of D. Beyond MAX_CHUNKS * MAX_CHUNK, and for
 # fp32 on GPUs, the streamed path recomputes the logits for each group of output chunks.
 MAX_CHUNK = 32 if INTERPRET else 256
-MAX_CHUNKS = 2 if INTERPRET else 4
+MAX_CHUNKS = 2 if INTERPRET else 3
 # Split the inner dimension until about this many programs per SM are in flight.
 PROGRAMS_PER_SM = 2
 MAX_SPLITS = 8
@@ -124,9 +124,13 @@ LOWP, F32 = "lowp", "f32"  # forward classes
 D_SMALL, D_CHUNKED, D_STREAMED, D_F32 = "small", "chunked", "streamed", "f32"  # backward classes
 
 
-def _cfg(warps, stages, cls=None, **kw):
-    c = triton.Config(kw, num_warps=warps, num_stages=stages)
-    c.cls = cls
+def _cfg(warps, stages, cls=None, max_d=None, min_arch=0, maxnreg=None, **kw):
+    """A config for a class; ``max_d``: largest D it is kept for, ``min_arch``: smallest compute
+    capability it is kept for (sm_80 has fewer registers per thread to spare than sm_90 under
+    Triton's layouts, and less shared memory); ``maxnreg=255`` stops ptxas from capping a
+    kernel at 128 registers for occupancy and spilling."""
+    c = triton.Config(kw, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+    c.cls, c.max_d, c.min_arch = cls, max_d, min_arch
     return c
 
 
@@ -156,37 +160,43 @@ if INTERPRET:
 else:
     # Sizes checked by compiling for sm_90 / sm_80 (registers, spills, shared memory; see the
     # module docstring): shared memory is the A block (resident D) plus num_stages B tiles.
+    # min_arch=90: spills (or exceeds shared memory) on sm_80 at some D; max_d: the same above it.
     _FWD_CONFIGS = [
-        _cfg(8, 2, LOWP, BLOCK_N=128, BLOCK_M=128),
-        _cfg(8, 3, LOWP, BLOCK_N=128, BLOCK_M=128),
-        _cfg(8, 3, LOWP, BLOCK_N=128, BLOCK_M=64),
-        _cfg(8, 4, LOWP, BLOCK_N=128, BLOCK_M=64),
-        _cfg(4, 3, LOWP, BLOCK_N=64, BLOCK_M=128),
-        _cfg(4, 4, LOWP, BLOCK_N=64, BLOCK_M=64),
-        _cfg(4, 3, F32, BLOCK_N=64, BLOCK_M=64),
-        _cfg(4, 3, F32, BLOCK_N=64, BLOCK_M=32),
-        _cfg(8, 3, F32, BLOCK_N=128, BLOCK_M=64),
+        _cfg(8, 2, LOWP, min_arch=90, BLOCK_N=128, BLOCK_M=128),
+        _cfg(8, 3, LOWP, max_d=128, min_arch=90, BLOCK_N=128, BLOCK_M=128),
+        _cfg(8, 3, LOWP, min_arch=90, BLOCK_N=128, BLOCK_M=64),
+        _cfg(8, 4, LOWP, min_arch=90, BLOCK_N=128, BLOCK_M=64),
+        _cfg(4, 3, LOWP, min_arch=90, BLOCK_N=64, BLOCK_M=128),
+        _cfg(4, 4, LOWP, min_arch=90, BLOCK_N=64, BLOCK_M=64),
+        _cfg(8, 3, LOWP, BLOCK_N=64, BLOCK_M=64),  # sm_80: the softplus form spills the others
+        _cfg(4, 3, LOWP, BLOCK_N=64, BLOCK_M=32),
+        _cfg(4, 3, F32, min_arch=90, BLOCK_N=64, BLOCK_M=64),
+        _cfg(4, 2, F32, BLOCK_N=64, BLOCK_M=32),
+        _cfg(4, 3, F32, BLOCK_N=32, BLOCK_M=32),
+        _cfg(8, 3, F32, min_arch=90, BLOCK_N=128, BLOCK_M=64),
     ]
     _BWD_CONFIGS = [
-        # D <= 256: one chunk; accumulator BLOCK_N x D fp32 in registers
-        _cfg(8, 2, D_SMALL, BLOCK_N=128, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
-        _cfg(8, 3, D_SMALL, BLOCK_N=128, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
-        _cfg(4, 3, D_SMALL, BLOCK_N=64, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
-        _cfg(8, 2, D_SMALL, BLOCK_N=64, BLOCK_M=64, CHUNK=0, N_CHUNK=0),  # sm_80: the others spill at D = 256
+        # D <= 256: one chunk; accumulator BLOCK_N x D fp32 in registers (128 rows spill at D = 256)
+        _cfg(8, 2, D_SMALL, max_d=128, BLOCK_N=128, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
+        _cfg(8, 3, D_SMALL, max_d=128, BLOCK_N=128, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
+        _cfg(4, 3, D_SMALL, max_d=128, BLOCK_N=64, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
+        _cfg(8, 2, D_SMALL, BLOCK_N=64, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
         _cfg(8, 2, D_SMALL, BLOCK_N=64, BLOCK_M=128, CHUNK=0, N_CHUNK=0),
-        # 256 < D <= 1024: the BLOCK_N x D fp32 accumulator must fit the registers: 32 rows with
-        # 8 warps (~220 registers at D = 768 on sm_90, no spills), 64 rows up to D = 512
-        _cfg(8, 2, D_CHUNKED, BLOCK_N=32, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
-        _cfg(8, 2, D_CHUNKED, BLOCK_N=32, BLOCK_M=32, CHUNK=0, N_CHUNK=0),
+        # 256 < D <= 768 (MAX_CHUNKS = 3: every resident config spills at 4 chunks): the BLOCK_N x D
+        # fp32 accumulator must fit the registers: 32 x 32 tiles with 8 warps at D = 768, 64 rows
+        # at D = 512 (32 x 64 spills there too)
+        _cfg(8, 2, D_CHUNKED, maxnreg=255, BLOCK_N=32, BLOCK_M=32, CHUNK=0, N_CHUNK=0),
         _cfg(8, 3, D_CHUNKED, BLOCK_N=32, BLOCK_M=32, CHUNK=0, N_CHUNK=0),
-        _cfg(8, 2, D_CHUNKED, BLOCK_N=64, BLOCK_M=32, CHUNK=0, N_CHUNK=0),
-        # D > 1024: logits streamed over D, N_CHUNK x CHUNK output columns per program
+        _cfg(8, 2, D_CHUNKED, max_d=512, BLOCK_N=64, BLOCK_M=32, CHUNK=0, N_CHUNK=0),
+        # D > 768: logits streamed over D, N_CHUNK x CHUNK output columns per program
         _cfg(8, 2, D_STREAMED, BLOCK_N=32, BLOCK_M=64, CHUNK=128, N_CHUNK=4),
+        _cfg(8, 2, D_STREAMED, BLOCK_N=32, BLOCK_M=64, CHUNK=128, N_CHUNK=2),
         _cfg(8, 3, D_STREAMED, BLOCK_N=64, BLOCK_M=64, CHUNK=128, N_CHUNK=2),
-        _cfg(8, 3, D_STREAMED, BLOCK_N=128, BLOCK_M=64, CHUNK=128, N_CHUNK=1),
+        _cfg(8, 3, D_STREAMED, min_arch=90, BLOCK_N=128, BLOCK_M=64, CHUNK=128, N_CHUNK=1),
         # fp32 (tf32x3): streamed, small tiles (larger ones spill or exceed shared memory)
-        _cfg(4, 2, D_F32, BLOCK_N=64, BLOCK_M=32, CHUNK=128, N_CHUNK=1),
-        _cfg(4, 2, D_F32, BLOCK_N=32, BLOCK_M=32, CHUNK=64, N_CHUNK=2),
+        _cfg(4, 2, D_F32, min_arch=90, BLOCK_N=64, BLOCK_M=32, CHUNK=64, N_CHUNK=1),
+        _cfg(4, 2, D_F32, BLOCK_N=32, BLOCK_M=64, CHUNK=64, N_CHUNK=1),
+        _cfg(4, 2, D_F32, BLOCK_N=32, BLOCK_M=32, CHUNK=64, N_CHUNK=1),
     ]
 
 
@@ -214,13 +224,33 @@ def _chunks(d: int, elt: int, chunk: int, n_chunk: int) -> tuple[int, int]:
     return best[1], best[2]
 
 
+def _arch(nargs) -> int:
+    """The compute capability to prune for: the inputs' GPU, or ``ARCH`` when the ahead-of-time
+    compile check (compile_check.py) prunes for a target; 0 (no limits) off GPUs."""
+    if "ARCH" in nargs:
+        return nargs["ARCH"]
+    t = nargs["a_ptr"]
+    if t.device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+
+def _fits(c, d: int, arch: int) -> bool:
+    return (c.max_d is None or d <= c.max_d) and (arch == 0 or arch >= c.min_arch)
+
+
+# Pruned so that no config the autotuner can pick spills registers or exceeds the shared memory
+# of sm_80 / sm_90: `python -m fastcon.kernels.triton.compile_check` checks every kept config.
 def _prune_fwd(configs, nargs, **kwargs):
-    kept = [c for c in configs if c.cls == _fwd_class(_elt(nargs["a_ptr"]))]
+    cls, arch = _fwd_class(_elt(nargs["a_ptr"])), _arch(nargs)
+    kept = [c for c in configs if c.cls == cls and _fits(c, nargs["D"], arch)]
     return kept or configs[:1]
 
 
 def _prune_bwd(configs, nargs, **kwargs):
-    kept = [c for c in configs if c.cls == _bwd_class(nargs["D"], _elt(nargs["a_ptr"]))]
+    cls, arch = _bwd_class(nargs["D"], _elt(nargs["a_ptr"])), _arch(nargs)
+    kept = [c for c in configs if c.cls == cls and _fits(c, nargs["D"], arch)]
     return kept or configs[:1]
 
 
