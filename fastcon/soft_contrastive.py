@@ -207,9 +207,10 @@ def _core_for(backend: str, device):
     return _backends.select("soft_contrastive", backend, device)[1]
 
 
-def _prepare(core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, check: bool):
+def _prepare(core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, check: bool, norms=None):
     """Everything both directions recompute from the inputs: scalars, normalised rows and columns
-    (batch, then queue), kernel ids, target sums. ``check``: the value checks first (forward)."""
+    (batch, then queue), kernel ids, target sums. ``check``: the value checks first (forward);
+    ``norms``: the forward's row norms (backward), not computed again."""
     loss, symmetric, hard_weight, normalize, reduction, scene_ignore = cfg
     acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
     if check:
@@ -218,7 +219,7 @@ def _prepare(core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, 
         tau, bias_v = float(temperature), (0.0 if bias is None else float(bias))
     scale = 1.0 / tau
     kdt = core.kernel_dtype(z1.dtype)
-    uk, vk, u, v, n1, n2 = _normalize(z1, z2, normalize, kdt, acc)
+    uk, vk, u, v, n1, n2 = _normalize(z1, z2, normalize, kdt, acc, norms)
     qk, vq = _queue_keys(queue, normalize, kdt, acc)
     ids, col_ids = _scene_ids(labels, queue_labels) if scene_ignore else (None, None)
     cols = vk if qk is None else torch.cat([vk, qk])  # the M = N + K columns
@@ -245,11 +246,12 @@ def _fused_forward(
     normalize: bool,
     reduction: str,
     scene_ignore: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, row statistics (N,), column statistics (N,) or (0,), target row sums (N,) or (0,))."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, row statistics (N,), column statistics (N,) or (0,), target row sums (N,) or (0,),
+    the row norms of z1 and z2 (N,) each, (0,) without normalisation), all saved for backward."""
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)
-    uk, cols, u, v, _, _, t, kargs, need_col = _prepare(
+    uk, cols, u, v, n1, n2, t, kargs, need_col = _prepare(
         core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, True
     )
     scale, bias_v, mode = kargs[3], kargs[4], kargs[6]
@@ -258,7 +260,8 @@ def _fused_forward(
     row, col = row.to(acc), col.to(acc)
     per, r_sum = _per_sample_losses(mode, need_col, hard_weight, scale, bias_v, u, v, row, col, t)
     out = per.mean() if reduction == "mean" else (per.sum() if reduction == "sum" else per)
-    return out, row, col, (row.new_empty(0) if r_sum is None else r_sum)
+    stats = [row.new_empty(0) if x is None else x for x in (r_sum, n1, n2)]  # (0,): none
+    return out, row, col, *stats
 
 
 @_fused_forward.register_fake
@@ -268,7 +271,8 @@ def _(z1, z2, temperature, bias, labels, queue, queue_labels, backend, loss, sym
     need_col = loss == "softmax" and symmetric and queue is None
     out = z1.new_empty((n,) if reduction == "none" else (), dtype=acc)
     r_sum = z1.new_empty(0 if scene_ignore else n, dtype=acc)
-    return out, z1.new_empty(n, dtype=acc), z1.new_empty(n if need_col else 0, dtype=acc), r_sum
+    norm = z1.new_empty(n if normalize else 0, dtype=acc)
+    return out, z1.new_empty(n, dtype=acc), z1.new_empty(n if need_col else 0, dtype=acc), r_sum, norm, norm.clone()
 
 
 @torch.library.custom_op("fastcon_loss::fused_backward", mutates_args=())
@@ -284,6 +288,8 @@ def _fused_backward(
     row: torch.Tensor,
     col: torch.Tensor,
     r_sum: torch.Tensor,
+    n1: torch.Tensor,
+    n2: torch.Tensor,
     backend: str,
     loss: str,
     symmetric: bool,
@@ -296,8 +302,9 @@ def _fused_backward(
     """(d z1, d z2, d temperature, d bias); an empty tensor where ``needs`` says no gradient."""
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)
+    norms = (n1, n2) if normalize else None
     uk, cols, u, v, n1, n2, t, kargs, need_col = _prepare(
-        core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, False
+        core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, False, norms
     )
     scale, mode = kargs[3], kargs[6]
     acc, n = u.dtype, z1.shape[0]
@@ -318,7 +325,7 @@ def _fused_backward(
 
 
 @_fused_backward.register_fake
-def _(grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, backend, loss, symmetric, hard_weight, normalize, reduction, scene_ignore, needs):  # fmt: skip
+def _(grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, n1, n2, backend, loss, symmetric, hard_weight, normalize, reduction, scene_ignore, needs):  # fmt: skip
     return (
         torch.empty_like(z1) if needs[0] else z1.new_empty(0),
         torch.empty_like(z2) if needs[1] else z1.new_empty(0),
@@ -331,9 +338,9 @@ _TENSOR_INPUTS = 7  # z1, z2, temperature, bias, labels, queue, queue_labels
 
 
 def _setup_context(ctx, inputs, output):
-    _, row, col, r_sum = output
-    ctx.mark_non_differentiable(row, col, r_sum)
-    ctx.save_for_backward(*inputs[:_TENSOR_INPUTS], row, col, r_sum)
+    stats = output[1:]  # row, col, r_sum, n1, n2
+    ctx.mark_non_differentiable(*stats)
+    ctx.save_for_backward(*inputs[:_TENSOR_INPUTS], *stats)
     ctx.cfg = inputs[_TENSOR_INPUTS:]
 
 
