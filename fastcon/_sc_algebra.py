@@ -302,11 +302,16 @@ def _sub_target(out, a, soft, hw: float, w, hard) -> None:
         out.addcmul_(w[:, None], hard, value=-hw)
 
 
-def _scalar_grads(scale, hw, g, r_sum, u, gu, wsum):
+def _row_dots(u: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
+    """u_i . GU_i (N,): the temperature gradient's rows and the normalisation backward's projection."""
+    return (u * gu).sum(dim=1)
+
+
+def _scalar_grads(scale, hw, g, r_sum, u, gu, wsum, pu=None):
     """(dL/dtau, dL/dbias) from this process's rows, before gu is scaled:
     dL/dtau = -scale^2 * sum_ij G_ij (u_i . v_j) = -scale^2 * sum_i u_i . GU_i;
-    dL/dbias = sum_ij G_ij (sigmoid only; None otherwise)."""
-    d_tau = -(scale**2) * (u * gu).sum()
+    dL/dbias = sum_ij G_ij (sigmoid only; None otherwise). pu: _row_dots(u, gu), if already known."""
+    d_tau = -(scale**2) * (_row_dots(u, gu) if pu is None else pu).sum()
     d_bias = None if r_sum is None else wsum.sum() - (g * (hw + (1 - hw) * r_sum)).sum()
     return d_tau, d_bias
 
@@ -325,13 +330,13 @@ def _loss_weights(go, reduction, need_col, n, total):
     return g, (g if need_col else None)
 
 
-def _input_grads(ctx, scale, gu, gv, u, v, n1, n2, d_tau, d_bias) -> tuple:
+def _input_grads(ctx, scale, gu, gv, u, v, n1, n2, d_tau, d_bias, pu=None) -> tuple:
     """The Functions' backward result (z1, z2, temperature, bias, then None for the rest): the
     logit-space row gradients gu, gv scaled and taken through the normalisation, each in its
-    input's dtype, and only where an input needs one."""
+    input's dtype, and only where an input needs one. pu: _row_dots(u, gu), if already known."""
     z_dtype, tau_meta, bias_meta = ctx.metas
     need_z1, need_z2, need_tau, need_bias = ctx.needs_input_grad[:4]
-    d_z1 = _as(_norm_backward(gu, u, n1, scale), z_dtype) if need_z1 else None
+    d_z1 = _as(_norm_backward(gu, u, n1, scale, pu), z_dtype) if need_z1 else None
     d_z2 = _as(_norm_backward(gv, v, n2, scale), z_dtype) if need_z2 else None
     d_tau = d_tau.to(dtype=tau_meta[0], device=tau_meta[1]) if need_tau else None
     d_bias = d_bias.to(dtype=bias_meta[0], device=bias_meta[1]) if need_bias else None
@@ -356,10 +361,12 @@ def _logit_dot(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtyp
     return out
 
 
-def _norm_backward(du: torch.Tensor, u: torch.Tensor, norm: torch.Tensor | None, scale: float) -> torch.Tensor:
+def _norm_backward(
+    du: torch.Tensor, u: torch.Tensor, norm: torch.Tensor | None, scale: float, proj=None
+) -> torch.Tensor:
     """Backward of u = z / max(||z||, eps) for the upstream gradient scale * du, in place in du:
-    scale (du - u (u . du)) / ||z|| where ||z|| > eps, scale du / eps otherwise."""
+    scale (du - u (u . du)) / ||z|| where ||z|| > eps, scale du / eps otherwise (proj: u . du, if known)."""
     if norm is None:
         return du.mul_(scale)
-    proj = (u * du).sum(dim=1).masked_fill_(norm <= _EPS, 0.0)
+    proj = (_row_dots(u, du) if proj is None else proj).masked_fill(norm <= _EPS, 0.0)
     return du.addcmul_(u, proj[:, None], value=-1).div_((norm / scale)[:, None])

@@ -35,6 +35,7 @@ from fastcon._sc_algebra import (
     _normalize,
     _per_sample_losses,
     _queue_keys,
+    _row_dots,
     _scalar_grads,
     _scene_ids,
     _subtract_targets,
@@ -314,13 +315,14 @@ def _fused_backward(
     r = None if scene_ignore else r_sum
     _subtract_targets(mode, hard_weight, g, h, r, u, v, t, gu, gv)
     d_tau = d_bias = None
+    pu = _row_dots(u, gu) if needs[2] or (needs[0] and normalize) else None  # shared by both below
     if needs[2] or needs[3]:
-        d_tau, d_bias = _scalar_grads(scale, hard_weight, g, r, u, gu, wsum.to(acc))
+        d_tau, d_bias = _scalar_grads(scale, hard_weight, g, r, u, gu, wsum.to(acc), pu)
     shell = SimpleNamespace(
         metas=(z1.dtype, (temperature.dtype, temperature.device), None if bias is None else (bias.dtype, bias.device)),
         needs_input_grad=tuple(needs),
     )
-    grads = _input_grads(shell, scale, gu, gv, u, v, n1, n2, d_tau, d_bias)
+    grads = _input_grads(shell, scale, gu, gv, u, v, n1, n2, d_tau, d_bias, pu)
     return tuple(z1.new_empty(0) if x is None else x for x in grads)
 
 

@@ -21,12 +21,12 @@ N, D, C = 256, 128, 9
 
 # kind: (upper bound on the ops of the fused cpu loss, at N=256, D=128)
 BOUNDS = {
-    "multi_hot": 179,
-    "fractions": 179,
-    "scene": 178,
-    "scene_ignore": 86,
-    "none": 133,
-    "sigmoid": 148,
+    "multi_hot": 175,
+    "fractions": 175,
+    "scene": 174,
+    "scene_ignore": 82,
+    "none": 129,
+    "sigmoid": 144,
 }
 
 
