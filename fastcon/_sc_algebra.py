@@ -36,7 +36,17 @@ class Targets:
     over the columns (``full(x, w, xq)`` with xq the queue's part of x) add the queue's own
     projection, lifted to the rows; it is the same on every rank and never reduced."""
 
-    def __init__(self, labels, n: int, acc: torch.dtype, device, reducer=None, queue_labels=None, queue_keys=None):
+    def __init__(
+        self,
+        labels,
+        n: int,
+        acc: torch.dtype,
+        device,
+        reducer=None,
+        queue_labels=None,
+        queue_keys=None,
+        scene_index=None,
+    ):
         self.kind = "none" if labels is None else ("scene" if labels.dim() == 1 else "labels")
         self._reduce = None
         self._queue = None
@@ -51,7 +61,9 @@ class Targets:
                 self._queue = _unit_rows(queue_labels, acc)
         elif self.kind == "scene":
             if reducer is None:
-                self.inverse, self.num_scenes = _segment_index(labels), n
+                # scene_index: this index from an earlier call (the forward's, in the backward)
+                self.inverse = _segment_index(labels) if scene_index is None else scene_index
+                self.num_scenes = n
             else:
                 self.inverse, self.num_scenes = reducer.scene_index(labels)
                 self._reduce = reducer.scene_sum
