@@ -105,13 +105,17 @@ def _triton_status() -> tuple[bool, str]:
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
 
 
-def _status(name: str) -> tuple[bool, str]:
+def _status(name: str, detail: bool = True) -> tuple[bool, str]:
+    """(available, why / what). ``detail=False``: the availability alone, for the per-call path
+    (``select``), without building the description (for cpu: no op call per loss call)."""
     if name == "reference":
         return True, "dense PyTorch, any device"
     if name == "cpu":
         mod, err = load_extension()
         if mod is None:
             return False, err
+        if not detail:
+            return True, ""
         return True, f"fused C++, {torch.get_num_threads()} threads, {torch.ops.fastcon.cpu_capability()}"
     if name == "triton":
         return _triton_status()
@@ -210,7 +214,7 @@ def select(op: str, backend: str, device: torch.device) -> tuple[str, object]:
             name = _check_name(env, "the environment variable FASTCON_BACKEND")
     if name == "auto":
         for cand in _AUTO_ORDER.get(device.type, ("reference",)):
-            if (op, cand) in _IMPLS and _status(cand)[0] and _device_ok(cand, device)[0]:
+            if (op, cand) in _IMPLS and _status(cand, detail=False)[0] and _device_ok(cand, device)[0]:
                 name = cand
                 break
         else:
@@ -219,7 +223,7 @@ def select(op: str, backend: str, device: torch.device) -> tuple[str, object]:
         raise BackendError(
             f"{op}: the {name} backend does not implement this op (it has: {', '.join(implemented(op))})"
         )
-    ok, why = _status(name)
+    ok, why = _status(name, detail=False)
     if not ok:
         raise BackendError(f"{op}: the {name} backend is unavailable here: {why}")
     ok, why = _device_ok(name, device)

@@ -35,6 +35,7 @@ from fastcon._sc_algebra import (
     _normalize,
     _per_sample_losses,
     _queue_keys,
+    _row_dots,
     _scalar_grads,
     _scene_ids,
     _subtract_targets,
@@ -207,9 +208,10 @@ def _core_for(backend: str, device):
     return _backends.select("soft_contrastive", backend, device)[1]
 
 
-def _prepare(core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, check: bool):
+def _prepare(core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, check: bool, norms=None, scenes=None):
     """Everything both directions recompute from the inputs: scalars, normalised rows and columns
-    (batch, then queue), kernel ids, target sums. ``check``: the value checks first (forward)."""
+    (batch, then queue), kernel ids, target sums. ``check``: the value checks first (forward);
+    ``norms`` / ``scenes``: the forward's row norms and scene index (backward), not computed again."""
     loss, symmetric, hard_weight, normalize, reduction, scene_ignore = cfg
     acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
     if check:
@@ -218,11 +220,14 @@ def _prepare(core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, 
         tau, bias_v = float(temperature), (0.0 if bias is None else float(bias))
     scale = 1.0 / tau
     kdt = core.kernel_dtype(z1.dtype)
-    uk, vk, u, v, n1, n2 = _normalize(z1, z2, normalize, kdt, acc)
+    uk, vk, u, v, n1, n2 = _normalize(z1, z2, normalize, kdt, acc, norms)
     qk, vq = _queue_keys(queue, normalize, kdt, acc)
     ids, col_ids = _scene_ids(labels, queue_labels) if scene_ignore else (None, None)
     cols = vk if qk is None else torch.cat([vk, qk])  # the M = N + K columns
-    t = Targets(None if scene_ignore else labels, z1.shape[0], acc, z1.device, queue_labels=queue_labels, queue_keys=vq)
+    t = Targets(
+        None if scene_ignore else labels, z1.shape[0], acc, z1.device, queue_labels=queue_labels, queue_keys=vq,
+        scene_index=scenes,
+    )  # fmt: skip
     bound = scale if normalize else 0.0  # |s_ij| <= 1/tau for unit vectors
     need_col = loss == "softmax" and symmetric and queue is None
     kargs = (ids, col_ids, 0, scale, bias_v, bound, _mode(loss, scene_ignore))
@@ -245,11 +250,13 @@ def _fused_forward(
     normalize: bool,
     reduction: str,
     scene_ignore: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, row statistics (N,), column statistics (N,) or (0,), target row sums (N,) or (0,))."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, row statistics (N,), column statistics (N,) or (0,), target row sums (N,) or (0,),
+    the row norms of z1 and z2 (N,) each, (0,) without normalisation, the int64 scene index of the
+    rows (N,) for scene ids as positives, (0,) otherwise), all saved for backward."""
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)
-    uk, cols, u, v, _, _, t, kargs, need_col = _prepare(
+    uk, cols, u, v, n1, n2, t, kargs, need_col = _prepare(
         core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, True
     )
     scale, bias_v, mode = kargs[3], kargs[4], kargs[6]
@@ -258,7 +265,9 @@ def _fused_forward(
     row, col = row.to(acc), col.to(acc)
     per, r_sum = _per_sample_losses(mode, need_col, hard_weight, scale, bias_v, u, v, row, col, t)
     out = per.mean() if reduction == "mean" else (per.sum() if reduction == "sum" else per)
-    return out, row, col, (row.new_empty(0) if r_sum is None else r_sum)
+    stats = [row.new_empty(0) if x is None else x for x in (r_sum, n1, n2)]  # (0,): none
+    scenes = t.inverse if t.kind == "scene" else row.new_empty(0, dtype=torch.int64)
+    return out, row, col, *stats, scenes
 
 
 @_fused_forward.register_fake
@@ -268,7 +277,18 @@ def _(z1, z2, temperature, bias, labels, queue, queue_labels, backend, loss, sym
     need_col = loss == "softmax" and symmetric and queue is None
     out = z1.new_empty((n,) if reduction == "none" else (), dtype=acc)
     r_sum = z1.new_empty(0 if scene_ignore else n, dtype=acc)
-    return out, z1.new_empty(n, dtype=acc), z1.new_empty(n if need_col else 0, dtype=acc), r_sum
+    norm = z1.new_empty(n if normalize else 0, dtype=acc)
+    scene_pos = labels is not None and labels.dim() == 1 and not scene_ignore
+    scenes = z1.new_empty(n if scene_pos else 0, dtype=torch.int64)
+    return (
+        out,
+        z1.new_empty(n, dtype=acc),
+        z1.new_empty(n if need_col else 0, dtype=acc),
+        r_sum,
+        norm,
+        norm.clone(),
+        scenes,
+    )
 
 
 @torch.library.custom_op("fastcon_loss::fused_backward", mutates_args=())
@@ -284,6 +304,9 @@ def _fused_backward(
     row: torch.Tensor,
     col: torch.Tensor,
     r_sum: torch.Tensor,
+    n1: torch.Tensor,
+    n2: torch.Tensor,
+    scenes: torch.Tensor,
     backend: str,
     loss: str,
     symmetric: bool,
@@ -296,8 +319,10 @@ def _fused_backward(
     """(d z1, d z2, d temperature, d bias); an empty tensor where ``needs`` says no gradient."""
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)
+    norms = (n1, n2) if normalize else None
+    scene_pos = labels is not None and labels.dim() == 1 and not scene_ignore
     uk, cols, u, v, n1, n2, t, kargs, need_col = _prepare(
-        core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, False
+        core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, False, norms, scenes if scene_pos else None
     )
     scale, mode = kargs[3], kargs[6]
     acc, n = u.dtype, z1.shape[0]
@@ -307,18 +332,19 @@ def _fused_backward(
     r = None if scene_ignore else r_sum
     _subtract_targets(mode, hard_weight, g, h, r, u, v, t, gu, gv)
     d_tau = d_bias = None
+    pu = _row_dots(u, gu) if needs[2] or (needs[0] and normalize) else None  # shared by both below
     if needs[2] or needs[3]:
-        d_tau, d_bias = _scalar_grads(scale, hard_weight, g, r, u, gu, wsum.to(acc))
+        d_tau, d_bias = _scalar_grads(scale, hard_weight, g, r, u, gu, wsum.to(acc), pu)
     shell = SimpleNamespace(
         metas=(z1.dtype, (temperature.dtype, temperature.device), None if bias is None else (bias.dtype, bias.device)),
         needs_input_grad=tuple(needs),
     )
-    grads = _input_grads(shell, scale, gu, gv, u, v, n1, n2, d_tau, d_bias)
+    grads = _input_grads(shell, scale, gu, gv, u, v, n1, n2, d_tau, d_bias, pu)
     return tuple(z1.new_empty(0) if x is None else x for x in grads)
 
 
 @_fused_backward.register_fake
-def _(grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, backend, loss, symmetric, hard_weight, normalize, reduction, scene_ignore, needs):  # fmt: skip
+def _(grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, n1, n2, scenes, backend, loss, symmetric, hard_weight, normalize, reduction, scene_ignore, needs):  # fmt: skip
     return (
         torch.empty_like(z1) if needs[0] else z1.new_empty(0),
         torch.empty_like(z2) if needs[1] else z1.new_empty(0),
@@ -331,9 +357,9 @@ _TENSOR_INPUTS = 7  # z1, z2, temperature, bias, labels, queue, queue_labels
 
 
 def _setup_context(ctx, inputs, output):
-    _, row, col, r_sum = output
-    ctx.mark_non_differentiable(row, col, r_sum)
-    ctx.save_for_backward(*inputs[:_TENSOR_INPUTS], row, col, r_sum)
+    stats = output[1:]  # row, col, r_sum, n1, n2, scenes
+    ctx.mark_non_differentiable(*stats)
+    ctx.save_for_backward(*inputs[:_TENSOR_INPUTS], *stats)
     ctx.cfg = inputs[_TENSOR_INPUTS:]
 
 
