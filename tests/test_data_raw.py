@@ -3,7 +3,9 @@
 The reference is always the ``--store npy`` dataset prepared from the same inputs: a raw
 dataset must give the tiles that ``prepare`` wrote, on the bundled real Sentinel-2 scene (JPEG
 2000 bands at 10 / 20 / 60 m) and on a miniature SSL4EO-S12 v1 copy (per-band GeoTIFFs of
-264 / 132 / 44 px, random values with a few nodata pixels, deflate / LZW / uncompressed).
+264 / 132 / 44 px, random values with a few nodata pixels, deflate / LZW / uncompressed) and
+on miniature BigEarthNet v1 Sentinel-2 patches (per-band GeoTIFFs of 120 / 60 / 20 px, one
+folder and one grid per patch, read with ``layout="bands"``, ``band_set="s2a"``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from rasterio.transform import from_origin
 
 from fastcon.data import BAND_SETS, TileDataset, dali_available, make_loader, prepare, prepare_sample
-from fastcon.data.miniature import SSL4EO_SEASON, write_ssl4eo_s12
+from fastcon.data.miniature import SSL4EO_SEASON, write_bigearthnet_s2, write_ssl4eo_s12
 from fastcon.data.raw import DALI_TOLERANCE
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")
@@ -30,11 +32,24 @@ needs_dali = pytest.mark.skipif(not dali_available()[0], reason="nvidia-dali is 
 def ssl4eo(tmp_path_factory):
     base = tmp_path_factory.mktemp("ssl4eo")
     src = write_ssl4eo_s12(str(base / "data"))
+    return src, _prepare_both(src, base, tile_size=128, stride=68, max_nodata=0.2)
+
+
+def _prepare_both(src, base, **kw) -> dict:
+    """{store: folder}: ``src`` prepared into ``base/npy`` and ``base/raw``."""
     out = {}
     for store in ("npy", "raw"):
         out[store] = str(base / store)
-        prepare(src, out[store], tile_size=128, stride=68, max_nodata=0.2, workers=0, progress=False, store=store)
-    return src, out
+        prepare(src, out[store], workers=0, progress=False, store=store, **kw)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bigearthnet(tmp_path_factory):
+    # three BigEarthNet v1 S2 patches (three scenes, each its own grid), 2 x 2 tiles of 64 px each
+    base = tmp_path_factory.mktemp("bigearthnet")
+    src = write_bigearthnet_s2(str(base / "data"))
+    return src, _prepare_both(src, base, layout="bands", band_set="s2a", tile_size=64, stride=56, max_nodata=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +113,21 @@ def test_rasterio_reads_of_a_raw_ssl4eo_folder_equal_the_npy_tiles(ssl4eo):
     _same_folder(out["npy"], out["raw"])
     a, b = TileDataset(out["npy"]), TileDataset(out["raw"])
     assert a.num_tiles == 2 * 3 * 3
+    for i in range(a.num_tiles):
+        np.testing.assert_array_equal(b.read_tile(i), a.read_tile(i), err_msg=f"tile {a.ids[i]}")
+
+
+def test_rasterio_reads_of_a_raw_bigearthnet_folder_equal_the_npy_tiles(bigearthnet):
+    _, out = bigearthnet
+    _same_folder(out["npy"], out["raw"])
+    a, b = TileDataset(out["npy"]), TileDataset(out["raw"])
+    assert a.band_names == BAND_SETS["s2a"].bands
+    assert a.num_tiles == 3 * 2 * 2
+    assert len(set(a.scene_ids.tolist())) == 3
+    files = json.loads(b.manifest.band_files[0])
+    assert [os.path.basename(f)[-7:-4] for f in files] == [
+        "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"
+    ]  # fmt: skip
     for i in range(a.num_tiles):
         np.testing.assert_array_equal(b.read_tile(i), a.read_tile(i), err_msg=f"tile {a.ids[i]}")
 
@@ -207,6 +237,19 @@ def test_dali_decodes_a_raw_ssl4eo_folder_into_the_npy_tiles(ssl4eo):
     for band, res in zip(S2.bands, S2.resolution_m):
         assert worst[band] <= (DALI_TOLERANCE if res == 60 else 0), (band, worst)
     assert max(worst.values()) == DALI_TOLERANCE  # random values do hit rounding ties at 60 m
+
+
+@needs_dali
+def test_dali_decodes_a_raw_bigearthnet_folder_into_the_npy_tiles(tmp_path, bigearthnet):
+    src, out = bigearthnet
+    # and one 120 px tile per patch: the patch itself
+    whole = _prepare_both(src, tmp_path, layout="bands", band_set="s2a", tile_size=120, max_nodata=0.2)
+    assert TileDataset(whole["raw"]).num_tiles == 3
+    s2a = BAND_SETS["s2a"]
+    for npy, raw in ((out["npy"], out["raw"]), (whole["npy"], whole["raw"])):
+        worst = _check_dali_raw(npy, raw, batch=5)
+        for band, res in zip(s2a.bands, s2a.resolution_m):
+            assert worst[band] <= (DALI_TOLERANCE if res == 60 else 0), (band, worst)  # 10 m, 20 m: bit-identical
 
 
 @needs_dali
