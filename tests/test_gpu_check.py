@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # the dry run: ~2 minutes on 2 idle cores, far more on a busy machine
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
-STAGES = ("build", "ops", "graphs", "sanitizer", "bench", "pretrain", "tests")
+STAGES = ("build", "ops", "graphs", "sanitizer", "bench", "pretrain", "dali", "tests")
 
 
 def _make_gpu_check(out: Path, **env_extra) -> subprocess.CompletedProcess:
@@ -48,6 +48,19 @@ def test_dry_run_passes_and_writes_the_report(dry_run):
     for stage in STAGES:
         assert f"## {stage}: " in report, stage
         assert (out / "logs" / f"{stage}.log").exists(), stage
+
+
+def test_dry_run_says_the_gpu_decode_was_not_run(dry_run):
+    # DALI's mixed decoders need CUDA: the report says so in its summary and its stage line
+    _, out = dry_run
+    report = (out / "report.md").read_text()
+    assert "; skipped: build, sanitizer, dali" in report
+    line = next(x for x in report.splitlines() if x.startswith("| dali | "))
+    assert line.startswith("| dali | skipped | "), line
+    assert "| not run: the GPU decode needs a CUDA device (dry run; " in line, line
+    (row,) = _rows(out / "dali.csv")
+    assert row["check"].endswith("::test_dali_gpu_decodes_the_raw_folders_into_the_npy_tiles")
+    assert row["status"].startswith("not run: the GPU decode needs a CUDA device")
 
 
 def test_dry_run_checks_every_op_backend_and_dtype(dry_run):

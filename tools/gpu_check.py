@@ -3,8 +3,8 @@
     make gpu-check                              # on a GPU machine: ~8 minutes on an H100 / H200
     FASTCON_GPU_CHECK_DRY=1 make gpu-check      # the same plumbing on the CPU at tiny sizes
 
-Needs only a Python with torch (and triton) installed, no virtual environment, no internet, no
-DALI or rasterio. Stages, each in its own process (a crashed kernel fails its stage, not the
+Needs only a Python with torch (and triton) installed, no virtual environment, no internet; DALI
+and rasterio only for the dali stage. Stages, each in its own process (a crashed kernel fails its stage, not the
 report), in the order of what they are worth:
 
   build      the extension for this GPU's architecture only, against the installed torch
@@ -16,6 +16,8 @@ report), in the order of what they are worth:
              of the same run; masking and diffusion rows
   pretrain   30 steps of the demo model and of ViT-S/14 at 224 px on synthetic 13-band tiles,
              bf16, compile off and on: images/s split into data and compute
+  dali       the DALI mixed (GPU) decoders on the raw (JPEG 2000 / GeoTIFF) folders against the
+             npy tiles, when nvidia-dali and rasterio are installed (else reported as not run)
   tests      the test suite's GPU subset (the tests put triton and cuda on CUDA tensors by
              themselves); last, as its length on a GPU (autotuning per shape) is the least known
 
@@ -46,7 +48,8 @@ OUT = Path(os.environ.get("FASTCON_GPU_REPORT") or ROOT / "gpu-report")
 # the dry run on a shared CPU machine gets more time: its limits guard against hangs only
 BUDGET_S = float(os.environ.get("FASTCON_GPU_CHECK_BUDGET", "1800" if DRY else "470"))
 # stage: the most seconds it may take (less when the budget runs short)
-STAGES = {"build": 240, "ops": 90, "graphs": 120, "sanitizer": 120, "bench": 120, "pretrain": 240, "tests": 200}
+STAGES = {"build": 240, "ops": 90, "graphs": 120, "sanitizer": 120, "bench": 120, "pretrain": 240, "dali": 120,
+          "tests": 200}  # fmt: skip
 STAGE_LIMIT_SCALE = 4 if DRY else 1
 
 
@@ -138,11 +141,13 @@ def cuda_tool(name: str) -> str | None:
 
 def write_report(results: dict[str, dict], seconds: dict[str, float], env: list[str], total: float) -> None:
     failed = [n for n, r in results.items() if r["status"] not in ("ok", "skipped")]
+    skipped = [n for n, r in results.items() if r["status"] == "skipped"]
     lines = [
         "# fastcon GPU check" + (" (dry run on the CPU)" if DRY else ""),
         "",
         f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}; {total:.0f} s; "
-        + ("all stages passed" if not failed else f"FAILED: {', '.join(failed)}"),
+        + ("all stages passed" if not failed else f"FAILED: {', '.join(failed)}")
+        + (f"; skipped: {', '.join(skipped)}" if skipped else ""),
         "",
         *[f"- {line}" for line in env],
         "",
@@ -468,8 +473,14 @@ def stage_tests(res: StageResult) -> None:
     # the dry run: the same command on one quick test
     select = [] if DRY else ["-k", "(triton or cuda) and not simt"]
     files = ["tests/test_compile.py::test_opcheck_soft_contrastive_ops"] if DRY else TEST_FILES
-    junit = OUT / "tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *select, f"--junitxml={junit}", *files]
+    _pytest(res, "tests", [*select, *files])
+
+
+def _pytest(res: StageResult, name: str, args: list[str]) -> dict[str, int]:
+    """Runs pytest on args with a junit report NAME.xml; a failure, an error or no test passed
+    fails the stage. Returns the counts."""
+    junit = OUT / f"{name}.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}", *args]
     res.note("$ " + " ".join(cmd[1:]))
     proc = subprocess.run(cmd, cwd=ROOT)
     counts = _junit_counts(junit)
@@ -477,7 +488,37 @@ def stage_tests(res: StageResult) -> None:
     if proc.returncode not in (0, 5) or counts.get("failed", 0) or counts.get("errors", 0):
         res.fail(f"pytest exit status {proc.returncode}")
     if not counts.get("passed"):
-        res.fail("no test ran")
+        res.fail("no test ran (skipped: see the log for the reason)" if counts.get("skipped") else "no test ran")
+    return counts
+
+
+# the GPU decode: DALI's mixed decoders (nvJPEG2000 for the sample's JPEG 2000 bands, nvImageCodec
+# for the SSL4EO-S12 GeoTIFFs) on the raw folders, against the npy tiles rasterio prepared
+DALI_TEST = "tests/test_data_raw.py::test_dali_gpu_decodes_the_raw_folders_into_the_npy_tiles"
+
+
+def stage_dali(res: StageResult) -> None:
+    missing = []
+    for module, what in (("nvidia.dali", "DALI"), ("rasterio", "rasterio")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(what)
+    installed = f"{' and '.join(missing)} not installed" if missing else "DALI and rasterio installed"
+    if DRY or missing:
+        res.status = "skipped"
+        if DRY:
+            res.note(f"not run: the GPU decode needs a CUDA device (dry run; {installed})")
+        else:
+            res.note(f"not run: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed "
+                     "on this machine (GPU decode unverified)")  # fmt: skip
+        res.table("dali", [{"check": DALI_TEST, "status": res.lines[-1], "seconds": "0"}])
+        return
+    t0 = time.perf_counter()
+    counts = _pytest(res, "dali", [DALI_TEST])
+    seconds = time.perf_counter() - t0
+    res.table("dali", [{"check": DALI_TEST, "status": res.status, "seconds": f"{seconds:.1f}", **counts}])
+    res.note(f"GPU decode (DALI mixed decoders vs the npy tiles) {res.status} in {seconds:.0f} s")
 
 
 def _junit_counts(path: Path) -> dict[str, int]:
