@@ -5,7 +5,6 @@ features of a small random encoder reaches a high score only if every label reac
 image through torchgeo's readers, our band mapping and the feature cache.
 """
 
-import importlib.util
 import json
 import os
 import sys
@@ -17,28 +16,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from eo_fixtures import BEN_LABELS, EUROSAT_BANDS, EUROSAT_CLASSES, make_bigearthnet, make_bigearthnet_v2, make_eurosat
+from test_pretrain import evaluate  # examples/evaluate.py, loaded once for every test module
 
 from fastcon.eval import Normalisation, band_indices, knn, linear, open_split, published
 from fastcon.eval.data import EvalDataset, fraction_subset
 from fastcon.eval.protocols import micro_average_precision
 from fastcon.train.probe import fit_linear_probe, top1_accuracy
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 TINY_VIT = ["--model", "vit_small_patch14_dinov2", "--timm-kwargs", '{"depth": 1, "embed_dim": 48, "num_heads": 2}']
 TINY_VIT += ["--img-size", "28", "--no-progress"]
 TINY_RESNET = ["--model", "resnet50", "--timm-kwargs", '{"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64]}']
 TINY_RESNET += ["--img-size", "32", "--no-progress"]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-evaluate = _load("evaluate")
 
 
 @pytest.fixture(scope="module")
