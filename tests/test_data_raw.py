@@ -19,13 +19,12 @@ import rasterio
 import torch
 from rasterio.transform import from_origin
 
-from fastcon.data import BAND_SETS, TileDataset, dali_available, make_loader, prepare, prepare_sample
+from fastcon.data import BAND_SETS, TileDataset, make_loader, prepare, prepare_sample
 from fastcon.data.miniature import SSL4EO_SEASON, write_bigearthnet_s2, write_ssl4eo_s12
 from fastcon.data.raw import DALI_TOLERANCE
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")
 S2 = BAND_SETS["s2c"]
-needs_dali = pytest.mark.skipif(not dali_available()[0], reason="nvidia-dali is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +217,6 @@ def _check_dali_raw(npy: str, raw: str, indices=None, batch: int = 4, device: st
     return dict(zip(a.band_names, worst.tolist()))
 
 
-@needs_dali
 def test_dali_decodes_the_raw_sample_into_the_npy_tiles(sample_both):
     ds = TileDataset(sample_both["npy"])
     m = ds.manifest
@@ -230,7 +228,6 @@ def test_dali_decodes_the_raw_sample_into_the_npy_tiles(sample_both):
         assert worst[band] <= (DALI_TOLERANCE if res == 60 else 0), (band, worst)  # 10 m, 20 m: bit-identical
 
 
-@needs_dali
 def test_dali_decodes_a_raw_ssl4eo_folder_into_the_npy_tiles(ssl4eo):
     _, out = ssl4eo
     worst = _check_dali_raw(out["npy"], out["raw"], batch=5)
@@ -239,7 +236,6 @@ def test_dali_decodes_a_raw_ssl4eo_folder_into_the_npy_tiles(ssl4eo):
     assert max(worst.values()) == DALI_TOLERANCE  # random values do hit rounding ties at 60 m
 
 
-@needs_dali
 def test_dali_decodes_a_raw_bigearthnet_folder_into_the_npy_tiles(tmp_path, bigearthnet):
     src, out = bigearthnet
     # and one 120 px tile per patch: the patch itself
@@ -252,7 +248,6 @@ def test_dali_decodes_a_raw_bigearthnet_folder_into_the_npy_tiles(tmp_path, bige
             assert worst[band] <= (DALI_TOLERANCE if res == 60 else 0), (band, worst)  # 10 m, 20 m: bit-identical
 
 
-@needs_dali
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the mixed (GPU) decoders cannot run")
 def test_dali_gpu_decodes_the_raw_folders_into_the_npy_tiles(sample_both, ssl4eo):
     # the same graph with decoders.image_slice(device="mixed"): nvJPEG2000 (sample), nvImageCodec (TIFF)
@@ -263,7 +258,6 @@ def test_dali_gpu_decodes_the_raw_folders_into_the_npy_tiles(sample_both, ssl4eo
             assert worst[band] <= (DALI_TOLERANCE if res == 60 else 0), (band, worst)
 
 
-@needs_dali
 def test_dali_raw_follows_the_same_plan_as_the_other_backends(ssl4eo):
     _, out = ssl4eo
     kw = dict(crop_size=48, seed=5, num_workers=2, drop_last=False, epoch=1)
@@ -282,7 +276,6 @@ def test_dali_raw_follows_the_same_plan_as_the_other_backends(ssl4eo):
             assert ((x[v] - z[v]).abs() <= tol + 1e-4).all()
 
 
-@needs_dali
 def test_dali_decodes_a_multiband_geotiff(tmp_path):
     rng = np.random.default_rng(2)
     path = str(tmp_path / "scene.tif")
@@ -298,7 +291,6 @@ def test_dali_decodes_a_multiband_geotiff(tmp_path):
     assert set(worst.values()) == {0}
 
 
-@needs_dali
 @pytest.mark.parametrize("damage", ["truncated GeoTIFF", "garbage GeoTIFF", "truncated JPEG 2000"])
 def test_an_undecodable_band_file_is_named_with_its_tiles(tmp_path, damage):
     import shutil
@@ -334,9 +326,8 @@ def test_dali_refuses_what_only_rasterio_does(tmp_path):
             f.write(np.full((1, 64, 64), -12.5, np.float32))
     out = str(tmp_path / "raw")
     prepare(str(tmp_path), out, band_set="s1", tile_size=32, workers=0, progress=False, store="raw")
-    if dali_available()[0]:
-        with pytest.raises(ValueError, match=r"band set 's1' encodes them .*use backend='torch'"):
-            make_loader(out, 2, backend="dali")
+    with pytest.raises(ValueError, match=r"band set 's1' encodes them .*use backend='torch'"):
+        make_loader(out, 2, backend="dali")
     batch = next(iter(make_loader(out, 2, backend="torch", augment=False, num_workers=0)))
     assert batch["view1"].shape == (2, 2, 32, 32)
 
