@@ -240,9 +240,7 @@ def _train(cfg: Config, resume: str | None) -> dict:
         stop.restore()
         if metrics is not None:
             metrics.close()
-    summary = finish(run, cfg, log_state, reason, last_ckpt, out_dir)
-    shutdown_distributed()
-    return summary
+    return finish(run, cfg, log_state, reason, last_ckpt, out_dir)
 
 
 def finish(run: Run, cfg: Config, log_state: dict, reason: str, last_ckpt, out_dir: str) -> dict:
@@ -280,11 +278,19 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        return run_main(args)
+    finally:
+        # after train() has returned or raised: the Run (DDP holds the process group) is released,
+        # so leaving the group stops its threads (see shutdown_distributed)
+        shutdown_distributed()
+
+
+def run_main(args) -> int:
+    try:
         cfg = load_config(args.config, [*args.overrides, *args.set_overrides], defaults=DEFAULTS)
         train(cfg, resume=args.resume)
     except (ConfigError, NonFiniteLossError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        shutdown_distributed()
         return 1
     except RuntimeError as e:  # a collective that timed out or lost its peer: named (docs/faults.md)
         if (failure := collective_failure(e)) is None:

@@ -338,7 +338,7 @@ import sys
 import torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from test_methods import S2_L1C_BANDS, fake_batch, swimdiff_config
-from fastcon.train import init_distributed, setup, train_step
+from fastcon.train import init_distributed, setup, shutdown_distributed, train_step
 
 info = init_distributed("cpu")
 rank = info.rank
@@ -365,8 +365,15 @@ dist.all_gather_object(queues, run.method.queue.state_dict())
 assert all(torch.equal(queues[0][k], queues[1][k]) for k in ("keys", "ids")), "ranks hold different queues"
 assert queues[0]["ptr"] == queues[1]["ptr"] == (3 * 16) % 20
 print(f"rank {rank}: queue holds both ranks' keys in rank order, identical on both ranks")
+# leave as pretrain.py does: release the Run (its DDP holds the group), then leave the group; gloo's
+# threads must be gone then (a group still held at exit can abort the process after a good run)
+del run
 dist.barrier()
-dist.destroy_process_group()
+shutdown_distributed()
+import os
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+assert not [t for t in threads if "gloo" in t], threads
+print(f"rank {rank}: no gloo thread left after shutdown_distributed")
 """
 
 
@@ -377,3 +384,4 @@ def test_two_ranks_enqueue_both_ranks_keys_and_hold_identical_queues(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for rank in (0, 1):
         assert f"rank {rank}: queue holds both ranks' keys in rank order" in proc.stdout
+        assert f"rank {rank}: no gloo thread left after shutdown_distributed" in proc.stdout
