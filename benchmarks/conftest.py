@@ -40,6 +40,14 @@ def peak_mib(fn, device: str = "cpu") -> float:
     return m.peak_mib
 
 
+def pytest_configure(config):
+    if config.getoption("benchmark_disable", default=False):
+        raise pytest.UsageError(
+            "benchmarks/ report measured times (and compare them with the reference's): run them with "
+            "--benchmark-only, not --benchmark-disable"
+        )
+
+
 @pytest.fixture
 def record(benchmark):
     """record(key=value, ...) adds to the benchmark's extra_info."""
