@@ -177,8 +177,17 @@ def _parser_of(target: str) -> argparse.ArgumentParser:
             sys.path.insert(0, str(path.parent))  # as python does for a script
             runpy.run_path(str(path), run_name="__main__")
         else:
-            assert importlib.util.find_spec(target) is not None, f"module {target} does not exist"
-            runpy.run_module(target, run_name="__main__", alter_sys=False)
+            spec = importlib.util.find_spec(target)
+            assert spec is not None, f"module {target} does not exist"
+            # runpy warns when the module it runs (a package's __main__) was imported already: run a
+            # fresh copy, leave the imported one in place
+            ran = target + ".__main__" if spec.submodule_search_locations is not None else target
+            held = sys.modules.pop(ran, None)
+            try:
+                runpy.run_module(target, run_name="__main__", alter_sys=False)
+            finally:
+                if held is not None:
+                    sys.modules[ran] = held
     except _Parsed as p:
         return p.parser
     finally:
