@@ -97,6 +97,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The fixed max is used while logit_bound <= this: exp(s - bound) >= exp(-64) ~ 1.6e-28 stays a
 # normal fp32 (underflow starts near exp(-87)), so every term keeps full relative precision.
 FIXED_MAX_LIMIT = 32.0
+_FIXED_MAX_LIMIT = tl.constexpr(FIXED_MAX_LIMIT)  # for the kernels (which read only constexpr globals)
 # Forward: a block of A stays resident (each B tile is one load) up to RESIDENT_MAX_D; beyond
 # it the logits stream over D in STREAM_BLOCK_K chunks. Keyed by element size: fp32 operands
 # (tf32x3 splits each into two TF32 halves) need about twice the shared memory and registers.
@@ -332,7 +333,7 @@ def _scalars(scale_ptr, bias_ptr, MODE: tl.constexpr, BOUNDED: tl.constexpr, HAS
     if BOUNDED:
         bound = scale
         if MODE != 2:
-            fixed = (scale > 0.0) & (scale <= FIXED_MAX_LIMIT)
+            fixed = (scale > 0.0) & (scale <= _FIXED_MAX_LIMIT)
     return scale, bias, bound, fixed
 
 
