@@ -25,6 +25,11 @@
 //   columns get their own blocks (grid = row tiles + column tiles): twice the GEMM work, no
 //   atomics, still one launch.
 // - Forward, sigmoid: sum of softplus(s + bias) per row; no max needed.
+// - scale and bias are device scalars (fp64) the kernels load: the host never reads them (no
+//   synchronisation, CUDA-graph capturable). So whether the bound allows the fixed max is
+//   decided by every block from the scale it reads, and a bounded softmax launch has a grid
+//   that fits both kinds (row tiles + column tiles by column splits): blocks of the kind not
+//   taken exit at once (the fixed max's column blocks after taking their ticket).
 // - Backward: W_ij = g_i exp(s_ij - r_i) + h_j exp(s_ij - c_j) (or g_i sigmoid(s_ij + b)) is
 //   recomputed per tile and multiplied with the other side's tile (GEMM2; W in the storage type
 //   for tensor cores, fp16 W first scaled by 1 / (max|g| + max|h|) into fp16 range). Row

@@ -9,14 +9,19 @@ Each kernel is written once for an "A owns its rows" pass; the column pass is th
 with u/v, ids, statistics and weights exchanged and the row offset negated.
 - ``_sc_forward_kernel``: per row an online log-sum-exp with a true running max (or the softplus
   sum of the sigmoid form). Column log-sum-exps come either from a second, column-owned launch,
-  or, when ``0 < logit_bound <= FIXED_MAX_LIMIT`` and torch's deterministic mode is off, from
-  the fixed-max trick (SPEC section 5) inside the row pass: ``sum_i exp(s_ij - bound) =
-  sum_i p_ij exp(m_i - bound)`` reuses the row pass's exponentials (one exp per pair in all)
-  and is accumulated with ``tl.atomic_add``. Why: the column-owned launch costs a second
-  2 N M D GEMM and N M more exps (2x the forward), while the atomics cost M adds per row block
-  and make the fp32 column sums order-dependent (run-to-run differences ~1e-7 relative).
-  Deterministic mode and small temperatures (exp(-2 bound) no longer a normal fp32 with room
-  to spare, tau < 1/32) take the column-owned launch.
+  or, when the rows are unit vectors (``bounded``: bound = scale), ``0 < scale <=
+  FIXED_MAX_LIMIT`` and torch's deterministic mode is off, from the fixed-max trick (SPEC
+  section 5) inside the row pass: ``sum_i exp(s_ij - bound) = sum_i p_ij exp(m_i - bound)``
+  reuses the row pass's exponentials (one exp per pair in all) and is accumulated with
+  ``tl.atomic_add``. Why: the column-owned launch costs a second 2 N M D GEMM and N M more exps
+  (2x the forward), while the atomics cost M adds per row block and make the fp32 column sums
+  order-dependent (run-to-run differences ~1e-7 relative). Deterministic mode and small
+  temperatures (exp(-2 bound) no longer a normal fp32 with room to spare, tau < 1/32) take the
+  column-owned sweep. scale and bias live in device memory (0-dim float64 tensors) and are
+  read by the kernels, never by the host (no synchronisation): so the scale test is made in
+  the kernels, and a bounded launch with column statistics always issues the column-owned
+  launch too, which skips its sweep (and only turns the column sums into log-sum-exps) when
+  the row pass took them.
 - ``_sc_backward_kernel``: recomputes logit tiles and accumulates ``W B`` (and ``W 1``) for the
   rows it owns; launched row-owned (W v, W 1) and column-owned (W^T u). Why not one launch with
   atomics (FlashAttention-2: dK/dV in registers, dQ by atomics): at D = 768 the atomic side moves
@@ -94,7 +99,7 @@ from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# The fixed max is used while logit_bound <= this: exp(s - bound) >= exp(-64) ~ 1.6e-28 stays a
+# The fixed max is used while the bound (the scale) <= this: exp(s - bound) >= exp(-64) ~ 1.6e-28 stays a
 # normal fp32 (underflow starts near exp(-87)), so every term keeps full relative precision.
 FIXED_MAX_LIMIT = 32.0
 _FIXED_MAX_LIMIT = tl.constexpr(FIXED_MAX_LIMIT)  # for the kernels (which read only constexpr globals)
@@ -178,7 +183,8 @@ else:
     ]
     _BWD_CONFIGS = [
         # D <= 256: one chunk; accumulator BLOCK_N x D fp32 in registers (128 rows spill at D = 256)
-        _cfg(8, 2, D_SMALL, max_d=128, BLOCK_N=128, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
+        # (sm_90 only: with both forms of W in one kernel, BOUNDED, it spills 16 B on sm_80)
+        _cfg(8, 2, D_SMALL, max_d=128, min_arch=90, BLOCK_N=128, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
         _cfg(8, 3, D_SMALL, max_d=128, BLOCK_N=128, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
         _cfg(4, 3, D_SMALL, max_d=128, BLOCK_N=64, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
         _cfg(8, 2, D_SMALL, BLOCK_N=64, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
@@ -193,7 +199,7 @@ else:
         _cfg(8, 2, D_STREAMED, BLOCK_N=32, BLOCK_M=64, CHUNK=128, N_CHUNK=4),
         _cfg(8, 2, D_STREAMED, BLOCK_N=32, BLOCK_M=64, CHUNK=128, N_CHUNK=2),
         _cfg(8, 3, D_STREAMED, BLOCK_N=64, BLOCK_M=64, CHUNK=128, N_CHUNK=2),
-        _cfg(8, 3, D_STREAMED, min_arch=90, BLOCK_N=128, BLOCK_M=64, CHUNK=128, N_CHUNK=1),
+        # (128 x 64 with one 128-wide chunk spills 28 B on sm_90 with both forms of W, BOUNDED)
         # fp32 (tf32x3): streamed, small tiles (larger ones spill or exceed shared memory)
         _cfg(4, 2, D_F32, min_arch=90, BLOCK_N=64, BLOCK_M=32, CHUNK=64, N_CHUNK=1),
         _cfg(4, 2, D_F32, BLOCK_N=32, BLOCK_M=64, CHUNK=64, N_CHUNK=1),
@@ -246,6 +252,9 @@ def _fits(c, d: int, arch: int) -> bool:
 def _prune_fwd(configs, nargs, **kwargs):
     cls, arch = _fwd_class(_elt(nargs["a_ptr"])), _arch(nargs)
     kept = [c for c in configs if c.cls == cls and _fits(c, nargs["D"], arch)]
+    # the fp16 softplus form spills 44-76 B in 128 x 128 tiles on sm_90 (at D = 128 and 512)
+    if nargs.get("MODE", kwargs.get("MODE")) == MODE_SIGMOID and nargs["a_ptr"].dtype == torch.float16:
+        kept = [c for c in kept if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] < 128 * 128]
     return kept or configs[:1]
 
 
