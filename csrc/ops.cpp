@@ -30,13 +30,16 @@ TORCH_LIBRARY(fastcon, m) {
 
   // Soft contrastive loss, blockwise pass (SPEC section 1; contract in reference.sc_core_*).
   // mode: 0 softmax, 1 softmax with same-id pairs masked (scene_mode="ignore"), 2 sigmoid.
-  // Positive of row i is column i + row_offset. logit_bound > 0 promises |scale * u.v| <= it.
+  // Positive of row i is column i + row_offset. scale (the logit scale 1 / tau) and bias (sigmoid;
+  // None is 0) are 0-dim float64 tensors on u's device: the kernels read them there, so that no
+  // call reads a value on the host (no host-device synchronisation; CUDA-graph capturable).
+  // bounded promises |scale * u.v| <= scale (unit rows): the kernels may use scale as a fixed max.
   m.def(
-      "sc_forward(Tensor u, Tensor v, Tensor? row_ids, Tensor? col_ids, int row_offset, float scale, "
-      "float bias, float logit_bound, int mode, bool need_col) -> (Tensor row_stat, Tensor col_stat)");
+      "sc_forward(Tensor u, Tensor v, Tensor? row_ids, Tensor? col_ids, int row_offset, Tensor scale, "
+      "Tensor? bias, bool bounded, int mode, bool need_col) -> (Tensor row_stat, Tensor col_stat)");
   m.def(
-      "sc_backward(Tensor u, Tensor v, Tensor? row_ids, Tensor? col_ids, int row_offset, float scale, "
-      "float bias, float logit_bound, int mode, Tensor row_stat, Tensor? col_stat, Tensor row_weight, "
+      "sc_backward(Tensor u, Tensor v, Tensor? row_ids, Tensor? col_ids, int row_offset, Tensor scale, "
+      "Tensor? bias, bool bounded, int mode, Tensor row_stat, Tensor? col_stat, Tensor row_weight, "
       "Tensor? col_weight) -> (Tensor grad_u, Tensor grad_v, Tensor row_wsum)");
 
   // Siamese masking (SPEC section 2; contract in reference.mask_*).

@@ -104,6 +104,17 @@ def scalar(name: str, value, *, positive: bool = False, device=None, read: bool 
     return v
 
 
+def inverse_finite(name: str, value: float, dtype: torch.dtype) -> None:
+    """A temperature's inverse (the logit scale 1 / tau) must be a finite number in the
+    accumulation dtype of ``dtype`` inputs (float32; float64 for float64)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if value < 1.0 / torch.finfo(acc).max:
+        raise ValueError(
+            f"{name} must be >= {1.0 / torch.finfo(acc).max:.3g} for {dtype} inputs (its inverse, the logit "
+            f"scale, must be finite in {acc}), got {value:.3g}"
+        )
+
+
 def first_order_only(op: str) -> None:
     """Called first in the backward of a fused op whose backward is not differentiable: under
     ``create_graph=True`` (grad mode is on inside backward only then) a second-order gradient

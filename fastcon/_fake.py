@@ -10,13 +10,13 @@ def _acc(t: torch.Tensor) -> torch.dtype:
 
 
 @torch.library.register_fake("fastcon::sc_forward")
-def _sc_forward(u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mode, need_col):
+def _sc_forward(u, v, row_ids, col_ids, row_offset, scale, bias, bounded, mode, need_col):
     m = v.shape[0] if (need_col and mode != 2) else 0
     return u.new_empty(u.shape[0], dtype=_acc(u)), u.new_empty(m, dtype=_acc(u))
 
 
 @torch.library.register_fake("fastcon::sc_backward")
-def _sc_backward(u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mode, row, col, g, h):
+def _sc_backward(u, v, row_ids, col_ids, row_offset, scale, bias, bounded, mode, row, col, g, h):
     a = _acc(u)
     return u.new_empty(u.shape, dtype=a), v.new_empty(v.shape, dtype=a), u.new_empty(u.shape[0], dtype=a)
 

@@ -222,7 +222,8 @@ def _scene_ids(labels, queue_labels):
 
 def _per_sample_losses(mode, need_col, hw, scale, bias_v, u, v, row, col, t: Targets):
     """Per-sample losses from the kernel statistics (row / col log-sum-exps or softplus sums) and
-    the target sums. Returns (per-sample losses, target row sums R or None)."""
+    the target sums. scale (1 / tau) and bias_v (sigmoid; None: 0) are 0-dim float64 tensors,
+    never read on the host. Returns (per-sample losses, target row sums R or None)."""
     dt = row.dtype
     if u.shape[0] <= _DOT_ROWS:  # one float64 copy of u and v for all the dots below
         ud, vd = _as(u, torch.float64), _as(v, torch.float64)
@@ -249,13 +250,16 @@ def _per_sample_losses(mode, need_col, hw, scale, bias_v, u, v, row, col, t: Tar
         sums = _target_sums(t, sd64, scale, dt, [(ud, v, t.q_v)])
         r_sum = next(sums)
         ts = next(sums)
-        per_a = row - hw * (sd + bias_v) - (1 - hw) * (ts + bias_v * r_sum)
+        if bias_v is None:
+            per_a = row - hw * sd - (1 - hw) * ts
+        else:
+            per_a = row - hw * (sd + bias_v) - (1 - hw) * (ts + bias_v * r_sum)
         per_b = None
     per = (per_a + per_b) / 2 if per_b is not None else per_a
     return per, r_sum
 
 
-def _target_sums(t: Targets, sd64, scale: float, dtype: torch.dtype, pairs):
+def _target_sums(t: Targets, sd64, scale: torch.Tensor, dtype: torch.dtype, pairs):
     """Yields the target row sums R_i = sum_j T_ij, then for each (a, x, xq) in pairs the target
     logit sums scale * sum_j T_ij (a_i . x_j) (xq: the queue's part of x, or None), accumulated in
     float64 and rounded once. sd64: scale * (u_i . v_i) in float64 (None beyond _DOT_ROWS rows),
@@ -322,8 +326,9 @@ def _row_dots(u: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
 def _scalar_grads(scale, hw, g, r_sum, u, gu, wsum, pu=None):
     """(dL/dtau, dL/dbias) from this process's rows, before gu is scaled:
     dL/dtau = -scale^2 * sum_ij G_ij (u_i . v_j) = -scale^2 * sum_i u_i . GU_i;
-    dL/dbias = sum_ij G_ij (sigmoid only; None otherwise). pu: _row_dots(u, gu), if already known."""
-    d_tau = -(scale**2) * (_row_dots(u, gu) if pu is None else pu).sum()
+    dL/dbias = sum_ij G_ij (sigmoid only; None otherwise). pu: _row_dots(u, gu), if already known.
+    scale: a 0-dim float64 tensor; dL/dtau comes out in float64 (one rounding, to tau's dtype, later)."""
+    d_tau = (_row_dots(u, gu) if pu is None else pu).sum().mul(scale).mul_(scale).neg_()
     d_bias = None if r_sum is None else wsum.sum() - (g * (hw + (1 - hw) * r_sum)).sum()
     return d_tau, d_bias
 
@@ -358,7 +363,7 @@ def _input_grads(ctx, scale, gu, gv, u, v, n1, n2, d_tau, d_bias, pu=None) -> tu
 _DOT_ROWS = 4096  # _logit_dot's row chunk: O(_DOT_ROWS * D) float64 temporaries
 
 
-def _logit_dot(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def _logit_dot(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """scale * (a_i . b_i) accumulated in float64 and rounded once to ``dtype``, in row chunks
     (O(_DOT_ROWS * D) extra memory; one chunk, no copies, for a batch that fits). These positive /
     target logits are subtracted from log-sum-exps of the same size (about 1 / tau): a small loss
@@ -374,7 +379,7 @@ def _logit_dot(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtyp
 
 
 def _norm_backward(
-    du: torch.Tensor, u: torch.Tensor, norm: torch.Tensor | None, scale: float, proj=None
+    du: torch.Tensor, u: torch.Tensor, norm: torch.Tensor | None, scale: torch.Tensor, proj=None
 ) -> torch.Tensor:
     """Backward of u = z / max(||z||, eps) for the upstream gradient scale * du, in place in du:
     scale (du - u (u . du)) / ||z|| where ||z|| > eps, scale du / eps otherwise (proj: u . du, if known)."""

@@ -48,6 +48,8 @@ from fastcon._sc_algebra import (
     _per_sample_losses,
     _queue_keys,
     _scalar_grads,
+    _segment_index,
+    _sorted_runs,
     _subtract_targets,
 )
 from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
@@ -100,9 +102,27 @@ def resolve_group(group):
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _check_same_on_all_ranks(comm, z1, labels, opts: dict, queue=None) -> None:
-    """One small all-gather: the local batch size, feature size, dtype, label kind and options
-    must agree on every rank (else the global loss is undefined, or a collective would hang)."""
+_ERROR_BYTES = 480  # of each rank's message that reaches the other ranks
+
+# The values each rank reports with its options (read on the host after the one all-gather):
+# temperature and bias (their values also checked there), and whether the label values passed
+# their checks on the device. Messages as fastcon.soft_contrastive.check_label_values words them.
+_VALUE_NAMES = ("temperature", "bias")
+_LABEL_CHECKS = (
+    ("labels", "finite", "labels must be finite, got NaN or infinite values"),
+    ("labels", "nonnegative", "labels must be >= 0 (multi-hot or class-fraction vectors), got negative values"),
+    ("queue_labels", "finite", "queue_labels must be finite, got NaN or infinite values"),
+    (
+        "queue_labels",
+        "nonnegative",
+        "queue_labels must be >= 0 (multi-hot or class-fraction vectors), got negative values",
+    ),
+)
+
+
+def _fields(z1, labels, opts: dict, queue) -> dict:
+    """The options and sizes that must agree on every rank (else the global loss is undefined, or
+    a collective would hang), as numbers."""
     kind = 0 if labels is None else (1 if labels.dim() == 1 else 2)
     fields = {
         "local batch size (rows of z1)": z1.shape[0],
@@ -113,43 +133,146 @@ def _check_same_on_all_ranks(comm, z1, labels, opts: dict, queue=None) -> None:
         "queue size K (0 without a queue)": 0 if queue is None else queue.shape[0],
     }
     fields.update(opts)
-    mine = torch.tensor([float(v) for v in fields.values()], dtype=torch.float64, device=z1.device)
-    every = comm.all_gather(mine[None]).cpu()
-    for k, name in enumerate(fields):
-        values = every[:, k].tolist()
-        if any(x != values[0] for x in values):
+    return fields
+
+
+def _label_flags(x, device) -> list[torch.Tensor]:
+    """[finite, non-negative] of label values as float64 (1 passes) on ``device``, computed there
+    (no host read); 1 for scene ids, bool labels or None."""
+    one = torch.ones(1, dtype=torch.float64, device=device)
+    if x is None or x.dim() != 2:
+        return [one, one]
+    finite = torch.isfinite(x).all().reshape(1) if x.dtype.is_floating_point else one
+    nonneg = (x >= 0).all().reshape(1) if x.dtype != torch.bool else one
+    return [finite.to(device=device, dtype=torch.float64), nonneg.to(device=device, dtype=torch.float64)]
+
+
+def _scalar_value(x, device) -> torch.Tensor:
+    """A temperature / bias value as a (1,) float64 tensor on ``device``: tensors stay on the
+    device (read on the host only with the gathered message), numbers become one."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().reshape(1).to(device=device, dtype=torch.float64)
+    return torch.tensor([0.0 if x is None else float(x)], dtype=torch.float64, device=device)
+
+
+def _bad_ranks(kind, bad: list[int], message: str) -> Exception:
+    return kind(
+        f"rank(s) {bad} of the group got invalid input, so every rank raises (none is left waiting in a "
+        f"collective); rank {bad[0]}: {message}"
+    )
+
+
+def _value_error(name: str, value: float, z_dtype, positive: bool) -> str | None:
+    """The eager check of a gathered temperature / bias value: its message, or None."""
+    try:
+        v = _checks.scalar(name, value, positive=positive)
+        if positive:
+            _checks.inverse_finite(name, v, z_dtype)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def check_all_ranks(comm, error, z1=None, labels=None, opts=None, queue=None, values=None) -> None:
+    """The distributed loss's first collective: one small all-gather of a row per rank, read on
+    the host once, so that an input error on any rank raises on every rank (none is left waiting
+    in a later collective) and the values each rank passed are compared.
+
+    A row holds: this rank's error from its eager checks (``error``: flag, type, the start of the
+    message); then, when it has none, the options and sizes of ``_fields`` and ``values``
+    (``{"temperature": ..., "bias": ..., "labels": ..., "queue_labels": ...}``): temperature and
+    bias as values (tensors stay on the device until the gather) and the label value checks as
+    flags computed on the device. The one host read is this collective's: the decision to raise
+    is a host decision, and the ranks must take it together before any collective whose message
+    sizes depend on the inputs. A rank whose input is bad raises its own error, every other rank
+    the same type of error naming the bad rank(s) and the first one's message. The value checks
+    come before the comparison (a NaN temperature is reported as such)."""
+    device = "cpu" if "gloo" in str(dist.get_backend(comm.group)) else torch.device("cuda", torch.cuda.current_device())
+    fields = {} if error is not None else _fields(z1, labels, opts, queue)
+    head = torch.zeros(2 + _ERROR_BYTES, dtype=torch.float64)
+    if error is not None:
+        text = str(error).encode()
+        text = text if len(text) <= _ERROR_BYTES else text[: _ERROR_BYTES - 3] + b"..."
+        head[0], head[1] = 1, int(isinstance(error, TypeError))
+        head[2 : 2 + len(text)] = torch.tensor(list(text), dtype=torch.float64)
+    n_fields = _N_FIELDS
+    assert error is not None or len(fields) == n_fields  # every rank's row has one length
+    if error is not None:  # zeros in place of this rank's fields and values (errors come first)
+        body = torch.zeros(n_fields + len(_VALUE_NAMES) + 1 + len(_LABEL_CHECKS), dtype=torch.float64, device=device)
+    else:
+        host = torch.tensor(
+            [float(v) for v in fields.values()] + [float(values["bias"] is not None)], dtype=torch.float64
+        )
+        parts = [host.to(device)] + [_scalar_value(values[k], device) for k in _VALUE_NAMES]
+        parts += _label_flags(values["labels"], device) + _label_flags(values["queue_labels"], device)
+        body = torch.cat(parts)
+    every = comm.all_gather(torch.cat([head.to(device), body])[None]).cpu()  # the one host read
+    if error is not None:
+        raise error
+    bad = [r for r in range(comm.world) if every[r, 0]]
+    if bad:
+        first = every[bad[0]]
+        message = bytes(first[2 : 2 + _ERROR_BYTES].to(torch.uint8).tolist()).rstrip(b"\0").decode(errors="replace")
+        raise _bad_ranks(TypeError if first[1] else ValueError, bad, message)
+    rows = every[:, 2 + _ERROR_BYTES :]
+    tau_col, bias_col, has_bias_col, flags_col = n_fields + 1, n_fields + 2, n_fields, n_fields + 3
+    # the value checks, rank by rank (this rank's own error first, as its eager check would raise)
+    z_dtype = z1.dtype
+    messages = {}
+    for r in range(comm.world):
+        msg = _value_error("temperature", float(rows[r, tau_col]), z_dtype, True)
+        if msg is None and rows[r, has_bias_col]:
+            msg = _value_error("bias", float(rows[r, bias_col]), z_dtype, False)
+        if msg is None:
+            failed = [m for (_, _, m), ok in zip(_LABEL_CHECKS, rows[r, flags_col:].tolist()) if not ok]
+            msg = failed[0] if failed else None
+        if msg is not None:
+            messages[r] = msg
+    if comm.rank in messages:
+        raise ValueError(messages[comm.rank])
+    if messages:
+        bad = sorted(messages)
+        raise _bad_ranks(ValueError, bad, messages[bad[0]])
+    names = list(fields) + ["temperature", "bias"]
+    columns = list(range(n_fields)) + [tau_col, bias_col]
+    for name, k in zip(names, columns):
+        values_k = rows[:, k].tolist()
+        if any(x != values_k[0] for x in values_k):
             if name == "z1 dtype":
-                values = [str(_DTYPES[int(x)]) for x in values]
-            elif all(float(x).is_integer() for x in values):
-                values = [int(x) for x in values]
+                values_k = [str(_DTYPES[int(x)]) for x in values_k]
+            elif all(float(x).is_integer() for x in values_k):
+                values_k = [int(x) for x in values_k]
             raise ValueError(
-                f"{name} must be equal on all ranks of the group, got {values} on ranks 0..{comm.world - 1}"
+                f"{name} must be equal on all ranks of the group, got {values_k} on ranks 0..{comm.world - 1}"
             )
 
 
-_ERROR_BYTES = 480  # of each rank's message that reaches the other ranks
-
-
 def check_on_every_rank(group, check) -> None:
-    """Run this rank's input check ``check()`` so that an error on any rank raises on every rank.
-
-    Under a process group an argument error raised on one rank only would leave the others
-    waiting in the loss's first collective until that process exits. So every rank runs its own
-    check, then one small all-gather (a flag and the start of the message, per rank) tells each
-    rank about the others: a rank whose input is bad raises its own error, every other rank the
-    same type of error naming the bad rank(s) and the first one's message.
-    """
-    try:
-        check()
-        error = None
-    except (ValueError, TypeError) as e:
-        error = e
+    """Run this rank's input check ``check()`` so that an error on any rank raises on every rank
+    (one small all-gather; see ``check_all_ranks``, which the distributed loss folds into its first
+    collective together with its option and value checks)."""
+    error = _run(check)
     try:
         comm = _Comm(resolve_group(group))
     except (ValueError, TypeError):
         if error is not None:  # no group to tell: this rank's own error
             raise error from None
         raise
+    _raise_any(comm, error)
+
+
+def _run(check):
+    """This rank's eager check: its ValueError / TypeError, or None."""
+    try:
+        if check is not None:
+            check()
+    except (ValueError, TypeError) as e:
+        return e
+    return None
+
+
+def _raise_any(comm, error) -> None:
+    """check_on_every_rank's all-gather: errors only."""
     row = torch.zeros(2 + _ERROR_BYTES, dtype=torch.uint8)
     if error is not None:
         text = str(error).encode()
@@ -164,11 +287,7 @@ def check_on_every_rank(group, check) -> None:
     if bad:
         first = every[bad[0]]
         message = bytes(first[2:].tolist()).rstrip(b"\0").decode(errors="replace")
-        kind = TypeError if first[1] else ValueError
-        raise kind(
-            f"rank(s) {bad} of the group got invalid input, so every rank raises (none is left waiting in a "
-            f"collective); rank {bad[0]}: {message}"
-        )
+        raise _bad_ranks(TypeError if first[1] else ValueError, bad, message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,10 +363,15 @@ class _GatherTargetSums:
         return self.comm.all_reduce(p)
 
     def scene_index(self, ids: torch.Tensor):
+        """The global scene index of this rank's rows: equal ids, equal index, in [0, N) (N = W n,
+        the global batch) by a sort of the gathered ids, without a host sync (no ``unique``, no
+        ``max``: the number of scenes stays on the device). Per-scene tables then have N rows,
+        all-reduced whole: O(N K) per reduction instead of O(scenes K), the price of not
+        reading the number of scenes on the host."""
         every = self.comm.all_gather(ids.to(torch.int64))
-        _, inverse = torch.unique(every, return_inverse=True)
+        inverse = _segment_index(every)
         n = ids.shape[0]
-        return inverse[self.comm.rank * n : (self.comm.rank + 1) * n], int(inverse.max()) + 1
+        return inverse[self.comm.rank * n : (self.comm.rank + 1) * n], every.shape[0]
 
     def scene_sum(self, table: torch.Tensor) -> torch.Tensor:
         return self.comm.all_reduce(table)
@@ -259,21 +383,24 @@ class _RingTargetSums(_GatherTargetSums):
     scenes it has. O(n * K) memory whatever the world size; the C x D label sums are all-reduced."""
 
     def scene_index(self, ids: torch.Tensor):
-        self.keys, inverse = torch.unique(ids.to(torch.int64), return_inverse=True)  # sorted
-        # tables travel padded to n rows (equal message sizes): pad keys repeat the last key, pad rows are 0
+        """This rank's scenes by a sort (no ``unique``: no host sync): a table of n rows, the
+        scenes in id order, then pad rows that repeat the last id (their sums stay 0)."""
+        ordered, order, runs = _sorted_runs(ids)
         n = ids.shape[0]
-        self.padded_keys = torch.cat([self.keys, self.keys[-1:].expand(n - self.keys.numel())])
-        return inverse, self.keys.numel()
+        self.keys = ordered[-1:].expand(n).clone().scatter_(0, runs, ordered)  # sorted, pads last
+        return torch.empty_like(runs).scatter_(0, order, runs), n
 
     def scene_sum(self, table: torch.Tensor) -> torch.Tensor:
-        n, k = self.padded_keys.numel(), self.keys.numel()
+        n = self.keys.numel()
         out = table.clone()
-        keys, rows = self.padded_keys, torch.cat([table, table.new_zeros((n - k, *table.shape[1:]))])
+        keys, rows = self.keys, table
         for _ in range(self.comm.world - 1):
             keys, rows = self.comm.shift([keys, rows], _TAG_SCENE).wait()
-            pos = torch.searchsorted(self.keys, keys).clamp_(max=k - 1)
-            hit = self.keys[pos] == keys
-            out.index_add_(0, pos[hit], rows[hit])
+            # searchsorted finds a scene's first row (pads repeat the last id after it); a row
+            # of a scene this rank lacks adds zeros (no boolean indexing: no host sync)
+            pos = torch.searchsorted(self.keys, keys).clamp_(max=n - 1)
+            hit = (self.keys[pos] == keys).view(-1, *([1] * (rows.dim() - 1)))
+            out.index_add_(0, pos, torch.where(hit, rows, torch.zeros((), dtype=rows.dtype, device=rows.device)))
         return out
 
 
@@ -394,8 +521,9 @@ class _DistributedSoftContrastive(torch.autograd.Function):
         loss, symmetric, hard_weight, normalize, reduction, scene_ignore = cfg
         comm, n = kpass.comm, z1.shape[0]
         acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
-        scale = 1.0 / float(temperature)
-        bias_v = 0.0 if bias is None else float(bias)
+        # scale and bias stay 0-dim float64 tensors on the device (read by the kernels there)
+        scale = temperature.detach().to(device=z1.device, dtype=torch.float64).reciprocal()
+        bias_v = None if bias is None else bias.detach().to(device=z1.device, dtype=torch.float64)
         mode = MODE_SIGMOID if loss == "sigmoid" else (MODE_SOFTMAX_IGNORE if scene_ignore else MODE_SOFTMAX)
         need_col = loss == "softmax" and symmetric and queue is None
 
@@ -404,7 +532,7 @@ class _DistributedSoftContrastive(torch.autograd.Function):
         qk, vq = _queue_keys(queue, normalize, kdt, acc)
         ids = labels.to(torch.int64).contiguous() if scene_ignore else None
         qids = queue_labels.to(torch.int64).contiguous() if scene_ignore and qk is not None else None
-        bound = scale if normalize else 0.0  # |s_ij| <= 1/tau for unit vectors
+        bound = normalize  # bounded: |s_ij| <= scale = 1/tau for unit vectors
 
         row, col, saved = kpass.forward(uk, vk, ids, scale, bias_v, bound, mode, need_col, acc, qk, qids)
         t = Targets(
@@ -448,7 +576,7 @@ class _DistributedSoftContrastive(torch.autograd.Function):
         # temperature and bias are replicated: every rank gets the same 1 / W share of the global
         # gradient (always all-reduced, so that no rank waits on a collective another skips)
         d_tau, d_bias = _scalar_grads(scale, hw, g, r_sum, u, gu, wsum)
-        parts = torch.stack([d_tau, d_bias if d_bias is not None else torch.zeros_like(d_tau)])
+        parts = torch.stack([d_tau, d_bias.to(d_tau.dtype) if d_bias is not None else torch.zeros_like(d_tau)])
         parts = comm.all_reduce(parts) / comm.world
         return _input_grads(ctx, scale, gu, gv, u, v, n1, n2, parts[0], parts[1])
 
@@ -457,43 +585,61 @@ class _DistributedSoftContrastive(torch.autograd.Function):
 # entry point (called by fastcon.soft_contrastive_loss when group is not None)
 
 
-def _value(x) -> float:
-    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
+_OPT_NAMES = (
+    "distributed mode",
+    "loss",
+    "symmetric",
+    "scene_mode",
+    "hard_weight",
+    "normalize",
+    "reduction",
+    "backend available (1 yes, 0 no)",
+)
+_N_FIELDS = 6 + len(_OPT_NAMES)  # _fields: the sizes and kinds, then the options
 
 
 def soft_contrastive_loss(
     z1, z2, labels, *, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction, backend,
-    group, mode, queue=None, queue_labels=None,
+    group, mode, queue=None, queue_labels=None, check=None,
 ):  # fmt: skip
-    """The distributed loss; arguments were checked by ``fastcon.soft_contrastive_loss``."""
-    comm = _Comm(resolve_group(group))
-    opts = {
-        "distributed mode": MODES.index(mode),
-        "loss": LOSSES.index(loss),
-        "symmetric": symmetric,
-        "scene_mode": SCENE_MODES.index(scene_mode),
-        "hard_weight": float(hard_weight),
-        "normalize": normalize,
-        "reduction": REDUCTIONS.index(reduction),
-        "temperature": _value(temperature),
-        "bias": 0.0 if bias is None else _value(bias),
-    }
-    # a backend missing on one rank is reported on every rank, rather than leaving the others in a collective
+    """The distributed loss. ``check``: the caller's eager checks of types, shapes and options
+    (fastcon.soft_contrastive_loss), run here so that their errors, the options, sizes and
+    values of every rank travel in one all-gather (``check_all_ranks``) before anything else."""
+    error = _run(check)
     try:
-        name, core = _backends.select("soft_contrastive", backend, z1.device)
-        unavailable = None
-    except _backends.BackendError as e:
-        unavailable = e
-    opts["backend available (1 yes, 0 no)"] = unavailable is None
-    _check_same_on_all_ranks(comm, z1, labels, opts, queue)
+        comm = _Comm(resolve_group(group))
+    except (ValueError, TypeError):
+        if error is not None:  # no group to tell: this rank's own error
+            raise error from None
+        raise
+    name = core = unavailable = opts = values = None
+    if error is None:
+        opts = dict(
+            zip(
+                _OPT_NAMES,
+                (MODES.index(mode), LOSSES.index(loss), symmetric, SCENE_MODES.index(scene_mode), float(hard_weight),
+                 normalize, REDUCTIONS.index(reduction)),
+            )
+        )  # fmt: skip
+        # a backend missing on one rank is reported on every rank, rather than leaving the others in a collective
+        try:
+            name, core = _backends.select("soft_contrastive", backend, z1.device)
+        except _backends.BackendError as e:
+            unavailable = e
+        opts["backend available (1 yes, 0 no)"] = unavailable is None
+        values = {"temperature": temperature, "bias": bias, "labels": labels, "queue_labels": queue_labels}
+    check_all_ranks(comm, error, z1, labels, opts, queue, values)
     if unavailable is not None:
         raise unavailable
     if name == "reference":
         core = reference.DenseCore()
     core.kernel_dtype(z1.dtype)  # a backend without kernels for this dtype says so before any work
     acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
-    tau = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature), dtype=acc)
-    b = None if bias is None else (bias if isinstance(bias, torch.Tensor) else torch.tensor(float(bias), dtype=acc))
+
+    def as_tensor(x):  # a number as a 0-dim tensor made on z1's device (a fill: no host-to-device copy)
+        return x if isinstance(x, torch.Tensor) else torch.full((), float(x), dtype=acc, device=z1.device)
+
+    tau, b = as_tensor(temperature), None if bias is None else as_tensor(bias)
     cfg = (loss, symmetric, float(hard_weight), normalize, reduction, scene_mode == "ignore")
     queue = None if queue is None else queue.detach()
     kpass = _PASSES[mode](comm, core)

@@ -135,38 +135,41 @@ def _pair_mask(row_ids, col_ids, row_offset, n, m, device):
     return (j == i + row_offset) | (row_ids[:, None] != col_ids[None, :])
 
 
-def sc_core_forward(u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mode, need_col):
+def sc_core_forward(u, v, row_ids, col_ids, row_offset, scale, bias, bounded, mode, need_col):
     """row (N,): logsumexp_j s_ij (softmax modes) or sum_j softplus(s_ij + bias) (sigmoid);
     col (M,): logsumexp_i s_ij when need_col (softmax modes), else empty. s = scale * u v^T.
-    ``logit_bound`` is only a hint to kernels (|s| <= bound when > 0) and changes no result.
+    ``scale``: the logit scale 1 / tau and ``bias``: the sigmoid bias (None: 0), 0-dim float64
+    tensors on u's device (the ops read them there: no host synchronisation; numbers are
+    accepted here). ``bounded`` is only a hint to kernels (|s| <= scale: unit rows, so that
+    scale may serve as a fixed max) and changes no result.
 
     Precision: the Function subtracts the positive logits s_{i, i + row_offset} (accumulated in
     float64, rounded once: soft_contrastive._logit_dot) from these statistics. Kernels take the
     positive pair's logit the same way (scale * float64 dot, rounded to the storage dtype) in
     forward and backward, so that small losses (the difference of two ~1/tau terms) cancel
     cleanly instead of carrying two independent fp32 roundings of the dot product."""
-    del logit_bound
+    del bounded
     acc = torch.float64 if u.dtype == torch.float64 else torch.float32
     s = (u.to(acc) @ v.to(acc).T) * scale
     n, m = s.shape
     empty = s.new_zeros(0)
     if mode == MODE_SIGMOID:
-        return F.softplus(s + bias).sum(dim=1), empty
+        return F.softplus(s if bias is None else s + bias).sum(dim=1), empty
     if mode == MODE_SOFTMAX_IGNORE:
         s = s.masked_fill(~_pair_mask(row_ids, col_ids, row_offset, n, m, s.device), float("-inf"))
     return torch.logsumexp(s, dim=1), (torch.logsumexp(s, dim=0) if need_col else empty)
 
 
-def sc_core_backward(u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mode, row, col, g, h):
+def sc_core_backward(u, v, row_ids, col_ids, row_offset, scale, bias, bounded, mode, row, col, g, h):
     """W_ij = g_i softmax_row_ij + h_j softmax_col_ij (softmax modes; h None means 0) or
     W_ij = g_i sigmoid(s_ij + bias) (sigmoid). Returns (W v (N, D), W^T u (M, D), W 1 (N,))."""
-    del logit_bound
+    del bounded
     acc = torch.float64 if u.dtype == torch.float64 else torch.float32
     u, v = u.to(acc), v.to(acc)
     s = (u @ v.T) * scale
     n, m = s.shape
     if mode == MODE_SIGMOID:
-        w = g[:, None] * torch.sigmoid(s + bias)
+        w = g[:, None] * torch.sigmoid(s if bias is None else s + bias)
     else:
         if mode == MODE_SOFTMAX_IGNORE:
             s = s.masked_fill(~_pair_mask(row_ids, col_ids, row_offset, n, m, s.device), float("-inf"))

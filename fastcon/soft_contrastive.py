@@ -98,19 +98,48 @@ def check_label_values(labels, name: str = "labels", sync_free: bool | None = No
             raise ValueError(message)
 
 
-def _check_values(z1, temperature, bias, labels, queue_labels) -> tuple[float, float]:
-    """The value checks of the loss's arguments; returns (temperature, bias) as floats."""
-    tau = _checks.scalar("temperature", temperature, positive=True, device=z1.device)
-    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
-    if tau < 1.0 / torch.finfo(acc).max:  # the logit scale 1 / tau must be a finite number in acc
-        raise ValueError(
-            f"temperature must be >= {1.0 / torch.finfo(acc).max:.3g} for {z1.dtype} inputs (its inverse, the logit "
-            f"scale, must be finite in {acc}), got {tau:.3g}"
+def _check_values(z1, temperature, bias, labels, queue_labels, sync_free: bool | None = None, scale=None) -> None:
+    """The value checks of the loss's arguments: temperature (finite, > 0, with a finite inverse
+    in the accumulation dtype), bias (finite) and the label values (``check_label_values``).
+
+    ``sync_free`` (default: for z1 not on the CPU; the fused loss also takes it for the GPU
+    backends' code path on CPU tensors) checks tensors with ``torch._assert_async``: no value is
+    read on the host, so no host-device synchronisation; a failure is reported by the device (on
+    CUDA a device-side assert naming the check, surfacing at the next synchronisation; on CPU
+    tensors a RuntimeError at once). Otherwise a failure is the ValueError here (reading a CPU
+    tensor's value costs no synchronisation). ``scale``: 1 / temperature in float64, if known.
+    Python numbers were checked by ``_check`` already."""
+    if sync_free is None:
+        sync_free = z1.device.type != "cpu"
+    if sync_free:
+        acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+        lo, hi = 1.0 / torch.finfo(acc).max, torch.finfo(acc).max
+        if scale is None:
+            scale = _logit_scale(temperature, z1.device)
+        # one comparison for all: scale in [smallest double, finfo(acc).max] fails for a NaN, an
+        # infinite, zero or negative temperature and for one whose inverse overflows acc
+        ok = scale.clamp(math.ulp(0.0), hi) == scale
+        torch._assert_async(
+            ok,
+            f"temperature must be finite, > 0 and >= {lo:.3g} for {z1.dtype} inputs (its inverse, the logit scale, "
+            f"must be finite in {acc})",
         )
-    bias_v = 0.0 if bias is None else _checks.scalar("bias", bias, device=z1.device)
-    check_label_values(labels)
-    check_label_values(queue_labels, "queue_labels")
-    return tau, bias_v
+        if bias is not None:
+            torch._assert_async(torch.isfinite(bias), "bias must be finite")
+    else:
+        tau = _checks.scalar("temperature", temperature, positive=True, device=z1.device)
+        _checks.inverse_finite("temperature", tau, z1.dtype)
+        if bias is not None:
+            _checks.scalar("bias", bias, device=z1.device)
+    check_label_values(labels, sync_free=sync_free)
+    check_label_values(queue_labels, "queue_labels", sync_free=sync_free)
+
+
+def _logit_scale(temperature: torch.Tensor, device) -> torch.Tensor:
+    """1 / temperature as the kernels take it: a 0-dim float64 tensor on ``device`` (float64 so
+    that it equals the Python float ``1.0 / float(temperature)`` the loss used before; the
+    kernels round it to their accumulation type). Never read on the host."""
+    return temperature.to(device=device, dtype=torch.float64).reciprocal()
 
 
 def check_queue(queue, queue_labels, labels, z2: torch.Tensor, loss: str, symmetric: bool) -> None:
@@ -172,7 +201,9 @@ def _check(
     _checks.boolean("symmetric", symmetric)
     _checks.boolean("normalize", normalize)
     _checks.real("hard_weight", hard_weight, low=0.0, high=1.0)
-    _checks.scalar("temperature", temperature, positive=True, device=z1.device, read=False)
+    tau = _checks.scalar("temperature", temperature, positive=True, device=z1.device, read=False)
+    if tau is not None:  # a Python number: checked at once (the fused loss checks tensors in its op)
+        _checks.inverse_finite("temperature", tau, z1.dtype)
     if scene_mode == "ignore":
         if labels is None or labels.dim() != 1:
             raise ValueError("scene_mode='ignore' needs scene ids: labels must be a 1-D integer tensor (N,)")
@@ -214,11 +245,14 @@ def _prepare(core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, 
     ``norms`` / ``scenes``: the forward's row norms and scene index (backward), not computed again."""
     loss, symmetric, hard_weight, normalize, reduction, scene_ignore = cfg
     acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    # scale and bias stay tensors on the device (float64, 0-dim): the kernels and the algebra
+    # read them there, so that no call synchronises with the host on a GPU. The GPU backends
+    # take this path (asserts instead of eager errors) on CPU tensors too (tests count it).
+    scale = _logit_scale(temperature, z1.device)
+    bias_v = None if bias is None else bias.to(device=z1.device, dtype=torch.float64)
     if check:
-        tau, bias_v = _check_values(z1, temperature, bias, labels, queue_labels)
-    else:
-        tau, bias_v = float(temperature), (0.0 if bias is None else float(bias))
-    scale = 1.0 / tau
+        sync_free = getattr(core, "sync_free", False) or z1.device.type != "cpu"
+        _check_values(z1, temperature, bias, labels, queue_labels, sync_free, scale)
     kdt = core.kernel_dtype(z1.dtype)
     uk, vk, u, v, n1, n2 = _normalize(z1, z2, normalize, kdt, acc, norms)
     qk, vq = _queue_keys(queue, normalize, kdt, acc)
@@ -228,9 +262,9 @@ def _prepare(core, z1, z2, temperature, bias, labels, queue, queue_labels, cfg, 
         None if scene_ignore else labels, z1.shape[0], acc, z1.device, queue_labels=queue_labels, queue_keys=vq,
         scene_index=scenes,
     )  # fmt: skip
-    bound = scale if normalize else 0.0  # |s_ij| <= 1/tau for unit vectors
+    # bounded: |s_ij| <= scale = 1/tau for unit vectors (the kernels may use it as a fixed max)
     need_col = loss == "softmax" and symmetric and queue is None
-    kargs = (ids, col_ids, 0, scale, bias_v, bound, _mode(loss, scene_ignore))
+    kargs = (ids, col_ids, 0, scale, bias_v, normalize, _mode(loss, scene_ignore))
     return uk, cols, u, v, n1, n2, t, kargs, need_col
 
 
@@ -403,8 +437,9 @@ def _fused_loss(z1, z2, temperature, bias, labels, cfg, backend: str, queue=None
 class _OpsCore:
     """sc_forward / sc_backward registered with TORCH_LIBRARY (csrc/), dispatched by device."""
 
-    def __init__(self, namespace: str, ext: str, native_low_precision: bool):
+    def __init__(self, namespace: str, ext: str, native_low_precision: bool, sync_free: bool = False):
         self.namespace, self.ext, self.native_low_precision = namespace, ext, native_low_precision
+        self.sync_free = sync_free  # the GPU code path (value checks by torch._assert_async), on any device
 
     def kernel_dtype(self, dtype):
         if dtype == torch.float64 or self.native_low_precision:
@@ -415,11 +450,25 @@ class _OpsCore:
         _backends.load_extension(self.ext)
         return getattr(torch.ops, self.namespace)
 
-    def forward(self, u, v, row_ids, col_ids, row_offset, scale, bias, bound, mode, need_col):
-        return self._ops().sc_forward(u, v, row_ids, col_ids, row_offset, scale, bias, bound, mode, need_col)
+    @staticmethod
+    def _scalars(u, scale, bias, bounded):
+        """scale / bias as the ops take them: 0-dim float64 tensors on u's device (the loss passes
+        them so; a number, as tests pass, becomes one), bounded as a bool."""
 
-    def backward(self, u, v, row_ids, col_ids, row_offset, scale, bias, bound, mode, row, col, g, h):
-        return self._ops().sc_backward(u, v, row_ids, col_ids, row_offset, scale, bias, bound, mode, row, col, g, h)
+        def f64(x):
+            if x is None or isinstance(x, torch.Tensor):
+                return x
+            return torch.full((), float(x), dtype=torch.float64, device=u.device)
+
+        return f64(scale), f64(bias), bool(bounded)
+
+    def forward(self, u, v, row_ids, col_ids, row_offset, scale, bias, bounded, mode, need_col):
+        scalars = self._scalars(u, scale, bias, bounded)
+        return self._ops().sc_forward(u, v, row_ids, col_ids, row_offset, *scalars, mode, need_col)
+
+    def backward(self, u, v, row_ids, col_ids, row_offset, scale, bias, bounded, mode, row, col, g, h):
+        scalars = self._scalars(u, scale, bias, bounded)
+        return self._ops().sc_backward(u, v, row_ids, col_ids, row_offset, *scalars, mode, row, col, g, h)
 
 
 def _triton_core():
@@ -430,9 +479,13 @@ def _triton_core():
 
 _backends.register("soft_contrastive", "reference", lambda: None)
 _backends.register("soft_contrastive", "cpu", lambda: _OpsCore("fastcon", "_C", native_low_precision=False))
-_backends.register("soft_contrastive", "cuda", lambda: _OpsCore("fastcon", "_C", native_low_precision=True))
 _backends.register(
-    "soft_contrastive", "cuda_simt", lambda: _OpsCore("fastcon_simt", "_C_simt", native_low_precision=True)
+    "soft_contrastive", "cuda", lambda: _OpsCore("fastcon", "_C", native_low_precision=True, sync_free=True)
+)
+_backends.register(
+    "soft_contrastive",
+    "cuda_simt",
+    lambda: _OpsCore("fastcon_simt", "_C_simt", native_low_precision=True, sync_free=True),
 )
 _backends.register("soft_contrastive", "triton", _triton_core)
 
@@ -496,30 +549,29 @@ def soft_contrastive_loss(
     by W for single-process gradients; see fastcon.distributed).
     """
 
-    # checks of types, shapes and options here; the value checks (temperature, bias and label
-    # values) where the values are read: below for the reference, in the fused op otherwise.
-    # Under a group every rank runs them first, so that an input error on one rank raises on all.
+    # checks of types, shapes and options here; the value checks of tensors (temperature, bias
+    # and label values) where the values are read: below for the reference, in the fused op
+    # otherwise. Under a group every rank runs this check and the loss's first collective (one
+    # small all-gather, fastcon.distributed) tells every rank about every rank's errors and
+    # values, so that an input error on one rank raises on all.
     def check():
         _check(
             z1, z2, labels, temperature, loss, symmetric, scene_mode, hard_weight, bias, normalize, reduction, queue,
             queue_labels,
         )  # fmt: skip
         _checks.choice("distributed", distributed, DISTRIBUTED_MODES)
-        if group is not None:
-            _check_values(z1, temperature, bias, labels, queue_labels)
 
     if group is None:
         check()
     else:
-        dist_loss.check_on_every_rank(group, check)  # an input error on one rank raises on every rank
         return dist_loss.soft_contrastive_loss(
             z1, z2, labels, temperature=temperature, loss=loss, symmetric=symmetric, scene_mode=scene_mode,
             hard_weight=hard_weight, bias=bias, normalize=normalize, reduction=reduction, backend=backend,
-            group=group, mode=distributed, queue=queue, queue_labels=queue_labels,
+            group=group, mode=distributed, queue=queue, queue_labels=queue_labels, check=check,
         )  # fmt: skip
     name = _backend_name(backend, z1.device, z1.dtype)
     if name == "reference":
-        _check_values(z1, temperature, bias, labels, queue_labels)
+        _check_values(z1, temperature, bias, labels, queue_labels, sync_free=False)
         return reference.soft_contrastive_loss(
             z1,
             z2,
@@ -535,12 +587,19 @@ def soft_contrastive_loss(
             queue=queue,
             queue_labels=queue_labels,
         )
-    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
-    tau = temperature if isinstance(temperature, torch.Tensor) else torch.tensor(float(temperature), dtype=acc)
-    b = None if bias is None else (bias if isinstance(bias, torch.Tensor) else torch.tensor(float(bias), dtype=acc))
+    tau, b = _as_tensor(temperature, z1), None if bias is None else _as_tensor(bias, z1)
     cfg = (loss, symmetric, float(hard_weight), normalize, reduction, scene_mode == "ignore")
     queue = None if queue is None else queue.detach()
     return _fused_loss(z1, z2, tau, b, labels, cfg, name, queue, queue_labels)
+
+
+def _as_tensor(x, z1: torch.Tensor) -> torch.Tensor:
+    """A temperature or bias for the fused op: a tensor as given, a number as a 0-dim tensor in
+    the accumulation dtype made on z1's device (a fill, not a host-to-device copy: no sync)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
+    return torch.full((), float(x), dtype=acc, device=z1.device)
 
 
 class SoftContrastiveLoss(nn.Module):

@@ -15,12 +15,13 @@ def test_opcheck_soft_contrastive_ops(mode):
     ids = (torch.randint(0, 4, (37,), generator=gen), torch.randint(0, 4, (29,), generator=gen))
     ids = ids if mode == 1 else (None, None)
     need_col = mode != 2
-    args = (u, v, *ids, 3, 5.0, -0.5, 5.0, mode, need_col)
+    scale, bias = torch.tensor(5.0, dtype=torch.float64), torch.tensor(-0.5, dtype=torch.float64)
+    args = (u, v, *ids, 3, scale, bias, True, mode, need_col)
     torch.library.opcheck(torch.ops.fastcon.sc_forward, args)
     row, col = torch.ops.fastcon.sc_forward(*args)
     g = torch.rand(37, generator=gen)
     h = torch.rand(29, generator=gen) if need_col else None
-    bargs = (u, v, *ids, 3, 5.0, -0.5, 5.0, mode, row, col if need_col else None, g, h)
+    bargs = (u, v, *ids, 3, scale, bias, True, mode, row, col if need_col else None, g, h)
     torch.library.opcheck(torch.ops.fastcon.sc_backward, bargs)
 
 

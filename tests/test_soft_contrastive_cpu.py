@@ -13,7 +13,26 @@ from fastcon import _backends, reference
 from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
 
 _backends.load_extension()
-ops = torch.ops.fastcon
+
+
+class _Ops:
+    """torch.ops.fastcon's loss ops with scale, bias and the logit bound written as numbers, as
+    these tests write them: the ops take scale and bias as 0-dim float64 tensors (never read on
+    the host by the GPU kernels) and ``bounded`` (here: a bound > 0, which is always the scale)."""
+
+    @staticmethod
+    def _args(scale, bias, bound):
+        f64 = dict(dtype=torch.float64)
+        return torch.tensor(float(scale), **f64), torch.tensor(float(bias), **f64), bool(bound > 0)
+
+    def sc_forward(self, u, v, row_ids, col_ids, offset, scale, bias, bound, *rest):
+        return torch.ops.fastcon.sc_forward(u, v, row_ids, col_ids, offset, *self._args(scale, bias, bound), *rest)
+
+    def sc_backward(self, u, v, row_ids, col_ids, offset, scale, bias, bound, *rest):
+        return torch.ops.fastcon.sc_backward(u, v, row_ids, col_ids, offset, *self._args(scale, bias, bound), *rest)
+
+
+ops = _Ops()
 
 # Code paths: the AVX-512 tile passes and MKL tile GEMMs are what this machine runs by default;
 # FASTCON_CPU_ISA=avx2 / scalar and FASTCON_CPU_GEMM=builtin force the others (read on every call).
@@ -207,6 +226,12 @@ OP_BAD_INPUTS = [
     ),
     ("ids_wrong_length", lambda: _fwd(row_ids=torch.arange(5), col_ids=torch.arange(5), mode=1), ValueError, r"\(6,\)"),
     ("scale_not_finite", lambda: _fwd(scale=float("inf")), ValueError, "must be finite"),
+    (
+        "scale_float32",
+        lambda: torch.ops.fastcon.sc_forward(*_good()[:2], None, None, 0, torch.tensor(2.0), None, True, 0, True),
+        TypeError,
+        "scale must be float64",
+    ),
     ("row_stat_shape", lambda: _bwd(row=torch.zeros(4)), ValueError, "row_stat must have shape"),
     ("row_weight_dtype", lambda: _bwd(g=torch.ones(5, dtype=torch.float64)), TypeError, "row_weight must be Float"),
     ("col_weight_without_stat", lambda: _bwd(h=torch.ones(6)), ValueError, "col_weight needs col_stat"),

@@ -30,6 +30,11 @@ def dev(backend):
     return "cuda" if backend == "cuda" else "cpu"
 
 
+def f64(x, device="cpu"):
+    """A scalar argument of the ops (scale, bias): a 0-dim float64 tensor on the inputs' device."""
+    return torch.tensor(float(x), dtype=torch.float64, device=device)
+
+
 def rel(a, e):
     a, e = a.double().cpu(), e.double().cpu()
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-300)).item()
@@ -51,8 +56,15 @@ def check_contract(backend, u, v, gen, *, mode, offset=0, scale=10.0, bias=-1.0,
     acc = torch.float64 if u.dtype == torch.float64 else torch.float32
     d = dev(backend)
     rid, cid = ids if ids is not None else (None, None)
-    args = (rid, cid, offset, scale, bias, bound, mode)
-    dargs = (None if rid is None else rid.to(d), None if cid is None else cid.to(d), *args[2:])
+    args = (rid, cid, offset, scale, bias, bound > 0, mode)
+    dargs = (
+        None if rid is None else rid.to(d),
+        None if cid is None else cid.to(d),
+        offset,
+        f64(scale, d),
+        f64(bias, d),
+    )
+    dargs += args[5:]
     need_col = mode != MODE_SIGMOID
     row, col = ops(backend).sc_forward(u.to(d), v.to(d), *dargs, need_col)
     r_row, r_col = reference.sc_core_forward(u.double(), v.double(), *args, need_col)
@@ -94,11 +106,13 @@ def test_column_split_of_one_row_tile(backend, mode):
 @pytest.mark.parametrize("mode", [MODE_SOFTMAX, MODE_SOFTMAX_IGNORE])
 def test_fixed_and_running_max_agree(backend, mode):
     """A usable logit bound takes the fixed-max path (one exp per pair for rows and columns),
-    none the running-max path (columns in their own blocks): same statistics and weights."""
+    none the running-max path (columns in their own blocks): same statistics and weights. The
+    kernels decide from the scale they read: bounded with scale 50 (beyond the fp32 limit of 40)
+    takes the running max too."""
     u, v, gen = problem(100, 80, 32, torch.float32, seed=3)
     ids = (torch.randint(0, 5, (100,), generator=gen), torch.randint(0, 5, (80,), generator=gen))
-    for bound in (10.0, 0.0):
-        check_contract(backend, u, v, gen, mode=mode, scale=10.0, bound=bound, ids=ids if mode else None)
+    for scale, bound in ((10.0, 10.0), (10.0, 0.0), (50.0, 50.0)):
+        check_contract(backend, u, v, gen, mode=mode, scale=scale, bound=bound, ids=ids if mode else None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -110,7 +124,7 @@ def test_fp16_small_weights_keep_their_precision(backend):
     row, col = reference.sc_core_forward(u.double(), v.double(), None, None, 0, 10.0, 0.0, 10.0, 0, True)
     g = torch.full((64,), 1e-7, dtype=torch.float64)
     out = ops(backend).sc_backward(
-        u.to(d), v.to(d), None, None, 0, 10.0, 0.0, 10.0, 0, row.float().to(d), col.float().to(d),
+        u.to(d), v.to(d), None, None, 0, f64(10.0, d), None, True, 0, row.float().to(d), col.float().to(d),
         g.float().to(d), g.float().to(d),
     )  # fmt: skip
     ref = reference.sc_core_backward(u.double(), v.double(), None, None, 0, 10.0, 0.0, 10.0, 0, row, col, g, g)
@@ -127,14 +141,15 @@ def test_fully_masked_rows_and_columns(backend, bound):
     u, v, gen = problem(3, 4, 8, torch.float32)
     ids = torch.ones(3, dtype=torch.int64), torch.ones(4, dtype=torch.int64)
     args = (-1, 5.0, 0.0, bound, MODE_SOFTMAX_IGNORE)
-    row, col = ops(backend).sc_forward(u.to(d), v.to(d), ids[0].to(d), ids[1].to(d), *args, True)
+    dargs = (-1, f64(5.0, d), None, bound > 0, MODE_SOFTMAX_IGNORE)
+    row, col = ops(backend).sc_forward(u.to(d), v.to(d), ids[0].to(d), ids[1].to(d), *dargs, True)
     r_row, r_col = reference.sc_core_forward(u.double(), v.double(), *ids, *args, True)
     assert row.isneginf().tolist() == [True, False, False] == r_row.isneginf().tolist()
     assert col.isneginf().tolist() == [False, False, True, True] == r_col.isneginf().tolist()
     assert rel(row[1:], r_row[1:]) <= 2e-5
     assert rel(col[:2], r_col[:2]) <= 2e-5
     g, h = torch.rand(3, generator=gen), torch.rand(4, generator=gen)
-    out = ops(backend).sc_backward(u.to(d), v.to(d), ids[0].to(d), ids[1].to(d), *args, row, col, g.to(d), h.to(d))
+    out = ops(backend).sc_backward(u.to(d), v.to(d), ids[0].to(d), ids[1].to(d), *dargs, row, col, g.to(d), h.to(d))
     # dense weights with masked pairs as exact zeros (exp(-inf - -inf) would be NaN)
     s = (5.0 * u.double() @ v.double().T).masked_fill(
         torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0]]) == 0, -torch.inf
@@ -167,8 +182,9 @@ def _u(n=4, d=3, dtype=torch.float32):
     return torch.randn(n, d, dtype=dtype)
 
 
-def _fwd(backend, u, v, *, ids=(None, None), mode=0, bound=1.0):
-    return ops(backend).sc_forward(u, v, ids[0], ids[1], 0, 1.0, 0.0, bound, mode, True)
+def _fwd(backend, u, v, *, ids=(None, None), mode=0, scale=None, bias=None):
+    scale = f64(1.0) if scale is None else scale
+    return ops(backend).sc_forward(u, v, ids[0], ids[1], 0, scale, bias, True, mode, True)
 
 
 BAD_FORWARD = [
@@ -178,7 +194,24 @@ BAD_FORWARD = [
     ("feature_mismatch", lambda: dict(u=_u(), v=_u(d=5)), ValueError, "same feature size"),
     ("empty_rows", lambda: dict(u=_u(n=0), v=_u()), ValueError, "at least one row"),
     ("mode_out_of_range", lambda: dict(u=_u(), v=_u(), mode=3), ValueError, "mode must be 0"),
-    ("negative_bound", lambda: dict(u=_u(), v=_u(), bound=-1.0), ValueError, "logit_bound must be >= 0"),
+    (
+        "scale_float32",
+        lambda: dict(u=_u(), v=_u(), scale=torch.tensor(1.0)),
+        TypeError,
+        "scale must be a float64 tensor, got float32",
+    ),
+    (
+        "scale_not_0dim",
+        lambda: dict(u=_u(), v=_u(), scale=torch.ones(1, dtype=torch.float64)),
+        ValueError,
+        "scale must be a 0-dim",
+    ),
+    (
+        "bias_float32",
+        lambda: dict(u=_u(), v=_u(), mode=2, bias=torch.tensor(0.0)),
+        TypeError,
+        "bias must be a float64 tensor",
+    ),
     ("ids_missing", lambda: dict(u=_u(), v=_u(), mode=1), ValueError, "row_ids is required in mode 1"),
     (
         "ids_not_int64",
@@ -212,11 +245,11 @@ def test_backward_rejects_bad_weights():
     with pytest.raises(
         TypeError, match="row_weight must be float32 .the accumulation dtype of float32 inputs., got float64"
     ):
-        bwd(u, v, None, None, 0, 1.0, 0.0, 1.0, 0, row, col, torch.ones(4, dtype=torch.float64), None)
+        bwd(u, v, None, None, 0, f64(1.0), None, True, 0, row, col, torch.ones(4, dtype=torch.float64), None)
     with pytest.raises(ValueError, match=r"row_stat must have shape \(4\)"):
-        bwd(u, v, None, None, 0, 1.0, 0.0, 1.0, 0, row[:3], col, torch.ones(4), None)
+        bwd(u, v, None, None, 0, f64(1.0), None, True, 0, row[:3], col, torch.ones(4), None)
     with pytest.raises(ValueError, match="col_stat is required with col_weight"):
-        bwd(u, v, None, None, 0, 1.0, 0.0, 1.0, 0, row, None, torch.ones(4), torch.ones(4))
+        bwd(u, v, None, None, 0, f64(1.0), None, True, 0, row, None, torch.ones(4), torch.ones(4))
 
 
 def test_mirrored_schemas_equal_fastcon_schemas():

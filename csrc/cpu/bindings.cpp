@@ -42,9 +42,22 @@ void sc_check_vector(const char* name, const at::Tensor& t, int64_t len, at::Sca
   TORCH_CHECK_VALUE(t.is_contiguous(), "fastcon::sc (cpu): ", name, " must be contiguous");
 }
 
+// A 0-dim float64 scalar argument (scale, bias) on the CPU: read here (on the CPU, reading a
+// value costs no synchronisation; the GPU kernels read theirs on the device).
+double sc_scalar(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "fastcon::sc (cpu): ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, "fastcon::sc (cpu): ", name, " must be float64, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 0, "fastcon::sc (cpu): ", name, " must be a 0-dim tensor, got shape ", t.sizes());
+  return *t.const_data_ptr<double>();
+}
+
 cpu::ScProblem sc_problem(const at::Tensor& u, const at::Tensor& v, const std::optional<at::Tensor>& row_ids,
-                          const std::optional<at::Tensor>& col_ids, int64_t row_offset, double scale, double bias,
-                          double logit_bound, int64_t mode) {
+                          const std::optional<at::Tensor>& col_ids, int64_t row_offset, const at::Tensor& scale_t,
+                          const std::optional<at::Tensor>& bias_t, bool bounded, int64_t mode) {
+  const double scale = sc_scalar("scale", scale_t);
+  const double bias = bias_t.has_value() ? sc_scalar("bias", *bias_t) : 0.0;
+  const double logit_bound = bounded ? scale : 0.0;  // |s_ij| <= scale for unit rows
   sc_check_matrix("u", u);
   sc_check_matrix("v", v);
   TORCH_CHECK_TYPE(v.scalar_type() == u.scalar_type(), "fastcon::sc (cpu): v must have u's dtype ",
@@ -78,9 +91,9 @@ cpu::ScProblem sc_problem(const at::Tensor& u, const at::Tensor& v, const std::o
 std::tuple<at::Tensor, at::Tensor> sc_forward_cpu(const at::Tensor& u, const at::Tensor& v,
                                                   const std::optional<at::Tensor>& row_ids,
                                                   const std::optional<at::Tensor>& col_ids, int64_t row_offset,
-                                                  double scale, double bias, double logit_bound, int64_t mode,
-                                                  bool need_col) {
-  const cpu::ScProblem p = sc_problem(u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mode);
+                                                  const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+                                                  bool bounded, int64_t mode, bool need_col) {
+  const cpu::ScProblem p = sc_problem(u, v, row_ids, col_ids, row_offset, scale, bias, bounded, mode);
   const bool with_col = need_col && mode != cpu::kScSigmoid;
   at::Tensor row = at::empty({p.n}, u.options());
   at::Tensor col = at::empty({with_col ? p.m : 0}, u.options());
@@ -93,10 +106,11 @@ std::tuple<at::Tensor, at::Tensor> sc_forward_cpu(const at::Tensor& u, const at:
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sc_backward_cpu(
     const at::Tensor& u, const at::Tensor& v, const std::optional<at::Tensor>& row_ids,
-    const std::optional<at::Tensor>& col_ids, int64_t row_offset, double scale, double bias, double logit_bound,
-    int64_t mode, const at::Tensor& row_stat, const std::optional<at::Tensor>& col_stat, const at::Tensor& row_weight,
+    const std::optional<at::Tensor>& col_ids, int64_t row_offset, const at::Tensor& scale,
+    const std::optional<at::Tensor>& bias, bool bounded, int64_t mode, const at::Tensor& row_stat,
+    const std::optional<at::Tensor>& col_stat, const at::Tensor& row_weight,
     const std::optional<at::Tensor>& col_weight) {
-  const cpu::ScProblem p = sc_problem(u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mode);
+  const cpu::ScProblem p = sc_problem(u, v, row_ids, col_ids, row_offset, scale, bias, bounded, mode);
   const auto acc = u.scalar_type();
   sc_check_vector("row_stat", row_stat, p.n, acc);
   sc_check_vector("row_weight", row_weight, p.n, acc);

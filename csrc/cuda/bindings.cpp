@@ -95,12 +95,20 @@ void check_embeddings(const char* op, const Tensor& u, const Tensor& v) {
                     u.sizes(), " and ", v.sizes());
 }
 
-void check_mode(const char* op, int64_t mode, double scale, double bias, double logit_bound) {
+void check_mode(const char* op, int64_t mode) {
   TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, op, ": mode must be 0 (softmax), 1 (softmax, same ids masked) or 2 "
                     "(sigmoid), got ", mode);
-  TORCH_CHECK_VALUE(std::isfinite(scale) && std::isfinite(bias), op, ": scale and bias must be finite");
-  TORCH_CHECK_VALUE(std::isfinite(logit_bound) && logit_bound >= 0, op, ": logit_bound must be >= 0, got ",
-                    logit_bound);
+}
+
+// scale / bias: a 0-dim float64 tensor on u's device, whose value only the kernels read (on the
+// device): its metadata is checked here, never its value (that would synchronise; the loss
+// checks the temperature and bias it derives them from with torch._assert_async).
+const double* scalar_ptr(const char* op, const char* name, const Tensor& t, const Tensor& u) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kDouble, op, ": ", name, " must be a float64 tensor, got ",
+                   dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.dim() == 0, op, ": ", name, " must be a 0-dim tensor, got shape ", t.sizes());
+  check_device(op, name, t, u);
+  return t.const_data_ptr<double>();
 }
 
 // Scene ids: required in mode 1, int64 (len,) on u's device.
@@ -129,8 +137,8 @@ Tensor vector_arg(const char* op, const char* name, const Tensor& t, int64_t len
 }
 
 // The problem both passes score (the ids are set by ids_ptr).
-void set_problem(kernels::ScProblem& p, const Tensor& u, const Tensor& v, int64_t row_offset, double scale,
-                 double bias, double logit_bound, int64_t mode) {
+void set_problem(kernels::ScProblem& p, const Tensor& u, const Tensor& v, int64_t row_offset, const Tensor& scale,
+                 const OptTensor& bias, bool bounded, int64_t mode, const char* op) {
   p.dtype = dtype_of(u);
   p.u = u.data_ptr();
   p.v = v.data_ptr();
@@ -138,18 +146,18 @@ void set_problem(kernels::ScProblem& p, const Tensor& u, const Tensor& v, int64_
   p.m = v.size(0);
   p.d = u.size(1);
   p.row_offset = row_offset;
-  p.scale = scale;
-  p.bias = bias;
-  p.logit_bound = logit_bound;
+  p.scale = scalar_ptr(op, "scale", scale, u);
+  p.bias = bias.has_value() ? scalar_ptr(op, "bias", *bias, u) : nullptr;
+  p.bounded = bounded;
   p.mode = static_cast<int>(mode);
 }
 
 std::tuple<Tensor, Tensor> sc_forward_op(const Tensor& u_in, const Tensor& v_in, const OptTensor& row_ids,
-                                         const OptTensor& col_ids, int64_t row_offset, double scale, double bias,
-                                         double logit_bound, int64_t mode, bool need_col) {
+                                         const OptTensor& col_ids, int64_t row_offset, const Tensor& scale,
+                                         const OptTensor& bias, bool bounded, int64_t mode, bool need_col) {
   constexpr const char* op = "sc_forward";
   check_embeddings(op, u_in, v_in);
-  check_mode(op, mode, scale, bias, logit_bound);
+  check_mode(op, mode);
   const Tensor u = u_in.contiguous(), v = v_in.contiguous();
   const int64_t n = u.size(0), m = v.size(0);
   std::optional<Tensor> keep_r, keep_c;
@@ -160,7 +168,7 @@ std::tuple<Tensor, Tensor> sc_forward_op(const Tensor& u_in, const Tensor& v_in,
   Tensor row = at::zeros({n}, opts);
   Tensor col = at::zeros({need_col && mode != 2 ? m : 0}, opts);
   Tensor counter = at::zeros({1}, u.options().dtype(at::kInt));
-  set_problem(p, u, v, row_offset, scale, bias, logit_bound, mode);
+  set_problem(p, u, v, row_offset, scale, bias, bounded, mode, op);
   p.need_col = need_col && mode != 2;
   p.row = row.data_ptr();
   p.col = col.numel() ? col.data_ptr() : nullptr;
@@ -172,13 +180,13 @@ std::tuple<Tensor, Tensor> sc_forward_op(const Tensor& u_in, const Tensor& v_in,
 }
 
 std::tuple<Tensor, Tensor, Tensor> sc_backward_op(const Tensor& u_in, const Tensor& v_in, const OptTensor& row_ids,
-                                                  const OptTensor& col_ids, int64_t row_offset, double scale,
-                                                  double bias, double logit_bound, int64_t mode,
+                                                  const OptTensor& col_ids, int64_t row_offset, const Tensor& scale,
+                                                  const OptTensor& bias, bool bounded, int64_t mode,
                                                   const Tensor& row_stat, const OptTensor& col_stat,
                                                   const Tensor& row_weight, const OptTensor& col_weight) {
   constexpr const char* op = "sc_backward";
   check_embeddings(op, u_in, v_in);
-  check_mode(op, mode, scale, bias, logit_bound);
+  check_mode(op, mode);
   const Tensor u = u_in.contiguous(), v = v_in.contiguous();
   const int64_t n = u.size(0), m = v.size(0), d = u.size(1);
   std::optional<Tensor> keep_r, keep_c;
@@ -202,7 +210,7 @@ std::tuple<Tensor, Tensor, Tensor> sc_backward_op(const Tensor& u_in, const Tens
     if (h) weight_max = weight_max + h->abs().max();
     weight_max = weight_max.to(at::kFloat).contiguous();
   }
-  set_problem(p, u, v, row_offset, scale, bias, logit_bound, mode);
+  set_problem(p, u, v, row_offset, scale, bias, bounded, mode, op);
   p.row_stat = r.data_ptr();
   p.col_stat = c ? c->data_ptr() : nullptr;
   p.g = g.data_ptr();

@@ -14,7 +14,8 @@ namespace fastcon::kernels {
 enum class DType { f16, bf16, f32, f64 };
 
 // Soft contrastive loss: what both blockwise passes score. u (n, d), v (m, d) row-major in
-// `dtype`; ids int64 (mode 1 only).
+// `dtype`; ids int64 (mode 1 only). scale and bias (null: 0) point to fp64 scalars in device
+// memory, read by the kernels (never by the host: no synchronisation); bounded: |s| <= scale.
 struct ScProblem {
   DType dtype;
   const void* u;
@@ -22,7 +23,9 @@ struct ScProblem {
   const int64_t* row_ids;
   const int64_t* col_ids;
   int64_t n, m, d, row_offset;
-  double scale, bias, logit_bound;
+  const double* scale;
+  const double* bias;
+  bool bounded;
   int mode;
 };
 

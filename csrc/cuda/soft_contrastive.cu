@@ -25,6 +25,11 @@
 //   columns get their own blocks (grid = row tiles + column tiles): twice the GEMM work, no
 //   atomics, still one launch.
 // - Forward, sigmoid: sum of softplus(s + bias) per row; no max needed.
+// - scale and bias are device scalars (fp64) the kernels load: the host never reads them (no
+//   synchronisation, CUDA-graph capturable). So whether the bound allows the fixed max is
+//   decided by every block from the scale it reads, and a bounded softmax launch has a grid
+//   that fits both kinds (row tiles + column tiles by column splits): blocks of the kind not
+//   taken exit at once (the fixed max's column blocks after taking their ticket).
 // - Backward: W_ij = g_i exp(s_ij - r_i) + h_j exp(s_ij - c_j) (or g_i sigmoid(s_ij + b)) is
 //   recomputed per tile and multiplied with the other side's tile (GEMM2; W in the storage type
 //   for tensor cores, fp16 W first scaled by 1 / (max|g| + max|h|) into fp16 range). Row
@@ -83,6 +88,10 @@ using device::kTensorCore;
 
 constexpr int kBM = 64, kBN = 64, kThreads = 256;
 constexpr int kSumExp = 0, kOnline = 1, kSoftplus = 2;  // forward kinds
+
+// A logit bound B works as a fixed max while e^(-2B) stays a normal number.
+template <class A>
+constexpr double kFixedMaxLimit = std::is_same_v<A, double> ? 300.0 : 40.0;
 // Blocks per SM the register budget is cut for: the forward fits two (<= 128 registers); the
 // backward keeps a 64 x 256 fp32 output slab in registers (~190-220 with the operand
 // fragments) and runs one 8-warp block per SM, like FlashAttention's backward. fp64 (the
@@ -127,7 +136,7 @@ struct Smem {
   static constexpr size_t kIds = kVb + round(kBN * sizeof(Acc<T>));
   static constexpr size_t kRed = kIds + round(kBN * sizeof(int64_t));
   static constexpr size_t kTicket = kRed + round(4 * kBN * sizeof(Acc<T>));
-  static constexpr size_t kBytes = kTicket + 128;
+  static constexpr size_t kBytes = kTicket + 128;  // the ticket, then 3 scalars at kTicket + 16
   static_assert(kBytes <= 48 * 1024, "static shared memory is limited to 48 KiB");
 
   T* xs;          // GEMM1: own rows, a BK-wide chunk of D
@@ -140,6 +149,7 @@ struct Smem {
   int64_t* ids;   // per other row of the tile: scene id (mode 1)
   Acc<T>* red;    // 4 x kBN column partial sums
   unsigned* ticket;
+  Acc<T>* scal;   // forward: scale, bias, bound of the launch (read from shared memory where used)
 
   __device__ explicit Smem(unsigned char* raw)
       : xs(reinterpret_cast<T*>(raw)),
@@ -151,7 +161,8 @@ struct Smem {
         vb(reinterpret_cast<Acc<T>*>(raw + kVb)),
         ids(reinterpret_cast<int64_t*>(raw + kIds)),
         red(reinterpret_cast<Acc<T>*>(raw + kRed)),
-        ticket(reinterpret_cast<unsigned*>(raw + kTicket)) {}
+        ticket(reinterpret_cast<unsigned*>(raw + kTicket)),
+        scal(reinterpret_cast<Acc<T>*>(raw + kTicket + 16)) {}
 };
 
 template <class T>
@@ -254,13 +265,37 @@ struct ProblemArgs {
   const int64_t* row_ids;
   const int64_t* col_ids;
   int64_t n, m, d, offset;
-  A scale, bias, bound;
-  double scale_d;
+  const double* scale;  // device scalars: the host never reads them (no synchronisation)
+  const double* bias;   // null: 0
+  bool bounded;         // |s| <= scale (unit rows): scale is a logit bound B
   int mode;
   bool vec_ok;
   int ldx;  // row stride of the resident own tile in dynamic shared memory, 0 when streamed
   int row_tiles, col_tiles;
 };
+
+// The scalars of a launch, read from device memory by every block: the logit scale (also in
+// fp64 for the positive logit), the sigmoid bias, the logit bound B (scale when bounded, else
+// 0) and whether the softmax modes use B as a fixed max (while e^(-2B) stays normal). Decided
+// on the device because scale lives there: the grids fit both choices (see the launchers).
+template <class A>
+struct Scalars {
+  double scale_d;
+  A scale, bias, bound;
+  bool fixed;
+};
+
+template <class T>
+__device__ __forceinline__ Scalars<Acc<T>> load_scalars(const ProblemArgs<T>& a) {
+  using A = Acc<T>;
+  Scalars<A> c;
+  c.scale_d = *a.scale;
+  c.scale = static_cast<A>(c.scale_d);
+  c.bias = a.bias ? static_cast<A>(*a.bias) : A(0);
+  c.bound = a.bounded ? c.scale : A(0);
+  c.fixed = a.mode != 2 && a.bounded && c.scale_d > 0 && c.scale_d <= kFixedMaxLimit<A>;
+  return c;
+}
 
 template <class T>
 struct FwdArgs : ProblemArgs<T> {
@@ -283,9 +318,24 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) sc_forward_k
   T* const xres = a.ldx ? reinterpret_cast<T*>(dyn_smem) : nullptr;
   const Smem<T> sm(smem);
   const int tid = threadIdx.x;
+  int kind;
+  {
+    const Scalars<A> sc = load_scalars(a);
+    // the kind: softplus (sigmoid), else the fixed max when the bound allows it, else online
+    kind = a.kind == kSoftplus ? kSoftplus : (sc.fixed ? kSumExp : kOnline);
+    if (tid == 0) {  // kept in shared memory, not registers (the loop's register budget is full)
+      sm.scal[0] = sc.scale;
+      sm.scal[1] = sc.bias;
+      sm.scal[2] = sc.bound;
+    }
+  }
+  if (kind == kOnline && blockIdx.y > 0) return;  // the online kind does not split the sweep
+  __syncthreads();  // the scalars
 
-  // column blocks (online kind only) do the row work with u and v swapped
+  // column blocks (online kind only) do the row work with u and v swapped; under the fixed
+  // max they only take their ticket (idle)
   const bool col_role = static_cast<int>(blockIdx.x) >= a.row_tiles;
+  const bool idle = col_role && kind != kOnline;
   const int tile = col_role ? blockIdx.x - a.row_tiles : blockIdx.x;
   const T* x = col_role ? a.v : a.u;
   const T* y = col_role ? a.u : a.v;
@@ -298,17 +348,18 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) sc_forward_k
   // this thread's row of the logit tile and its columns ec, ec + 4, ..., ec + 60
   const int er = tid >> 2, ec = tid & 3;
   const int64_t own = i0 + er;
-  const bool own_ok = own < nx;
+  const bool own_ok = !idle && own < nx;
   const bool masked = a.mode == 1;
   const int64_t own_id = masked && own_ok ? x_ids[own] : 0;
   const int64_t positive = own + (col_role ? -a.offset : a.offset);
-  const A pos_logit = positive_logit(x, own, y, positive, a.d, a.scale_d, own_ok && positive >= 0 && positive < ny, ec);
-  const bool col_sums = a.kind == kSumExp && a.need_col;
-  if (xres) stage_resident(xres, a.ldx, x, i0, nx, a.d, a.vec_ok, tid);  // read after GEMM1's first barrier
+  const A pos_logit = positive_logit(x, own, y, positive, a.d, *a.scale, own_ok && positive >= 0 && positive < ny, ec);
+  const bool col_sums = kind == kSumExp && a.need_col;
+  if (xres && !idle) stage_resident(xres, a.ldx, x, i0, nx, a.d, a.vec_ok, tid);  // read after GEMM1's first barrier
 
   A run_max = device::neg_inf<A>(), run_sum = 0;  // run_max in natural units
-  const int t_begin = blockIdx.y * a.tiles_per_split;
-  const int t_end = t_begin + a.tiles_per_split < y_tiles ? t_begin + a.tiles_per_split : y_tiles;
+  const int per_split = kind == kOnline ? y_tiles : a.tiles_per_split;
+  const int t_begin = blockIdx.y * per_split;
+  const int t_end = idle ? t_begin : (t_begin + per_split < y_tiles ? t_begin + per_split : y_tiles);
   for (int t = t_begin; t < t_end; ++t) {
     const int64_t j0 = static_cast<int64_t>(t) * kBN;
     if (masked && tid < kBN) sm.ids[tid] = j0 + tid < ny ? y_ids[j0 + tid] : 0;
@@ -316,7 +367,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) sc_forward_k
 
     const int64_t y_end = FASTCON_BROKEN(2) ? ny + 1 : ny;
     A* srow = sm.s + er * C::LDS;
-    if (a.kind == kOnline) {
+    if (kind == kOnline) {
       // two passes over the shared tile (max, then sum) instead of 16 registers of logits
       A tmax = device::neg_inf<A>();
 #pragma unroll 4
@@ -324,7 +375,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) sc_forward_k
         const int c = ec + 4 * k;
         const int64_t j = j0 + c;
         const bool ok = own_ok && j < y_end && (!masked || j == positive || sm.ids[c] != own_id);
-        if (ok) tmax = device::max_acc(tmax, j == positive ? pos_logit : srow[c] * a.scale);
+        if (ok) tmax = device::max_acc(tmax, j == positive ? pos_logit : srow[c] * sm.scal[0]);
       }
       tmax = device::max_acc(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
       tmax = device::max_acc(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
@@ -336,7 +387,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) sc_forward_k
           const int c = ec + 4 * k;
           const int64_t j = j0 + c;
           const bool ok = own_ok && j < y_end && (!masked || j == positive || sm.ids[c] != own_id);
-          if (ok) sum += device::exp2_acc(logit_minus(srow[c], j == positive, pos_logit, a.scale, new_max) * kLog2e<A>);
+          if (ok) sum += device::exp2_acc(logit_minus(srow[c], j == positive, pos_logit, sm.scal[0], new_max) * kLog2e<A>);
         }
         run_sum = sum;
         run_max = new_max;
@@ -350,10 +401,10 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) sc_forward_k
         const bool ok = own_ok && j < y_end && (!masked || j == positive || sm.ids[c] != own_id);
         A val = 0;
         if (ok) {
-          if (a.kind == kSumExp) {
-            val = device::exp2_acc(logit_minus(srow[c], j == positive, pos_logit, a.scale, a.bound) * kLog2e<A>);
+          if (kind == kSumExp) {
+            val = device::exp2_acc(logit_minus(srow[c], j == positive, pos_logit, sm.scal[0], sm.scal[2]) * kLog2e<A>);
           } else {  // softplus(x) = max(x, 0) + log1p(exp(-|x|)), x = s + bias
-            const A xb = logit_minus(srow[c], j == positive, pos_logit, a.scale, -a.bias);
+            const A xb = logit_minus(srow[c], j == positive, pos_logit, sm.scal[0], -sm.scal[1]);
             val = device::max_acc(xb, A(0)) + device::log1p_acc(device::exp2_acc(-(xb < 0 ? -xb : xb) * kLog2e<A>));
           }
         }
@@ -378,7 +429,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) sc_forward_k
 
   run_sum += __shfl_xor_sync(0xffffffffu, run_sum, 1);
   run_sum += __shfl_xor_sync(0xffffffffu, run_sum, 2);
-  if (a.kind == kOnline) {
+  if (kind == kOnline) {
     // log-sum-exp = max + log(sum): exactly the positive logit when it dominates alone
     if (ec == 0 && own_ok)
       (col_role ? a.col : a.row)[own] =
@@ -386,7 +437,7 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) sc_forward_k
     return;
   }
   if (ec == 0 && own_ok) atomicAdd(a.row + own, run_sum);
-  if (a.kind != kSumExp) return;
+  if (kind != kSumExp) return;
 
   // the last block to finish turns the sums of exp(s - B) into log-sum-exps
   __threadfence();
@@ -395,15 +446,14 @@ __global__ void __launch_bounds__(kThreads, kForwardBlocksPerSm<T>) sc_forward_k
   __syncthreads();
   if (*sm.ticket + 1 != gridDim.x * gridDim.y) return;
   __threadfence();
-  for (int64_t i = tid; i < a.n; i += kThreads) a.row[i] = a.bound + device::log2_acc(__ldcg(a.row + i)) * kLn2<A>;
+  for (int64_t i = tid; i < a.n; i += kThreads) a.row[i] = sm.scal[2] + device::log2_acc(__ldcg(a.row + i)) * kLn2<A>;
   if (a.need_col)
-    for (int64_t j = tid; j < a.m; j += kThreads) a.col[j] = a.bound + device::log2_acc(__ldcg(a.col + j)) * kLn2<A>;
+    for (int64_t j = tid; j < a.m; j += kThreads) a.col[j] = sm.scal[2] + device::log2_acc(__ldcg(a.col + j)) * kLn2<A>;
 }
 
 template <class T>
 struct BwdArgs : ProblemArgs<T> {
   using A = Acc<T>;
-  bool fixed;
   const A* row_stat;
   const A* col_stat;
   const A* g;
@@ -425,6 +475,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm) sc_backward_ke
   T* const xres = a.ldx ? reinterpret_cast<T*>(dyn_smem) : nullptr;
   const Smem<T> sm(smem);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wr = warp & 3, wc = warp >> 2;
+  const Scalars<A> sc = load_scalars(a);
 
   // row blocks compute W v (and W 1); column blocks W^T u, as the row work of W^T
   const bool col_role = static_cast<int>(blockIdx.x) >= a.row_tiles;
@@ -452,14 +503,14 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm) sc_backward_ke
   const bool own_ok = own < nx;
   const int64_t own_id = masked && own_ok ? x_ids[own] : 0;
   const int64_t positive = own + (col_role ? -a.offset : a.offset);
-  const A pos_logit = positive_logit(x, own, y, positive, a.d, a.scale_d, own_ok && positive >= 0 && positive < ny, ec);
+  const A pos_logit = positive_logit(x, own, y, positive, a.d, sc.scale_d, own_ok && positive >= 0 && positive < ny, ec);
   // own factor: fixed max: w_i exp(B - stat_i); online: w_i, with stat_i apart
   A own_a = 0, own_stat_v = 0;
   if (own_ok && own_w) {
     own_a = own_w[own];
     if (!sigmoid) {
       own_stat_v = own_stat[own];
-      if (a.fixed) own_a *= device::exp2_acc((a.bound - own_stat_v) * kLog2e<A>);
+      if (sc.fixed) own_a *= device::exp2_acc((sc.bound - own_stat_v) * kLog2e<A>);
     }
   }
   if (xres) stage_resident(xres, a.ldx, x, i0, nx, a.d, a.vec_ok, tid);  // read after GEMM1's first barrier
@@ -479,7 +530,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm) sc_backward_ke
         wa = other_w[j];
         if (!sigmoid) {
           sb = other_stat[j];
-          if (a.fixed) wa *= device::exp2_acc((a.bound - sb) * kLog2e<A>);
+          if (sc.fixed) wa *= device::exp2_acc((sc.bound - sb) * kLog2e<A>);
         }
       }
       sm.va[tid] = wa;
@@ -500,15 +551,15 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSm) sc_backward_ke
       if (ok) {
         const A dot = srow[c];
         if (sigmoid) {  // sigmoid(x) = 1 / (1 + exp(-x)), x = s + bias
-          const A xb = logit_minus(dot, is_pos, pos_logit, a.scale, -a.bias);
+          const A xb = logit_minus(dot, is_pos, pos_logit, sc.scale, -sc.bias);
           w = (own_a + sm.va[c]) / (A(1) + device::exp2_acc(-xb * kLog2e<A>));
-        } else if (a.fixed) {
-          w = device::exp2_acc(logit_minus(dot, is_pos, pos_logit, a.scale, a.bound) * kLog2e<A>) * (own_a + sm.va[c]);
+        } else if (sc.fixed) {
+          w = device::exp2_acc(logit_minus(dot, is_pos, pos_logit, sc.scale, sc.bound) * kLog2e<A>) * (own_a + sm.va[c]);
         } else {  // a side without weights is skipped: its stat may be unset and exp overflow
           if (own_a != A(0))
-            w = own_a * device::exp2_acc(logit_minus(dot, is_pos, pos_logit, a.scale, own_stat_v) * kLog2e<A>);
+            w = own_a * device::exp2_acc(logit_minus(dot, is_pos, pos_logit, sc.scale, own_stat_v) * kLog2e<A>);
           if (sm.va[c] != A(0))
-            w += sm.va[c] * device::exp2_acc(logit_minus(dot, is_pos, pos_logit, a.scale, sm.vb[c]) * kLog2e<A>);
+            w += sm.va[c] * device::exp2_acc(logit_minus(dot, is_pos, pos_logit, sc.scale, sm.vb[c]) * kLog2e<A>);
         }
       }
       wpart += w;
@@ -582,14 +633,9 @@ int resident_stride(K kernel, int64_t d, size_t* bytes) {
   return static_cast<int>(ldx);
 }
 
-// A logit bound B works as a fixed max while e^(-2B) stays a normal number.
-template <class A>
-constexpr double kFixedMaxLimit = std::is_same_v<A, double> ? 300.0 : 40.0;
-
 // The fields both passes share, from the op's parameters (ldx is set at launch).
 template <class T>
 void set_problem(ProblemArgs<T>& a, const kernels::ScProblem& p) {
-  using A = Acc<T>;
   a.u = static_cast<const T*>(p.u);
   a.v = static_cast<const T*>(p.v);
   a.row_ids = p.row_ids;
@@ -598,20 +644,13 @@ void set_problem(ProblemArgs<T>& a, const kernels::ScProblem& p) {
   a.m = p.m;
   a.d = p.d;
   a.offset = p.row_offset;
-  a.scale = static_cast<A>(p.scale);
-  a.bias = static_cast<A>(p.bias);
-  a.bound = static_cast<A>(p.logit_bound);
-  a.scale_d = p.scale;
+  a.scale = p.scale;
+  a.bias = p.bias;
+  a.bounded = p.bounded;
   a.mode = p.mode;
   a.vec_ok = vectorizable<T>(p.u, p.v, p.d);
   a.row_tiles = device::ceil_div(p.n, kBM);
   a.col_tiles = device::ceil_div(p.m, kBN);
-}
-
-// Softmax modes with a logit bound in range use one fixed max for rows and columns.
-template <class T>
-bool uses_fixed_max(const kernels::ScProblem& p) {
-  return p.mode != 2 && p.logit_bound > 0 && p.logit_bound <= kFixedMaxLimit<Acc<T>>;
 }
 
 template <class T>
@@ -620,22 +659,25 @@ const char* launch_forward(const kernels::ScForward& p, cudaStream_t stream) {
   FwdArgs<T> a{};
   set_problem<T>(a, p);
   const bool softmax = p.mode != 2;
-  a.kind = !softmax ? kSoftplus : (uses_fixed_max<T>(p) ? kSumExp : kOnline);
+  // softmax: the fixed max or the online kind, decided by each block from the scale it reads
+  // (kSumExp stands for "fixed max if the bound allows"); unbounded logits are always online
+  a.kind = !softmax ? kSoftplus : (p.bounded ? kSumExp : kOnline);
   a.need_col = softmax && p.need_col;
   a.row = static_cast<A*>(p.row);
   a.col = static_cast<A*>(p.col);
   a.counter = p.counter;
-  dim3 grid;
-  if (a.kind == kOnline) {
-    grid = dim3(a.row_tiles + (a.need_col ? a.col_tiles : 0));
-    a.tiles_per_split = a.row_tiles > a.col_tiles ? a.row_tiles : a.col_tiles;
-  } else {
-    // split the column sweep until there are about two blocks per multiprocessor
-    int splits = device::ceil_div(2 * multiprocessors(), a.row_tiles);
+  // The grid serves both kinds: x covers the row tiles, plus the column tiles when the online
+  // kind may need column blocks; y splits the column sweep of the fixed max and softplus kinds
+  // until there are about two blocks per multiprocessor. Blocks of the kind not taken exit at
+  // once (online: y > 0; fixed max: the column blocks, after taking their ticket).
+  int splits = 1;
+  if (a.kind != kOnline) {
+    splits = device::ceil_div(2 * multiprocessors(), a.row_tiles);
     splits = splits < 1 ? 1 : (splits > a.col_tiles ? a.col_tiles : splits);
-    a.tiles_per_split = device::ceil_div(a.col_tiles, splits);
-    grid = dim3(a.row_tiles, device::ceil_div(a.col_tiles, a.tiles_per_split));
   }
+  a.tiles_per_split = device::ceil_div(a.col_tiles, splits);
+  const int col_blocks = softmax && a.need_col ? a.col_tiles : 0;
+  const dim3 grid(a.row_tiles + col_blocks, device::ceil_div(a.col_tiles, a.tiles_per_split));
   auto kernel = &sc_forward_kernel<T>;
   size_t dyn = 0;
   a.ldx = resident_stride<T>(kernel, p.d, &dyn);
@@ -648,7 +690,6 @@ const char* launch_backward(const kernels::ScBackward& p, cudaStream_t stream) {
   using A = Acc<T>;
   BwdArgs<T> a{};
   set_problem<T>(a, p);
-  a.fixed = uses_fixed_max<T>(p);
   a.row_stat = static_cast<const A*>(p.row_stat);
   a.col_stat = static_cast<const A*>(p.col_stat);
   a.g = static_cast<const A*>(p.g);

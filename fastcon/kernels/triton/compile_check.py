@@ -115,7 +115,8 @@ def _loss_launches() -> list[Launch]:
         a = _t(dtype)
         base = dict(
             a_ptr=a, b_ptr=a, a_ids_ptr=_t(torch.int64), b_ids_ptr=_t(torch.int64),
-            NA=ROWS, NB=ROWS, D=d, stride_a=d, stride_b=d, offset=0, scale=10.0, bias=-10.0, bound=10.0,
+            NA=ROWS, NB=ROWS, D=d, stride_a=d, stride_b=d, offset=0,
+            scale_ptr=_t(torch.float64), bias_ptr=_t(torch.float64),
             N_KEY=ROWS, M_KEY=ROWS, D_KEY=triton.next_power_of_2(d),
             UPCAST=False, PRECISION=sc.TritonSoftContrastiveCore._precision(dtype),
         )  # fmt: skip
@@ -124,32 +125,59 @@ def _loss_launches() -> list[Launch]:
         for mode, split, has_pos in itertools.product(
             (MODE_SOFTMAX, MODE_SOFTMAX_IGNORE, MODE_SIGMOID), (1, 2), (True, False)
         ):
-            for fixed_col in (True, False) if mode != MODE_SIGMOID else (False,):
-                args = dict(base, pos_ptr=_t(), out_ptr=_t(), col_sum_ptr=_t(), SPLIT=split)
-                args.update(MODE=mode, FIXED_COL=fixed_col, HAS_POS=has_pos)
-                variant = f"MODE={mode} FIXED_COL={fixed_col:d} HAS_POS={has_pos:d} SPLIT={split}"
+            # (BOUNDED, FIXED_COL, COL_OF_FIXED): the row pass with fixed-max column sums, the
+            # column pass after it, an unbounded pass; the sigmoid form with and without a bias
+            if mode == MODE_SIGMOID:
+                flag_sets = [(True, False, False, True), (False, False, False, False)]
+            else:
+                flag_sets = [(True, True, False, False), (True, False, True, False), (False, False, False, False)]
+            for bounded, fixed_col, col_of_fixed, has_bias in flag_sets:
+                args = dict(base, pos_ptr=_t(), out_ptr=_t(), col_sum_ptr=_t(), col_in_ptr=_t(), SPLIT=split)
+                args.update(
+                    MODE=mode,
+                    BOUNDED=bounded,
+                    HAS_BIAS=has_bias,
+                    FIXED_COL=fixed_col,
+                    COL_OF_FIXED=col_of_fixed,
+                    HAS_POS=has_pos,
+                )
+                variant = (
+                    f"MODE={mode} BOUNDED={bounded:d} HAS_BIAS={has_bias:d} FIXED_COL={fixed_col:d} "
+                    f"COL_OF_FIXED={col_of_fixed:d} HAS_POS={has_pos:d} SPLIT={split}"
+                )
                 # the most live values: masked softmax with column sums, and the softplus form
                 heavy = has_pos and split == 2 and (fixed_col or mode == MODE_SIGMOID) and mode != MODE_SOFTMAX
+                heavy = heavy and (has_bias or mode != MODE_SIGMOID)
                 out.append(Launch("_sc_forward_kernel", sc, args, shape, variant, heavy))
         # backward: the row pass (W v, W 1 with a_w = g, b_w = h) and the column pass (W^T u)
         for mode, split, has_pos in itertools.product(
             (MODE_SOFTMAX, MODE_SOFTMAX_IGNORE, MODE_SIGMOID), (1, 2), (True, False)
         ):
-            if mode == MODE_SIGMOID:
+            if mode == MODE_SIGMOID:  # (BOUNDED is never passed with the sigmoid form)
                 flag_sets = [(False, True, False, True), (False, False, True, False)]
             else:
                 passes = [(True, True, True), (True, False, True), (True, True, False), (False, True, False)]
-                flag_sets = [(fixed, *p) for fixed in (True, False) for p in passes]
-            for fixed, has_aw, has_bw, wsum in flag_sets:
+                flag_sets = [(bounded, *p) for bounded in (True, False) for p in passes]
+            for bounded, has_aw, has_bw, wsum in flag_sets:
+                has_bias = mode == MODE_SIGMOID
                 args = dict(base, SPLIT=split, **{p: _t() for p in _BWD_F32_PTRS})
-                args.update(MODE=mode, FIXED=fixed, HAS_POS=has_pos, HAS_AW=has_aw, HAS_BW=has_bw, NEED_WSUM=wsum)
+                args.update(
+                    MODE=mode,
+                    BOUNDED=bounded,
+                    HAS_BIAS=has_bias,
+                    HAS_POS=has_pos,
+                    HAS_AW=has_aw,
+                    HAS_BW=has_bw,
+                    NEED_WSUM=wsum,
+                )
                 args["W_PRECISION"] = args["PRECISION"]
                 variant = (
-                    f"MODE={mode} FIXED={fixed:d} HAS_POS={has_pos:d} HAS_AW={has_aw:d} HAS_BW={has_bw:d} "
+                    f"MODE={mode} BOUNDED={bounded:d} HAS_POS={has_pos:d} HAS_AW={has_aw:d} HAS_BW={has_bw:d} "
                     f"NEED_WSUM={wsum:d} SPLIT={split}"
                 )
-                heavy = (mode, fixed, has_pos, has_aw, has_bw, wsum, split) in (
-                    (MODE_SOFTMAX_IGNORE, False, True, True, True, True, 2),
+                # the most live values: both forms of W in one kernel (bounded), and the sigmoid
+                heavy = (mode, bounded, has_pos, has_aw, has_bw, wsum, split) in (
+                    (MODE_SOFTMAX_IGNORE, True, True, True, True, True, 2),
                     (MODE_SIGMOID, False, True, True, False, True, 2),
                 )
                 out.append(Launch("_sc_backward_kernel", sc, args, shape, variant, heavy))

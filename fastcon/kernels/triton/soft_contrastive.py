@@ -9,14 +9,19 @@ Each kernel is written once for an "A owns its rows" pass; the column pass is th
 with u/v, ids, statistics and weights exchanged and the row offset negated.
 - ``_sc_forward_kernel``: per row an online log-sum-exp with a true running max (or the softplus
   sum of the sigmoid form). Column log-sum-exps come either from a second, column-owned launch,
-  or, when ``0 < logit_bound <= FIXED_MAX_LIMIT`` and torch's deterministic mode is off, from
-  the fixed-max trick (SPEC section 5) inside the row pass: ``sum_i exp(s_ij - bound) =
-  sum_i p_ij exp(m_i - bound)`` reuses the row pass's exponentials (one exp per pair in all)
-  and is accumulated with ``tl.atomic_add``. Why: the column-owned launch costs a second
-  2 N M D GEMM and N M more exps (2x the forward), while the atomics cost M adds per row block
-  and make the fp32 column sums order-dependent (run-to-run differences ~1e-7 relative).
-  Deterministic mode and small temperatures (exp(-2 bound) no longer a normal fp32 with room
-  to spare, tau < 1/32) take the column-owned launch.
+  or, when the rows are unit vectors (``bounded``: bound = scale), ``0 < scale <=
+  FIXED_MAX_LIMIT`` and torch's deterministic mode is off, from the fixed-max trick (SPEC
+  section 5) inside the row pass: ``sum_i exp(s_ij - bound) = sum_i p_ij exp(m_i - bound)``
+  reuses the row pass's exponentials (one exp per pair in all) and is accumulated with
+  ``tl.atomic_add``. Why: the column-owned launch costs a second 2 N M D GEMM and N M more exps
+  (2x the forward), while the atomics cost M adds per row block and make the fp32 column sums
+  order-dependent (run-to-run differences ~1e-7 relative). Deterministic mode and small
+  temperatures (exp(-2 bound) no longer a normal fp32 with room to spare, tau < 1/32) take the
+  column-owned sweep. scale and bias live in device memory (0-dim float64 tensors) and are
+  read by the kernels, never by the host (no synchronisation): so the scale test is made in
+  the kernels, and a bounded launch with column statistics always issues the column-owned
+  launch too, which skips its sweep (and only turns the column sums into log-sum-exps) when
+  the row pass took them.
 - ``_sc_backward_kernel``: recomputes logit tiles and accumulates ``W B`` (and ``W 1``) for the
   rows it owns; launched row-owned (W v, W 1) and column-owned (W^T u). Why not one launch with
   atomics (FlashAttention-2: dK/dV in registers, dQ by atomics): at D = 768 the atomic side moves
@@ -94,9 +99,10 @@ from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# The fixed max is used while logit_bound <= this: exp(s - bound) >= exp(-64) ~ 1.6e-28 stays a
+# The fixed max is used while the bound (the scale) <= this: exp(s - bound) >= exp(-64) ~ 1.6e-28 stays a
 # normal fp32 (underflow starts near exp(-87)), so every term keeps full relative precision.
 FIXED_MAX_LIMIT = 32.0
+_FIXED_MAX_LIMIT = tl.constexpr(FIXED_MAX_LIMIT)  # for the kernels (which read only constexpr globals)
 # Forward: a block of A stays resident (each B tile is one load) up to RESIDENT_MAX_D; beyond
 # it the logits stream over D in STREAM_BLOCK_K chunks. Keyed by element size: fp32 operands
 # (tf32x3 splits each into two TF32 halves) need about twice the shared memory and registers.
@@ -177,7 +183,8 @@ else:
     ]
     _BWD_CONFIGS = [
         # D <= 256: one chunk; accumulator BLOCK_N x D fp32 in registers (128 rows spill at D = 256)
-        _cfg(8, 2, D_SMALL, max_d=128, BLOCK_N=128, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
+        # (sm_90 only: with both forms of W in one kernel, BOUNDED, it spills 16 B on sm_80)
+        _cfg(8, 2, D_SMALL, max_d=128, min_arch=90, BLOCK_N=128, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
         _cfg(8, 3, D_SMALL, max_d=128, BLOCK_N=128, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
         _cfg(4, 3, D_SMALL, max_d=128, BLOCK_N=64, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
         _cfg(8, 2, D_SMALL, BLOCK_N=64, BLOCK_M=64, CHUNK=0, N_CHUNK=0),
@@ -192,7 +199,7 @@ else:
         _cfg(8, 2, D_STREAMED, BLOCK_N=32, BLOCK_M=64, CHUNK=128, N_CHUNK=4),
         _cfg(8, 2, D_STREAMED, BLOCK_N=32, BLOCK_M=64, CHUNK=128, N_CHUNK=2),
         _cfg(8, 3, D_STREAMED, BLOCK_N=64, BLOCK_M=64, CHUNK=128, N_CHUNK=2),
-        _cfg(8, 3, D_STREAMED, min_arch=90, BLOCK_N=128, BLOCK_M=64, CHUNK=128, N_CHUNK=1),
+        # (128 x 64 with one 128-wide chunk spills 28 B on sm_90 with both forms of W, BOUNDED)
         # fp32 (tf32x3): streamed, small tiles (larger ones spill or exceed shared memory)
         _cfg(4, 2, D_F32, min_arch=90, BLOCK_N=64, BLOCK_M=32, CHUNK=64, N_CHUNK=1),
         _cfg(4, 2, D_F32, BLOCK_N=32, BLOCK_M=64, CHUNK=64, N_CHUNK=1),
@@ -245,6 +252,9 @@ def _fits(c, d: int, arch: int) -> bool:
 def _prune_fwd(configs, nargs, **kwargs):
     cls, arch = _fwd_class(_elt(nargs["a_ptr"])), _arch(nargs)
     kept = [c for c in configs if c.cls == cls and _fits(c, nargs["D"], arch)]
+    # the fp16 softplus form spills 44-76 B in 128 x 128 tiles on sm_90 (at D = 128 and 512)
+    if nargs.get("MODE", kwargs.get("MODE")) == MODE_SIGMOID and nargs["a_ptr"].dtype == torch.float16:
+        kept = [c for c in kept if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] < 128 * 128]
     return kept or configs[:1]
 
 
@@ -319,6 +329,24 @@ def _log1p(t):
 
 
 @triton.jit
+def _scalars(scale_ptr, bias_ptr, MODE: tl.constexpr, BOUNDED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(scale, bias, bound, fixed) of a launch, read from device memory (float64 scalars, used in
+    fp32): bound = scale when BOUNDED (|s| <= scale), else 0; fixed: the softmax modes may use the
+    bound as a fixed max (exp(s - bound) stays normal)."""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr).to(tl.float32)
+    bound = 0.0
+    fixed = False
+    if BOUNDED:
+        bound = scale
+        if MODE != 2:
+            fixed = (scale > 0.0) & (scale <= _FIXED_MAX_LIMIT)
+    return scale, bias, bound, fixed
+
+
+@triton.jit
 def _tile_bounds(NB, SPLIT, BLOCK_M: tl.constexpr):
     """The inner tiles [t0, t1) of this program's split."""
     n_tiles = tl.cdiv(NB, BLOCK_M)
@@ -333,7 +361,7 @@ def _tile_bounds(NB, SPLIT, BLOCK_M: tl.constexpr):
 
 @triton.autotune(
     configs=_FWD_CONFIGS,
-    key=_KEYS + ["FIXED_COL"],
+    key=_KEYS + ["FIXED_COL", "COL_OF_FIXED"],
     prune_configs_by={"early_config_prune": _prune_fwd},
     reset_to_zero=["col_sum_ptr"],
 )
@@ -345,15 +373,22 @@ def _tile_bounds(NB, SPLIT, BLOCK_M: tl.constexpr):
 )
 @triton.jit
 def _sc_forward_kernel(
-    a_ptr, b_ptr, a_ids_ptr, b_ids_ptr, pos_ptr, out_ptr, col_sum_ptr,
-    NA, NB, D, stride_a, stride_b, offset, scale, bias, bound, SPLIT,
+    a_ptr, b_ptr, a_ids_ptr, b_ids_ptr, pos_ptr, out_ptr, col_sum_ptr, col_in_ptr, scale_ptr, bias_ptr,
+    NA, NB, D, stride_a, stride_b, offset, SPLIT,
     N_KEY, M_KEY, D_KEY,
-    MODE: tl.constexpr, FIXED_COL: tl.constexpr, HAS_POS: tl.constexpr, UPCAST: tl.constexpr,
+    MODE: tl.constexpr, BOUNDED: tl.constexpr, HAS_BIAS: tl.constexpr, FIXED_COL: tl.constexpr,
+    COL_OF_FIXED: tl.constexpr, HAS_POS: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
 ):  # fmt: skip
     """out[split, i] = logsumexp_j s_ij (modes 0, 1) or sum_j softplus(s_ij + bias) (mode 2) over
-    this split's columns; with FIXED_COL also col_sum[j] += sum_i exp(s_ij - bound)."""
+    this split's columns. scale and bias are read from device memory (no host synchronisation);
+    with BOUNDED (|s| <= scale) the fixed max bound = scale is usable while scale <= FIXED_MAX_LIMIT,
+    decided here. FIXED_COL: when it is, also col_sum[j] += sum_i exp(s_ij - bound).
+    COL_OF_FIXED (the column-owned pass after a FIXED_COL row pass): when it is, no sweep; out
+    = log(col_in) + bound (split 0; -inf in the others, which the split merge ignores). col_in
+    is col_sum under a name the autotuner does not reset to zero."""
+    scale, bias, bound, fixed = _scalars(scale_ptr, bias_ptr, MODE, BOUNDED, HAS_BIAS)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < NA
     rows = offs_n.to(tl.int64)
@@ -368,6 +403,8 @@ def _sc_forward_kernel(
     m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum of exp(s - m_i), or the softplus sum
     t0, t1 = _tile_bounds(NB, SPLIT, BLOCK_M)
+    if COL_OF_FIXED:
+        t1 = tl.where(fixed, t0, t1)  # the row pass took the column sums: nothing to sweep
     for t in range(t0, t1):
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < NB
@@ -398,12 +435,15 @@ def _sc_forward_kernel(
             if FIXED_COL:
                 # exp(s - bound) = p * exp(m - bound): the row pass's exponentials, reweighted
                 col = tl.sum(p * tl.exp(m_safe - bound)[:, None], 0)
-                tl.atomic_add(col_sum_ptr + offs_m, col, mask=m_ok)
+                tl.atomic_add(col_sum_ptr + offs_m, col, mask=tl.where(fixed, m_ok, False))
     if MODE == 2:
         res = l_i
     else:
         # no pair: -inf; a NaN logit made l_i NaN and stays NaN (SPEC section 1), not -inf
         res = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
+    if COL_OF_FIXED:
+        col_lse = tl.log(tl.load(col_in_ptr + offs_n, mask=n_ok, other=1.0)) + bound
+        res = tl.where(fixed, tl.where(tl.program_id(2) == 0, col_lse, float("-inf")), res)
     tl.store(out_ptr + tl.program_id(2) * NA + offs_n, res, mask=n_ok)
 
 
@@ -432,11 +472,12 @@ def _store_out(out_ptr, acc, r, rows, n_ok, c, D, NA, CHUNK: tl.constexpr):
 
 @triton.jit
 def _weights(
-    s, valid, offs_m, m_ok, a_coef, a_stat, inv_r, b_w_ptr, b_stat_ptr, bias, bound,
-    MODE: tl.constexpr, FIXED: tl.constexpr, HAS_AW: tl.constexpr, HAS_BW: tl.constexpr,
+    s, valid, offs_m, m_ok, a_coef, a_coef_fixed, a_stat, inv_r, b_w_ptr, b_stat_ptr, bias, bound, fixed,
+    MODE: tl.constexpr, BOUNDED: tl.constexpr, HAS_AW: tl.constexpr, HAS_BW: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """The tile of W / r (r the row scale) from the logits s."""
+    """The tile of W / r (r the row scale) from the logits s; ``fixed`` (run time, from the
+    scale; only when BOUNDED) picks the fixed-max form (a_coef_fixed) over the two-stat form."""
     if MODE == 2:
         x = s + bias
         e = tl.exp(-tl.abs(x))  # sigmoid without overflow on either side
@@ -448,32 +489,54 @@ def _weights(
             w = sig * (inv_r[:, None] * b_w[None, :])
     else:
         s = tl.where(valid, s, float("-inf"))
+        b_w = inv_r  # unused without HAS_BW
+        b_stat = inv_r
         if HAS_BW:
             b_w = tl.load(b_w_ptr + offs_m, mask=m_ok, other=0.0)
             b_stat = tl.load(b_stat_ptr + offs_m, mask=m_ok, other=0.0)
-        if FIXED:  # one exp per pair: W = exp(s - bound) * (a_w exp(bound - a_stat) + b_w exp(bound - b_stat))
-            e = tl.exp(s - bound)
-            if HAS_BW:
-                b_coef = tl.where(b_stat == float("-inf"), 0.0, b_w * tl.exp(bound - b_stat))
-                if HAS_AW:
-                    w = e * (a_coef[:, None] + inv_r[:, None] * b_coef[None, :])
-                else:
-                    w = e * (inv_r[:, None] * b_coef[None, :])
+        if BOUNDED:
+            if fixed:
+                w = _fixed_weights(s, a_coef_fixed, inv_r, b_w, b_stat, bound, HAS_AW, HAS_BW)
             else:
-                w = e * a_coef[:, None]
+                w = _two_stat_weights(s, a_coef, a_stat, inv_r, b_w, b_stat, HAS_AW, HAS_BW, BLOCK_N, BLOCK_M)
         else:
-            w = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            if HAS_AW:
-                w += a_coef[:, None] * tl.exp(s - a_stat[:, None])
-            if HAS_BW:
-                b_stat = tl.where(b_stat == float("-inf"), 0.0, b_stat)  # columns without pairs: W = 0
-                w += (inv_r[:, None] * b_w[None, :]) * tl.exp(s - b_stat[None, :])
+            w = _two_stat_weights(s, a_coef, a_stat, inv_r, b_w, b_stat, HAS_AW, HAS_BW, BLOCK_N, BLOCK_M)
     return tl.where(valid, w, 0.0)
+
+
+@triton.jit
+def _fixed_weights(s, a_coef, inv_r, b_w, b_stat, bound, HAS_AW: tl.constexpr, HAS_BW: tl.constexpr):
+    """One exp per pair: W = exp(s - bound) * (a_w exp(bound - a_stat) + b_w exp(bound - b_stat))."""
+    e = tl.exp(s - bound)
+    if HAS_BW:
+        b_coef = tl.where(b_stat == float("-inf"), 0.0, b_w * tl.exp(bound - b_stat))
+        if HAS_AW:
+            w = e * (a_coef[:, None] + inv_r[:, None] * b_coef[None, :])
+        else:
+            w = e * (inv_r[:, None] * b_coef[None, :])
+    else:
+        w = e * a_coef[:, None]
+    return w
+
+
+@triton.jit
+def _two_stat_weights(
+    s, a_coef, a_stat, inv_r, b_w, b_stat, HAS_AW: tl.constexpr, HAS_BW: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """W = a_w exp(s - a_stat) + b_w exp(s - b_stat), without a common max."""
+    w = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    if HAS_AW:
+        w += a_coef[:, None] * tl.exp(s - a_stat[:, None])
+    if HAS_BW:
+        b_stat = tl.where(b_stat == float("-inf"), 0.0, b_stat)  # columns without pairs: W = 0
+        w += (inv_r[:, None] * b_w[None, :]) * tl.exp(s - b_stat[None, :])
+    return w
 
 
 @triton.autotune(
     configs=_BWD_CONFIGS,
-    key=_KEYS + ["FIXED", "HAS_AW", "HAS_BW"],
+    key=_KEYS + ["BOUNDED", "HAS_AW", "HAS_BW"],
     prune_configs_by={"early_config_prune": _prune_bwd},
 )
 @triton.heuristics(
@@ -487,10 +550,11 @@ def _weights(
 @triton.jit
 def _sc_backward_kernel(
     a_ptr, b_ptr, a_ids_ptr, b_ids_ptr, pos_ptr, a_stat_ptr, b_stat_ptr, a_w_ptr, b_w_ptr, b_wmax_ptr,
-    out_ptr, wsum_ptr,
-    NA, NB, D, stride_a, stride_b, offset, scale, bias, bound, SPLIT,
+    out_ptr, wsum_ptr, scale_ptr, bias_ptr,
+    NA, NB, D, stride_a, stride_b, offset, SPLIT,
     N_KEY, M_KEY, D_KEY,
-    MODE: tl.constexpr, FIXED: tl.constexpr, HAS_POS: tl.constexpr, HAS_AW: tl.constexpr, HAS_BW: tl.constexpr,
+    MODE: tl.constexpr, BOUNDED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_AW: tl.constexpr, HAS_BW: tl.constexpr,
     NEED_WSUM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, W_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RESIDENT: tl.constexpr,
     CHUNK: tl.constexpr, N_CHUNK: tl.constexpr,
@@ -500,7 +564,10 @@ def _sc_backward_kernel(
     sigmoid: W_ij = (a_w_i or b_w_j) sigmoid(s_ij + bias).
     RESIDENT: A's rows sit in N_CHUNK chunks of CHUNK columns; each B tile is loaded once, as
     the same chunks, for the logits and the product; one program covers all of D.
-    Otherwise the logits stream over D and program_id(1) picks N_CHUNK x CHUNK output columns."""
+    Otherwise the logits stream over D and program_id(1) picks N_CHUNK x CHUNK output columns.
+    scale and bias are read from device memory; with BOUNDED the fixed max (bound = scale) is
+    used while it is usable, decided here (run time) as in the forward."""
+    scale, bias, bound, fixed = _scalars(scale_ptr, bias_ptr, MODE, BOUNDED, HAS_BIAS)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < NA
     rows = offs_n.to(tl.int64)
@@ -527,14 +594,14 @@ def _sc_backward_kernel(
     r = tl.where(r > 0, r, 1.0)
     inv_r = 1.0 / r
     a_coef = a_w * inv_r
+    a_coef_fixed = a_coef
     a_stat = r
     if MODE != 2:
         if HAS_AW:
             a_stat = tl.load(a_stat_ptr + offs_n, mask=n_ok, other=0.0)
-            if FIXED:  # a_w exp(s - a_stat) = exp(s - bound) * a_w exp(bound - a_stat)
-                a_coef = tl.where(a_stat == float("-inf"), 0.0, a_coef * tl.exp(bound - a_stat))
-            else:
-                a_stat = tl.where(a_stat == float("-inf"), 0.0, a_stat)  # rows without pairs: W = 0
+            if BOUNDED:  # fixed max: a_w exp(s - a_stat) = exp(s - bound) * a_w exp(bound - a_stat)
+                a_coef_fixed = tl.where(a_stat == float("-inf"), 0.0, a_coef * tl.exp(bound - a_stat))
+            a_stat = tl.where(a_stat == float("-inf"), 0.0, a_stat)  # rows without pairs: W = 0
 
     pos = r
     if HAS_POS:
@@ -582,8 +649,8 @@ def _sc_backward_kernel(
             s = _with_positive_logit(s, pos, offs_n, offs_m, t, offset, BLOCK_N, BLOCK_M)
         valid = _pairs(offs_n, n_ok, offs_m, m_ok, a_id, b_ids_ptr, offset, MODE)
         w = _weights(
-            s, valid, offs_m, m_ok, a_coef, a_stat, inv_r, b_w_ptr, b_stat_ptr, bias, bound,
-            MODE, FIXED, HAS_AW, HAS_BW, BLOCK_N, BLOCK_M,
+            s, valid, offs_m, m_ok, a_coef, a_coef_fixed, a_stat, inv_r, b_w_ptr, b_stat_ptr, bias, bound, fixed,
+            MODE, BOUNDED, HAS_AW, HAS_BW, BLOCK_N, BLOCK_M,
         )  # fmt: skip
         if NEED_WSUM:
             wsum += tl.sum(w, 1)
@@ -620,6 +687,8 @@ class TritonSoftContrastiveCore:
     (never under the interpreter); an int forces it (tests use this). ``deterministic``: None
     follows ``torch.are_deterministic_algorithms_enabled()``; True never uses atomics.
     """
+
+    sync_free = True  # the GPU code path: the loss checks values with torch._assert_async
 
     def __init__(self, splits: int | None = None, deterministic: bool | None = None):
         self.splits = splits
@@ -659,8 +728,12 @@ class TritonSoftContrastiveCore:
         return not det
 
     @staticmethod
-    def _fixed_max(bound: float) -> bool:
-        return 0.0 < bound <= FIXED_MAX_LIMIT
+    def _scalar(x, device) -> torch.Tensor | None:
+        """scale / bias as the kernels read them: a 0-dim float64 tensor on the device (a number,
+        as tests pass, becomes one; None stays None). Never read on the host."""
+        if x is None or isinstance(x, torch.Tensor):
+            return None if x is None else x.to(device=device, dtype=torch.float64)
+        return torch.full((), float(x), dtype=torch.float64, device=device)
 
     def _num_splits(self, na: int, nb: int, device: torch.device, cap: int) -> int:
         if self.splits is not None:
@@ -717,25 +790,31 @@ class TritonSoftContrastiveCore:
 
     # ---- forward ----------------------------------------------------------------------------
 
-    def _row_pass(self, a, b, a_ids, b_ids, pos, offset, scale, bias, bound, mode, col_sum):
+    def _row_pass(self, a, b, a_ids, b_ids, pos, offset, scale, bias, bounded, mode, col_sum, col_of_fixed=False):
+        """col_sum: the fixed-max column sums, taken by this pass (a row pass) or, with
+        col_of_fixed (the column-owned pass after it), turned into log-sum-exps where the kernels
+        found the fixed max usable; a sweep of their own otherwise."""
         na, nb, d = a.shape[0], b.shape[0], a.shape[1]
         split = self._num_splits(na, nb, a.device, MAX_SPLITS)
         buf = torch.empty((split, na), dtype=torch.float32, device=a.device)
-        fixed_col = col_sum is not None
+        fixed_col = col_sum is not None and not col_of_fixed
         grid = lambda meta: (triton.cdiv(na, meta["BLOCK_N"]), 1, split)  # noqa: E731
+        dummy = torch.empty(1, device=a.device)
         _sc_forward_kernel[grid](
             a, b, a_ids, b_ids, buf if pos is None else pos, buf,
-            col_sum if fixed_col else torch.empty(1, device=a.device),
-            na, nb, d, a.stride(0), b.stride(0), int(offset), float(scale), float(bias), float(bound), split,
+            col_sum if fixed_col else dummy, col_sum if col_of_fixed else dummy, scale,
+            scale if bias is None else bias,
+            na, nb, d, a.stride(0), b.stride(0), int(offset), split,
             _bucket(na), _bucket(nb), _bucket(d),
-            MODE=int(mode), FIXED_COL=fixed_col, HAS_POS=pos is not None,
+            MODE=int(mode), BOUNDED=bool(bounded), HAS_BIAS=bias is not None, FIXED_COL=fixed_col,
+            COL_OF_FIXED=col_of_fixed, HAS_POS=pos is not None,
             UPCAST=INTERPRET and a.dtype == torch.bfloat16, PRECISION=self._precision(a.dtype),
         )  # fmt: skip
         if split == 1:
             return buf[0]
         return buf.sum(dim=0) if mode == MODE_SIGMOID else torch.logsumexp(buf, dim=0)
 
-    def forward(self, u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mode, need_col):
+    def forward(self, u, v, row_ids, col_ids, row_offset, scale, bias, bounded, mode, need_col):
         u, v = self._check(u, v)
         self._check_ids(mode, row_ids, col_ids)
         n, m = u.shape[0], v.shape[0]
@@ -749,30 +828,31 @@ class TritonSoftContrastiveCore:
         dummy = torch.empty(1, dtype=torch.int64, device=u.device)
         r_ids = self._ids(row_ids if masked else None, col_ids, dummy)
         c_ids = self._ids(col_ids if masked else None, row_ids, dummy)
-        fixed = need_col and self._fixed_max(float(logit_bound)) and self._use_atomics()
+        scale, bias = self._scalar(scale, u.device), self._scalar(bias, u.device)
+        # the fixed-max column sums in the row pass, where the kernels find the bound usable
+        fixed = need_col and bool(bounded) and mode != MODE_SIGMOID and self._use_atomics()
         col_sum = torch.zeros(m, **f32) if fixed else None
         with self._device_ctx(u):
-            pos = self._positive_logits(u, v, int(row_offset), float(scale))
-            row = self._row_pass(u, v, r_ids, c_ids, pos, row_offset, scale, bias, logit_bound, mode, col_sum)
+            pos = self._positive_logits(u, v, int(row_offset), scale)
+            row = self._row_pass(u, v, r_ids, c_ids, pos, row_offset, scale, bias, bounded, mode, col_sum)
             if not need_col:
                 col = empty
-            elif fixed:
-                col = col_sum.log_().add_(float(logit_bound))
-            else:  # column-owned pass: the same kernel on the transposed problem
+            else:  # column-owned pass: the same kernel on the transposed problem (no sweep if fixed)
                 pos_t = self._transposed(pos, int(row_offset), m)
-                col = self._row_pass(v, u, c_ids, r_ids, pos_t, -row_offset, scale, bias, logit_bound, mode, None)
+                col = self._row_pass(v, u, c_ids, r_ids, pos_t, -row_offset, scale, bias, bounded, mode, col_sum, fixed)
         return row, col
 
     # ---- backward ---------------------------------------------------------------------------
 
-    def _weighted_pass(self, a, b, a_ids, b_ids, pos, offset, scale, bias, bound, mode, a_stat, b_stat, a_w, b_w, wsum):
+    def _weighted_pass(
+        self, a, b, a_ids, b_ids, pos, offset, scale, bias, bounded, mode, a_stat, b_stat, a_w, b_w, wsum
+    ):
         na, nb, d = a.shape[0], b.shape[0], a.shape[1]
         split = self._num_splits(na, nb, a.device, MAX_SPLITS)
         f32 = dict(dtype=torch.float32, device=a.device)
         out = torch.empty((split, na, d), **f32)
         wbuf = torch.empty((split, na), **f32) if wsum else out
         dummy = torch.empty(1, **f32)
-        fixed = mode != MODE_SIGMOID and self._fixed_max(float(bound))
         b_wmax = b_w.abs().amax().reshape(1) if b_w is not None else dummy
         prec = self._precision(a.dtype)
 
@@ -784,10 +864,11 @@ class TritonSoftContrastiveCore:
             a, b, a_ids, b_ids, dummy if pos is None else pos,
             dummy if a_stat is None else a_stat, dummy if b_stat is None else b_stat,
             dummy if a_w is None else a_w, dummy if b_w is None else b_w, b_wmax,
-            out, wbuf,
-            na, nb, d, a.stride(0), b.stride(0), int(offset), float(scale), float(bias), float(bound), split,
+            out, wbuf, scale, scale if bias is None else bias,
+            na, nb, d, a.stride(0), b.stride(0), int(offset), split,
             _bucket(na), _bucket(nb), _bucket(d),
-            MODE=int(mode), FIXED=fixed, HAS_POS=pos is not None, HAS_AW=a_w is not None, HAS_BW=b_w is not None, NEED_WSUM=wsum,
+            MODE=int(mode), BOUNDED=bool(bounded) and mode != MODE_SIGMOID, HAS_BIAS=bias is not None,
+            HAS_POS=pos is not None, HAS_AW=a_w is not None, HAS_BW=b_w is not None, NEED_WSUM=wsum,
             UPCAST=INTERPRET and a.dtype == torch.bfloat16, PRECISION=prec, W_PRECISION=prec,
         )  # fmt: skip
         res = out[0] if split == 1 else out.sum(dim=0)
@@ -795,7 +876,7 @@ class TritonSoftContrastiveCore:
             return res, None
         return res, (wbuf[0] if split == 1 else wbuf.sum(dim=0))
 
-    def backward(self, u, v, row_ids, col_ids, row_offset, scale, bias, logit_bound, mode, row, col, g, h):
+    def backward(self, u, v, row_ids, col_ids, row_offset, scale, bias, bounded, mode, row, col, g, h):
         u, v = self._check(u, v)
         self._check_ids(mode, row_ids, col_ids)
         n, m, d = u.shape[0], v.shape[0], u.shape[1]
@@ -815,10 +896,11 @@ class TritonSoftContrastiveCore:
         dummy = torch.empty(1, dtype=torch.int64, device=u.device)
         r_ids = self._ids(row_ids if masked else None, col_ids, dummy)
         c_ids = self._ids(col_ids if masked else None, row_ids, dummy)
-        common = (scale, bias, logit_bound, mode)
+        scale, bias = self._scalar(scale, u.device), self._scalar(bias, u.device)
+        common = (scale, bias, bounded, mode)
         off = int(row_offset)
         with self._device_ctx(u):
-            pos = self._positive_logits(u, v, off, float(scale))
+            pos = self._positive_logits(u, v, off, scale)
             # rows: W v and W 1, W_ij = g_i p_ij + h_j q_ij (or g_i sigmoid)
             gu, wsum = self._weighted_pass(
                 u, v, r_ids, c_ids, pos, off, *common, None if sigmoid else row, col, g, h, True
