@@ -196,6 +196,12 @@ def _check(
 # keeping normalised copies alive.
 
 
+def _cpu_ops():
+    """torch.ops.fastcon with the cpu extension loaded (its fused loss ops sc_loss_forward / _backward)."""
+    _backends.load_extension("_C")
+    return torch.ops.fastcon
+
+
 def _mode(loss: str, scene_ignore: bool) -> int:
     return MODE_SIGMOID if loss == "sigmoid" else (MODE_SOFTMAX_IGNORE if scene_ignore else MODE_SOFTMAX)
 
@@ -253,7 +259,14 @@ def _fused_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, row statistics (N,), column statistics (N,) or (0,), target row sums (N,) or (0,),
     the row norms of z1 and z2 (N,) each, (0,) without normalisation, the int64 scene index of the
-    rows (N,) for scene ids as positives, (0,) otherwise), all saved for backward."""
+    rows (N,) for scene ids as positives, (0,) otherwise), all saved for backward. On the cpu backend
+    (one process) the whole forward is the one C++ op ``fastcon::sc_loss_forward``, which returns
+    the scene order (rows sorted by scene id) as the scene index."""
+    if backend == "cpu":
+        return _cpu_ops().sc_loss_forward(
+            z1, z2, temperature, bias, labels, queue, queue_labels, loss, symmetric, hard_weight, normalize, reduction,
+            scene_ignore,
+        )  # fmt: skip
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)
     uk, cols, u, v, n1, n2, t, kargs, need_col = _prepare(
@@ -316,7 +329,13 @@ def _fused_backward(
     scene_ignore: bool,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d z1, d z2, d temperature, d bias); an empty tensor where ``needs`` says no gradient."""
+    """(d z1, d z2, d temperature, d bias); an empty tensor where ``needs`` says no gradient. On the cpu
+    backend the whole backward is the one C++ op ``fastcon::sc_loss_backward``."""
+    if backend == "cpu":
+        return _cpu_ops().sc_loss_backward(
+            grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, n1, n2, scenes, loss,
+            symmetric, hard_weight, normalize, reduction, scene_ignore, *needs,
+        )  # fmt: skip
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)
     norms = (n1, n2) if normalize else None
