@@ -19,14 +19,17 @@ import fastcon
 
 N, D, C = 256, 128, 9
 
-# kind: (upper bound on the ops of the fused cpu loss, at N=256, D=128)
+# kind: (upper bound on the ops of the fused cpu loss, at N=256, D=128). What they are: the two
+# custom operators and the one C++ op each calls (4), the loss's unit gradient (ones_like) and
+# one add_ per accumulated .grad (z1, z2, temperature; bias too for the sigmoid form). The issue
+# asks for at most 12.
 BOUNDS = {
-    "multi_hot": 177,
-    "fractions": 177,
-    "scene": 163,
-    "scene_ignore": 84,
-    "none": 131,
-    "sigmoid": 146,
+    "multi_hot": 8,
+    "fractions": 8,
+    "scene": 8,
+    "scene_ignore": 8,
+    "none": 8,
+    "sigmoid": 9,
 }
 
 
