@@ -32,14 +32,20 @@
 #include <vector>
 
 #include "cpu/soft_contrastive.h"
+#include "cpu/tile_gemm.h"
 
 namespace fastcon::cpu {
 namespace {
 
-constexpr double kEps = 1e-12;     // the norm floor of the spec: u = z / max(||z||, 1e-12)
-constexpr int64_t kRowGrain = 64;  // rows per task of the row loops
-constexpr int64_t kProjCols = 16;  // feature columns per task of the class projections
+constexpr double kEps = 1e-12;        // the norm floor of the spec: u = z / max(||z||, 1e-12)
+constexpr int64_t kTaskWork = 1 << 16;  // multiply-adds per parallel task, at least: small batches run
+                                        // on the calling thread (no fork, no wait for a descheduled one)
+constexpr int64_t kProjCols = 64;       // feature columns per block of the class projections
+constexpr int64_t kLiftRows = 64;       // rows per block of their lift back to the rows
 constexpr int kMaxSources = 4;
+
+// at::parallel_for's grain for items of `work` multiply-adds each
+int64_t grain(int64_t work) { return std::max<int64_t>(1, kTaskWork / std::max<int64_t>(work, 1)); }
 
 enum class Kind { kNone, kLabels, kScene };  // scene_mode="ignore" is kNone here: its ids go to the kernel
 
@@ -133,7 +139,7 @@ std::vector<double> unit_rows(const at::Tensor& labels, const char* name, bool c
     const bool nonneg = std::all_of(out.begin(), out.end(), [](double x) { return x >= 0; });
     TORCH_CHECK_VALUE(nonneg, name, " must be >= 0 (multi-hot or class-fraction vectors), got negative values");
   }
-  at::parallel_for(0, rows, 1024, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, grain(2 * c), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       double* x = out.data() + r * c;
       double s = 0.0;
@@ -245,12 +251,17 @@ struct Source {
   const A* q = nullptr;
 };
 
-// a . b accumulated in float64
+// a . b accumulated in float64, in 8 interleaved partial sums combined in a fixed order: the
+// compiler vectorises it (a single running sum is a serial chain it may not reorder), and the
+// result depends on d only, never on threads
 template <typename A, typename B>
 double dot(const A* a, const B* b, int64_t d) {
-  double s = 0.0;
-  for (int64_t k = 0; k < d; ++k) s += double(a[k]) * double(b[k]);
-  return s;
+  double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= d; k += 8)
+    for (int l = 0; l < 8; ++l) p[l] += double(a[k + l]) * double(b[k + l]);
+  for (int l = 0; k < d; ++k, ++l) p[l] += double(a[k]) * double(b[k]);
+  return ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
 }
 
 template <typename A>
@@ -258,71 +269,83 @@ void axpy(double a, const A* x, double* y, int64_t d) {
   for (int64_t k = 0; k < d; ++k) y[k] += a * double(x[k]);
 }
 
-// fn(i, sums, scratch) once for every row i, where sums[s] (d float64 values, or nullptr for
-// T~ = 0) is src[s]'s sum for row i and scratch is 2 d float64 values of the calling task.
+// t -= a s + b x (s nullptr: t -= b x), in float64
+template <typename A>
+void sub(double* t, double a, const A* s, double b, const A* x, int64_t d) {
+  if (s) {
+    for (int64_t k = 0; k < d; ++k) t[k] -= a * s[k] + b * double(x[k]);
+  } else {
+    for (int64_t k = 0; k < d; ++k) t[k] -= b * double(x[k]);
+  }
+}
+
+// fn(i, sums, scratch) once for every row i, where sums[s] (d values in A, or nullptr for T~ = 0)
+// is src[s]'s sum for row i and scratch is 2 d float64 values of the calling task.
+// Multi-label vectors: the projections P_s = sum_j lhat_j (w_j x_j)^T (+ the queue's), C x d, and
+// their lift lhat_i . P_s are GEMMs (tile_gemm: one-threaded MKL or the built-in kernel) on fixed
+// blocks of feature columns / rows, so that no partial sums depend on the thread count.
 template <typename A, typename Fn>
 void for_rows_with_sums(const Targets& t, int64_t d, const std::vector<Source<A>>& src, const Fn& fn) {
   const int64_t ns = int64_t(src.size()), n = t.n, c = t.c;
-  const double* none[kMaxSources] = {nullptr, nullptr, nullptr, nullptr};
+  const A* none[kMaxSources] = {nullptr, nullptr, nullptr, nullptr};
+  const int64_t row_work = d * (4 + 2 * ns * (1 + c));  // the caller's row work and the lift
   if (t.kind == Kind::kNone || ns == 0) {
-    at::parallel_for(0, n, kRowGrain, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, n, grain(row_work), [&](int64_t r0, int64_t r1) {
       std::vector<double> scratch(2 * d);
       for (int64_t i = r0; i < r1; ++i) fn(i, none, scratch.data());
     });
     return;
   }
   if (t.kind == Kind::kLabels) {
-    // P_s = sum_j lhat_j (w_j x_j)^T (+ the queue's), C x d per source: each task owns a block of
-    // feature columns and sweeps all rows in order (no partial sums to combine)
-    std::vector<double> proj(ns * c * d, 0.0);
     const int64_t nq = c > 0 ? int64_t(t.qhat.size()) / c : 0;
-    at::parallel_for(0, (d + kProjCols - 1) / kProjCols, 1, [&](int64_t b0, int64_t b1) {
-      const int64_t k0 = b0 * kProjCols, k1 = std::min(d, b1 * kProjCols), w = k1 - k0;
-      for (int64_t j = 0; j < n; ++j) {
-        const double* l = t.lhat.data() + j * c;
-        for (int64_t cc = 0; cc < c; ++cc) {
-          if (l[cc] == 0.0) continue;
-          for (int64_t s = 0; s < ns; ++s) {
-            const double a = src[s].w ? l[cc] * src[s].w[j] : l[cc];
-            axpy(a, src[s].x + j * d + k0, proj.data() + (s * c + cc) * d + k0, w);
-          }
-        }
+    std::vector<A> lh(n * c), lw(ns * n * c), lq(nq * c);  // lhat, w_j lhat_j per source, the queue's
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t cc = 0; cc < c; ++cc) {
+        const double l = t.lhat[j * c + cc];
+        lh[j * c + cc] = A(l);
+        for (int64_t s = 0; s < ns; ++s) lw[(s * n + j) * c + cc] = A(src[s].w ? l * src[s].w[j] : l);
       }
-      for (int64_t q = 0; q < nq; ++q) {
-        const double* l = t.qhat.data() + q * c;
-        for (int64_t cc = 0; cc < c; ++cc) {
-          if (l[cc] == 0.0) continue;
-          for (int64_t s = 0; s < ns; ++s)
-            if (src[s].q) axpy(l[cc], src[s].q + q * d + k0, proj.data() + (s * c + cc) * d + k0, w);
+    for (int64_t q = 0; q < nq * c; ++q) lq[q] = A(t.qhat[q]);
+    std::vector<A> proj(ns * c * d);
+    at::parallel_for(0, (d + kProjCols - 1) / kProjCols, grain((n + nq) * c * ns * kProjCols),
+                     [&](int64_t b0, int64_t b1) {
+                       SingleThreadedBlas one_blas_thread;
+                       for (int64_t b = b0; b < b1; ++b) {
+                         const int64_t k0 = b * kProjCols, w = std::min(kProjCols, d - k0);
+                         for (int64_t s = 0; s < ns; ++s) {
+                           A* p = proj.data() + s * c * d + k0;
+                           tile_gemm<A>(true, false, c, w, n, A(1), lw.data() + s * n * c, c, src[s].x + k0, d, A(0),
+                                        p, d);
+                           if (src[s].q && nq > 0)
+                             tile_gemm<A>(true, false, c, w, nq, A(1), lq.data(), c, src[s].q + k0, d, A(1), p, d);
+                         }
+                       }
+                     });
+    at::parallel_for(0, (n + kLiftRows - 1) / kLiftRows, grain(kLiftRows * row_work), [&](int64_t b0, int64_t b1) {
+      SingleThreadedBlas one_blas_thread;
+      std::vector<A> buf(ns * kLiftRows * d);
+      std::vector<double> scratch(2 * d);
+      const A* sums[kMaxSources];
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i0 = b * kLiftRows, br = std::min(kLiftRows, n - i0);
+        for (int64_t s = 0; s < ns; ++s)
+          tile_gemm<A>(false, false, br, d, c, A(1), lh.data() + i0 * c, c, proj.data() + s * c * d, d, A(0),
+                       buf.data() + s * kLiftRows * d, d);
+        for (int64_t r = 0; r < br; ++r) {
+          for (int64_t s = 0; s < ns; ++s) sums[s] = buf.data() + (s * kLiftRows + r) * d;
+          fn(i0 + r, sums, scratch.data());
         }
-      }
-    });
-    at::parallel_for(0, n, kRowGrain, [&](int64_t r0, int64_t r1) {
-      std::vector<double> buf(ns * d), scratch(2 * d);
-      const double* sums[kMaxSources];
-      for (int64_t s = 0; s < ns; ++s) sums[s] = buf.data() + s * d;
-      for (int64_t i = r0; i < r1; ++i) {
-        std::fill(buf.begin(), buf.end(), 0.0);
-        const double* l = t.lhat.data() + i * c;
-        for (int64_t cc = 0; cc < c; ++cc) {
-          if (l[cc] == 0.0) continue;
-          for (int64_t s = 0; s < ns; ++s) {
-            const double* p = proj.data() + (s * c + cc) * d;
-            double* b = buf.data() + s * d;
-            for (int64_t k = 0; k < d; ++k) b[k] += l[cc] * p[k];
-          }
-        }
-        fn(i, sums, scratch.data());
       }
     });
     return;
   }
-  // scenes: per-scene sums, one run (scene) at a time, members in sorted order
+  // scenes: per-scene sums (float64), one run (scene) at a time, members in sorted order
   const int64_t runs = int64_t(t.starts.size()) - 1;
-  at::parallel_for(0, runs, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, runs, grain(row_work * n / std::max<int64_t>(runs, 1)), [&](int64_t r0, int64_t r1) {
     std::vector<double> buf(ns * d), scratch(2 * d);
-    const double* sums[kMaxSources];
-    for (int64_t s = 0; s < ns; ++s) sums[s] = buf.data() + s * d;
+    std::vector<A> sbuf(ns * d);
+    const A* sums[kMaxSources];
+    for (int64_t s = 0; s < ns; ++s) sums[s] = sbuf.data() + s * d;
     for (int64_t run = r0; run < r1; ++run) {
       std::fill(buf.begin(), buf.end(), 0.0);
       for (int64_t p = t.starts[run]; p < t.starts[run + 1]; ++p) {
@@ -333,6 +356,7 @@ void for_rows_with_sums(const Targets& t, int64_t d, const std::vector<Source<A>
       for (int64_t p = lo; p < hi; ++p)
         for (int64_t s = 0; s < ns; ++s)
           if (src[s].q) axpy(1.0, src[s].q + t.qorder[p] * d, buf.data() + s * d, d);
+      for (int64_t k = 0; k < ns * d; ++k) sbuf[k] = A(buf[k]);
       for (int64_t p = t.starts[run]; p < t.starts[run + 1]; ++p) fn(t.order[p], sums, scratch.data());
     }
   });
@@ -344,7 +368,7 @@ void for_rows_with_sums(const Targets& t, int64_t d, const std::vector<Source<A>
 // taken from norms_in when given (backward), else computed (float64 sums) into norms_out.
 template <typename In, typename A>
 void unit_embeddings(const In* z, int64_t rows, int64_t d, bool normalize, const A* norms_in, A* norms_out, A* out) {
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, grain(3 * d), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const In* zr = z + r * d;
       A* o = out + r * d;
@@ -356,8 +380,7 @@ void unit_embeddings(const In* z, int64_t rows, int64_t d, bool normalize, const
       if (norms_in) {
         norm = norms_in[r];
       } else {
-        double s = 0.0;
-        for (int64_t k = 0; k < d; ++k) s += double(A(zr[k])) * double(A(zr[k]));
+        const double s = dot(zr, zr, d);
         norm = std::max(A(std::sqrt(s)), A(kEps));  // std::max(NaN, eps) keeps the NaN
         if (norms_out) norms_out[r] = norm;
       }
@@ -375,8 +398,8 @@ void norm_backward_row(const double* t, const A* u, const A* norm, double scale,
     return;
   }
   const double proj = double(*norm) <= kEps ? 0.0 : dot(u, t, d);
-  const double denom = double(*norm) / scale;
-  for (int64_t k = 0; k < d; ++k) out[k] = In(A((t[k] - double(u[k]) * proj) / denom));
+  const double factor = scale / double(*norm);
+  for (int64_t k = 0; k < d; ++k) out[k] = In(A((t[k] - double(u[k]) * proj) * factor));
 }
 
 // The embeddings both directions hand to the kernel: u (n, d) and the columns [v; queue] (m, d)
@@ -462,7 +485,7 @@ ForwardOut forward_impl(const at::Tensor& z1, const at::Tensor& z2, double scale
   const A* rw = row.const_data_ptr<A>();
   const A* cl = cfg.need_col ? col.const_data_ptr<A>() : nullptr;
   const double hw = cfg.hw;
-  for_rows_with_sums<A>(t, d, src, [&](int64_t i, const double* const* sums, double*) {
+  for_rows_with_sums<A>(t, d, src, [&](int64_t i, const A* const* sums, double*) {
     const A* ui = e.up() + i * d;
     const A* vi = e.vp() + i * d;
     // the positive logit, accumulated in float64 as in the kernel (so that it cancels)
@@ -573,7 +596,7 @@ BackwardOut backward_impl(const at::Tensor& grad_out, const at::Tensor& z1, cons
   std::vector<double> pu(n);  // u_i . GU_i: the temperature gradient's rows
   In* o1 = needs[0] ? d_z1.mutable_data_ptr<In>() : nullptr;
   In* o2 = needs[1] ? d_z2.mutable_data_ptr<In>() : nullptr;
-  for_rows_with_sums<A>(t, d, src, [&](int64_t i, const double* const* sums, double* scratch) {
+  for_rows_with_sums<A>(t, d, src, [&](int64_t i, const A* const* sums, double* scratch) {
     const A* ui = e.up() + i * d;
     const A* vi = e.vp() + i * d;
     double* tu = scratch;
@@ -581,34 +604,20 @@ BackwardOut backward_impl(const at::Tensor& grad_out, const at::Tensor& z1, cons
     for (int64_t k = 0; k < d; ++k) tu[k] = double(gu[i * d + k]), tv[k] = double(gv[i * d + k]);
     const double gi = double(g[i]), hi = h ? double(h[i]) : 0.0;
     if (cfg.ignore()) {  // the target is the positive alone
-      axpy(-(gi + hi), vi, tu, d);
-      axpy(-(gi + hi), ui, tv, d);
+      sub<A>(tu, 0.0, nullptr, gi + hi, vi, d);
+      sub<A>(tv, 0.0, nullptr, gi + hi, ui, d);
     } else {
       const double off = t.off_of(i);
-      // GU_i -= g_i sum_j P'_ij v_j ; GV_i -= sum_j g_j P'_ji u_j  (sigmoid: T' for P', R = 1)
-      if (hw != 1) {
-        const double a = (1 - hw) * (cfg.sigmoid() ? gi : gi / double(rs[i]));
-        for (int64_t k = 0; k < d; ++k) {
-          tu[k] -= a * ((sums[0] ? sums[0][k] : 0.0) + off * double(vi[k]));
-          tv[k] -= (1 - hw) * ((sums[1] ? sums[1][k] : 0.0) + off * wu[i] * double(ui[k]));
-        }
-      }
-      if (hw != 0) {
-        axpy(-hw * gi, vi, tu, d);
-        axpy(-hw * gi, ui, tv, d);
-      }
+      // GU_i -= g_i sum_j P'_ij v_j ; GV_i -= sum_j g_j P'_ji u_j  (sigmoid: T' for P', R = 1); the
+      // soft part is left out for hard_weight 1 (not multiplied by 0: a NaN there stays out)
+      const bool soft = hw != 1;
+      const double a = (1 - hw) * (cfg.sigmoid() ? gi : gi / double(rs[i]));
+      sub(tu, a, soft ? sums[0] : nullptr, (soft ? a * off : 0.0) + hw * gi, vi, d);
+      sub(tv, 1 - hw, soft ? sums[1] : nullptr, (soft ? (1 - hw) * off * wu[i] : 0.0) + hw * gi, ui, d);
       if (h) {  // the column half: - sum_j h_j Q'_ij v_j and - h_i sum_j Q'_ji u_j (C_j = R_j)
-        if (hw != 1) {
-          const double b = (1 - hw) * hi / double(rs[i]);
-          for (int64_t k = 0; k < d; ++k) {
-            tu[k] -= (1 - hw) * ((sums[2] ? sums[2][k] : 0.0) + off * wv[i] * double(vi[k]));
-            tv[k] -= b * ((sums[3] ? sums[3][k] : 0.0) + off * double(ui[k]));
-          }
-        }
-        if (hw != 0) {
-          axpy(-hw * hi, vi, tu, d);
-          axpy(-hw * hi, ui, tv, d);
-        }
+        const double b = (1 - hw) * hi / double(rs[i]);
+        sub(tu, 1 - hw, soft ? sums[2] : nullptr, (soft ? (1 - hw) * off * wv[i] : 0.0) + hw * hi, vi, d);
+        sub(tv, b, soft ? sums[3] : nullptr, (soft ? b * off : 0.0) + hw * hi, ui, d);
       }
     }
     pu[i] = dot(ui, tu, d);
