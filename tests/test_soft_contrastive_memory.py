@@ -19,7 +19,7 @@ import pytest
 from fastcon._memory import rss_peak_supported
 
 N, D, C = 32768, 256, 9
-LIMIT_MIB = 96  # issue 13; measured 77 MiB with the fused cpu ops
+LIMIT_MIB = 96  # issue 13; measured 78 MiB with the fused cpu ops
 
 _SCRIPT = f"""
 import json, torch, fastcon
