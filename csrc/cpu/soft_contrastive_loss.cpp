@@ -3,16 +3,19 @@
 // Everything O(N * D) is a loop here, parallel over rows with at::parallel_for; the one N x M pass
 // is the tile kernel (cpu::sc_forward / cpu::sc_backward). The target similarity enters only
 // through low-rank sums (SPEC section 5), T~ being T off the diagonal:
-// - multi-label vectors: sum_j T~_ij x_j = P^T lhat_i with P = sum_j lhat_j x_j^T (C x D, float64),
-//   built by one sweep over the rows per block of feature columns, then lifted row by row;
-// - scene ids: rows sorted by id (a stable sort, no unique), per-scene sums run by run;
+// - multi-label vectors: sum_j T~_ij x_j = P^T lhat_i with P = sum_j lhat_j x_j^T (C x D), a GEMM
+//   per fixed block of feature columns, lifted back by a GEMM per fixed block of rows (tile_gemm:
+//   one-threaded MKL or the built-in kernel; these small C x D products are the only BLAS calls
+//   besides the tile pass's own, O(N C D) each, in the accumulation dtype as the torch algebra was);
+// - scene ids: rows sorted by id (a stable sort, no unique), per-scene sums (float64) run by run;
 // - no labels: T~ = 0.
-// Determinism: every row's result is computed by one task from the same inputs in the same
-// order, and every sum over rows (the projections P, the loss, the temperature and bias
-// gradients) runs in row order, so the results are bitwise independent of the thread count
-// (the tile kernel is too, see soft_contrastive.cpp). No at:: compute op runs inside except the
-// small conversions named where they happen (labels to float64, scene ids to int64, the
-// temperature / bias / grad_out values): all O(N * C) or O(N).
+// Positive and target logits of the loss are float64 dots. Determinism: every row's result is
+// computed by one task from the same inputs in the same order, and every sum over rows (the
+// projections, the loss, the temperature and bias gradients) runs in a fixed order on fixed
+// blocks, so the results are bitwise independent of the thread count (the tile kernel is too, see
+// soft_contrastive.cpp). Other at:: calls inside are the small conversions named where they
+// happen (labels to float64, scene ids to int64, the temperature / bias / grad_out values, a
+// contiguous copy of strided inputs): O(N * C) or O(N), or none for contiguous inputs.
 #include "cpu/soft_contrastive_loss.h"
 
 #include <ATen/Dispatch.h>
