@@ -42,6 +42,22 @@ TORCH_LIBRARY(fastcon, m) {
       "Tensor? bias, bool bounded, int mode, Tensor row_stat, Tensor? col_stat, Tensor row_weight, "
       "Tensor? col_weight) -> (Tensor grad_u, Tensor grad_v, Tensor row_wsum)");
 
+  // The whole fused loss, one op per direction (cpu only; issue 13): z1, z2 unnormalised (N, D),
+  // temperature / bias 0-dim tensors read inside, labels (N, C) / scene ids (N,) / None, the key
+  // queue (SPEC 1b), the options of fastcon.soft_contrastive_loss. Returns the loss and what
+  // backward needs: row / column statistics, target row sums, row norms, the scene order.
+  m.def(
+      "sc_loss_forward(Tensor z1, Tensor z2, Tensor temperature, Tensor? bias, Tensor? labels, Tensor? queue, "
+      "Tensor? queue_labels, str loss, bool symmetric, float hard_weight, bool normalize, str reduction, "
+      "bool scene_ignore) -> (Tensor loss, Tensor row_stat, Tensor col_stat, Tensor target_sum, Tensor norm1, "
+      "Tensor norm2, Tensor scene_order)");
+  m.def(
+      "sc_loss_backward(Tensor grad_out, Tensor z1, Tensor z2, Tensor temperature, Tensor? bias, Tensor? labels, "
+      "Tensor? queue, Tensor? queue_labels, Tensor row_stat, Tensor col_stat, Tensor target_sum, Tensor norm1, "
+      "Tensor norm2, Tensor scene_order, str loss, bool symmetric, float hard_weight, bool normalize, "
+      "str reduction, bool scene_ignore, bool need_z1, bool need_z2, bool need_temperature, bool need_bias) "
+      "-> (Tensor grad_z1, Tensor grad_z2, Tensor grad_temperature, Tensor grad_bias)");
+
   // Siamese masking (SPEC section 2; contract in reference.mask_*).
   // visible[b, k] = tokens[b, ids[b, k]] + pos_embed[b or 0, ids[b, k]]
   m.def("mask_gather(Tensor tokens, Tensor ids_keep, Tensor? pos_embed) -> Tensor visible");

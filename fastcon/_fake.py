@@ -21,6 +21,36 @@ def _sc_backward(u, v, row_ids, col_ids, row_offset, scale, bias, bounded, mode,
     return u.new_empty(u.shape, dtype=a), v.new_empty(v.shape, dtype=a), u.new_empty(u.shape[0], dtype=a)
 
 
+@torch.library.register_fake("fastcon::sc_loss_forward")
+def _sc_loss_forward(z1, z2, temperature, bias, labels, queue, queue_labels, loss, symmetric, hard_weight, normalize,
+                     reduction, scene_ignore):  # fmt: skip
+    a, n = _acc(z1), z1.shape[0]
+    need_col = loss == "softmax" and symmetric and queue is None
+    scene_pos = labels is not None and labels.dim() == 1 and not scene_ignore
+    norm = n if normalize else 0
+    return (
+        z1.new_empty((n,) if reduction == "none" else (), dtype=a),
+        z1.new_empty(n, dtype=a),
+        z1.new_empty(n if need_col else 0, dtype=a),
+        z1.new_empty(0 if scene_ignore else n, dtype=a),
+        z1.new_empty(norm, dtype=a),
+        z1.new_empty(norm, dtype=a),
+        z1.new_empty(n if scene_pos else 0, dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("fastcon::sc_loss_backward")
+def _sc_loss_backward(grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, n1, n2,
+                      scenes, loss, symmetric, hard_weight, normalize, reduction, scene_ignore, need_z1, need_z2,
+                      need_temperature, need_bias):  # fmt: skip
+    return (
+        torch.empty_like(z1) if need_z1 else z1.new_empty(0),
+        torch.empty_like(z2) if need_z2 else z2.new_empty(0),
+        torch.empty_like(temperature) if need_temperature else z1.new_empty(0),
+        torch.empty_like(bias) if need_bias and bias is not None else z1.new_empty(0),
+    )
+
+
 # ---- Siamese masking -----------------------------------------------------------------------
 
 

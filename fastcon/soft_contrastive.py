@@ -227,6 +227,12 @@ def _check(
 # keeping normalised copies alive.
 
 
+def _cpu_ops():
+    """torch.ops.fastcon with the cpu extension loaded (its fused loss ops sc_loss_forward / _backward)."""
+    _backends.load_extension("_C")
+    return torch.ops.fastcon
+
+
 def _mode(loss: str, scene_ignore: bool) -> int:
     return MODE_SIGMOID if loss == "sigmoid" else (MODE_SOFTMAX_IGNORE if scene_ignore else MODE_SOFTMAX)
 
@@ -287,7 +293,14 @@ def _fused_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, row statistics (N,), column statistics (N,) or (0,), target row sums (N,) or (0,),
     the row norms of z1 and z2 (N,) each, (0,) without normalisation, the int64 scene index of the
-    rows (N,) for scene ids as positives, (0,) otherwise), all saved for backward."""
+    rows (N,) for scene ids as positives, (0,) otherwise), all saved for backward. On the cpu backend
+    (one process) the whole forward is the one C++ op ``fastcon::sc_loss_forward``, which returns
+    the scene order (rows sorted by scene id) as the scene index."""
+    if backend == "cpu":
+        return _cpu_ops().sc_loss_forward(
+            z1, z2, temperature, bias, labels, queue, queue_labels, loss, symmetric, hard_weight, normalize, reduction,
+            scene_ignore,
+        )  # fmt: skip
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)
     uk, cols, u, v, n1, n2, t, kargs, need_col = _prepare(
@@ -350,7 +363,13 @@ def _fused_backward(
     scene_ignore: bool,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d z1, d z2, d temperature, d bias); an empty tensor where ``needs`` says no gradient."""
+    """(d z1, d z2, d temperature, d bias); an empty tensor where ``needs`` says no gradient. On the cpu
+    backend the whole backward is the one C++ op ``fastcon::sc_loss_backward``."""
+    if backend == "cpu":
+        return _cpu_ops().sc_loss_backward(
+            grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, n1, n2, scenes, loss,
+            symmetric, hard_weight, normalize, reduction, scene_ignore, *needs,
+        )  # fmt: skip
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)
     norms = (n1, n2) if normalize else None
@@ -393,6 +412,7 @@ _TENSOR_INPUTS = 7  # z1, z2, temperature, bias, labels, queue, queue_labels
 def _setup_context(ctx, inputs, output):
     stats = output[1:]  # row, col, r_sum, n1, n2, scenes
     ctx.mark_non_differentiable(*stats)
+    ctx.set_materialize_grads(False)  # no zero gradients made for the six statistics (6 ops per call)
     ctx.save_for_backward(*inputs[:_TENSOR_INPUTS], *stats)
     ctx.cfg = inputs[_TENSOR_INPUTS:]
 
@@ -400,7 +420,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, *_):
     _checks.first_order_only("fastcon.soft_contrastive_loss")
     needs = [bool(x) for x in ctx.needs_input_grad[:4]]
-    if not any(needs):
+    if not any(needs) or grad_out is None:
         return (None,) * (_TENSOR_INPUTS + len(ctx.cfg))
     grads = _fused_backward(grad_out, *ctx.saved_tensors, *ctx.cfg, needs)
     return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * (3 + len(ctx.cfg))

@@ -25,6 +25,31 @@ def test_opcheck_soft_contrastive_ops(mode):
     torch.library.opcheck(torch.ops.fastcon.sc_backward, bargs)
 
 
+@pytest.mark.parametrize("kind", ["multi_hot", "scene", "scene_ignore", "none_queue", "sigmoid"])
+def test_opcheck_fused_cpu_loss_ops(kind):
+    """The cpu backend's whole-loss ops (sc_loss_forward / sc_loss_backward) against their fake kernels."""
+    gen = torch.Generator().manual_seed(1)
+    n, d = 23, 11
+    z1, z2 = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
+    labels, queue, queue_labels, bias = None, None, None, None
+    loss, symmetric, scene_ignore = "softmax", True, kind == "scene_ignore"
+    if kind == "multi_hot":
+        labels = (torch.rand(n, 4, generator=gen) < 0.4).float()
+    elif kind in ("scene", "scene_ignore"):
+        labels = torch.randint(0, 5, (n,), generator=gen, dtype=torch.int32)
+    elif kind == "none_queue":
+        queue, symmetric = torch.randn(7, d, generator=gen), False
+    else:
+        loss, bias = "sigmoid", torch.tensor(-1.0)
+    tau = torch.tensor(0.2)
+    opts = (loss, symmetric, 0.25, True, "mean", scene_ignore)
+    args = (z1, z2, tau, bias, labels, queue, queue_labels, *opts)
+    torch.library.opcheck(torch.ops.fastcon.sc_loss_forward, args)
+    out = torch.ops.fastcon.sc_loss_forward(*args)
+    bargs = (torch.tensor(1.0), z1, z2, tau, bias, labels, queue, queue_labels, *out[1:], *opts, True, True, True, True)
+    torch.library.opcheck(torch.ops.fastcon.sc_loss_backward, bargs)
+
+
 def test_compiled_loss_equals_eager():
     def loss_fn(z1, z2, labels):
         return fastcon.soft_contrastive_loss(z1, z2, labels, temperature=0.1, hard_weight=0.2)

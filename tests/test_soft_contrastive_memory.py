@@ -1,7 +1,7 @@
 """Memory of the fused CPU loss: O(N * (D + C)) beyond inputs and gradients, never N x N.
 
 At N = 32768 one N x N fp32 matrix is 4 GiB and the dense reference holds several; the fused
-forward + backward must stay under 256 MiB beyond its inputs and the two gradients it returns.
+forward + backward must stay under 96 MiB beyond its inputs and the two gradients it returns.
 Measured in a fresh subprocess (the peak resident set of one step, fastcon/_memory.py), so that
 nothing else the test session allocated or cached takes part.
 """
@@ -19,7 +19,7 @@ import pytest
 from fastcon._memory import rss_peak_supported
 
 N, D, C = 32768, 256, 9
-LIMIT_MIB = 256
+LIMIT_MIB = 96  # issue 13; measured 78 MiB with the fused cpu ops
 
 _SCRIPT = f"""
 import json, torch, fastcon

@@ -19,16 +19,17 @@ import fastcon
 
 N, D, C = 256, 128, 9
 
-# kind: (upper bound on the ops of the fused cpu loss, at N=256, D=128)
-# (+5 to +6 since temperature and bias stay 0-dim float64 tensors on the device: the logit scale
-# 1 / tau as a tensor in forward and backward, and its square in the temperature gradient)
+# kind: (upper bound on the ops of the fused cpu loss, at N=256, D=128). What they are: the two
+# custom operators and the one C++ op each calls (4), the loss's unit gradient (ones_like) and
+# one add_ per accumulated .grad (z1, z2, temperature; bias too for the sigmoid form). The issue
+# asks for at most 12.
 BOUNDS = {
-    "multi_hot": 182,
-    "fractions": 182,
-    "scene": 168,
-    "scene_ignore": 89,
-    "none": 136,
-    "sigmoid": 152,
+    "multi_hot": 8,
+    "fractions": 8,
+    "scene": 8,
+    "scene_ignore": 8,
+    "none": 8,
+    "sigmoid": 9,
 }
 
 
@@ -82,8 +83,11 @@ def test_fused_cpu_op_count(kind):
     # the count covers the whole call: both custom operators and their kernels ran under the mode
     assert counts["fastcon_loss.fused_forward.default"] == 1
     assert counts["fastcon_loss.fused_backward.default"] == 1
-    assert counts["fastcon.sc_forward.default"] == 1
-    assert counts["fastcon.sc_backward.default"] == 1
+    # ... and each is one C++ op: the whole loss, nothing around the tile kernels in Python
+    assert counts["fastcon.sc_loss_forward.default"] == 1
+    assert counts["fastcon.sc_loss_backward.default"] == 1
+    assert counts["fastcon.sc_forward.default"] == 0
+    assert counts["fastcon.sc_backward.default"] == 0
     assert z1.grad is not None
     assert temperature.grad is not None
     total = sum(counts.values())

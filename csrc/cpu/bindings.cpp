@@ -12,6 +12,7 @@
 
 #include "cpu/simd.h"
 #include "cpu/soft_contrastive.h"
+#include "cpu/soft_contrastive_loss.h"
 
 namespace fastcon {
 
@@ -132,12 +133,88 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sc_backward_cpu(
   return {grad_u, grad_v, row_wsum};
 }
 
+// the fused loss ops: type and shape checks here (fastcon.soft_contrastive_loss makes them first,
+// with its own messages), value checks inside (cpu/soft_contrastive_loss.cpp)
+void sc_loss_check_inputs(const at::Tensor& z1, const at::Tensor& z2, const at::Tensor& temperature,
+                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& labels,
+                          const std::optional<at::Tensor>& queue, const std::optional<at::Tensor>& queue_labels) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"z1", &z1}, {"z2", &z2}}) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "fastcon::sc_loss (cpu): ", name, " must be a CPU tensor");
+    TORCH_CHECK_TYPE(at::isFloatingType(t->scalar_type()), "fastcon::sc_loss (cpu): ", name,
+                     " must be floating point, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) > 0 && t->size(1) > 0, "fastcon::sc_loss (cpu): ", name,
+                      " must be a non-empty (N, D) matrix, got shape ", t->sizes());
+  }
+  TORCH_CHECK_TYPE(z2.scalar_type() == z1.scalar_type(), "fastcon::sc_loss (cpu): z2 must have z1's dtype");
+  TORCH_CHECK_VALUE(z2.sizes() == z1.sizes(), "fastcon::sc_loss (cpu): z2 must have z1's shape ", z1.sizes());
+  TORCH_CHECK_VALUE(temperature.dim() == 0, "fastcon::sc_loss (cpu): temperature must be a 0-dim tensor");
+  TORCH_CHECK_VALUE(!bias.has_value() || bias->dim() == 0, "fastcon::sc_loss (cpu): bias must be a 0-dim tensor");
+  const int64_t n = z1.size(0);
+  if (labels.has_value()) {
+    TORCH_CHECK_VALUE((labels->dim() == 1 || labels->dim() == 2) && labels->size(0) == n,
+                      "fastcon::sc_loss (cpu): labels must be (N,) scene ids or (N, C) vectors, got shape ",
+                      labels->sizes());
+  }
+  TORCH_CHECK_VALUE(queue_labels.has_value() <= queue.has_value(), "fastcon::sc_loss (cpu): queue_labels needs queue");
+  if (queue.has_value()) {
+    TORCH_CHECK_VALUE(queue->dim() == 2 && queue->size(1) == z1.size(1) && queue->scalar_type() == z1.scalar_type(),
+                      "fastcon::sc_loss (cpu): queue must be (K, D) in z1's dtype, got shape ", queue->sizes());
+    TORCH_CHECK_VALUE(labels.has_value() == queue_labels.has_value(),
+                      "fastcon::sc_loss (cpu): queue_labels must be given exactly when labels are");
+    if (queue_labels.has_value()) {
+      TORCH_CHECK_VALUE(queue_labels->dim() == labels->dim() && queue_labels->size(0) == queue->size(0) &&
+                            (labels->dim() == 1 || queue_labels->size(1) == labels->size(1)),
+                        "fastcon::sc_loss (cpu): queue_labels must be labels' kind with K rows, got shape ",
+                        queue_labels->sizes());
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sc_loss_forward_cpu(
+    const at::Tensor& z1, const at::Tensor& z2, const at::Tensor& temperature, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& queue,
+    const std::optional<at::Tensor>& queue_labels, std::string loss, bool symmetric, double hard_weight,
+    bool normalize, std::string reduction, bool scene_ignore) {
+  sc_loss_check_inputs(z1, z2, temperature, bias, labels, queue, queue_labels);
+  TORCH_CHECK_VALUE(!scene_ignore || (labels.has_value() && labels->dim() == 1),
+                    "fastcon::sc_loss (cpu): scene_ignore needs (N,) scene ids");
+  return cpu::sc_loss_forward(z1, z2, temperature, bias, labels, queue, queue_labels, loss, symmetric, hard_weight,
+                              normalize, reduction, scene_ignore);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sc_loss_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& z1, const at::Tensor& z2, const at::Tensor& temperature,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& queue, const std::optional<at::Tensor>& queue_labels, const at::Tensor& row_stat,
+    const at::Tensor& col_stat, const at::Tensor& target_sum, const at::Tensor& norm1, const at::Tensor& norm2,
+    const at::Tensor& scene_order, std::string loss, bool symmetric, double hard_weight, bool normalize,
+    std::string reduction, bool scene_ignore, bool need_z1, bool need_z2, bool need_temperature, bool need_bias) {
+  sc_loss_check_inputs(z1, z2, temperature, bias, labels, queue, queue_labels);
+  const int64_t n = z1.size(0);
+  const auto acc = z1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool need_col = loss == "softmax" && symmetric && !queue.has_value();
+  TORCH_CHECK_VALUE(grad_out.numel() == (reduction == "none" ? n : 1),
+                    "fastcon::sc_loss (cpu): grad_out must have one entry per loss value, got shape ", grad_out.sizes());
+  sc_check_vector("row_stat", row_stat, n, acc);
+  sc_check_vector("col_stat", col_stat, need_col ? n : 0, acc);
+  sc_check_vector("target_sum", target_sum, scene_ignore ? 0 : n, acc);
+  sc_check_vector("norm1", norm1, normalize ? n : 0, acc);
+  sc_check_vector("norm2", norm2, normalize ? n : 0, acc);
+  const bool scene_pos = labels.has_value() && labels->dim() == 1 && !scene_ignore;
+  sc_check_vector("scene_order", scene_order, scene_pos ? n : 0, at::kLong);
+  return cpu::sc_loss_backward(grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row_stat, col_stat,
+                               target_sum, norm1, norm2, scene_order, loss, symmetric, hard_weight, normalize,
+                               reduction, scene_ignore, need_z1, need_z2, need_temperature, need_bias);
+}
+
 }  // namespace
 }  // namespace fastcon
 
 TORCH_LIBRARY_IMPL(fastcon, CPU, m) {
   m.impl("sc_forward", &fastcon::sc_forward_cpu);
   m.impl("sc_backward", &fastcon::sc_backward_cpu);
+  m.impl("sc_loss_forward", &fastcon::sc_loss_forward_cpu);
+  m.impl("sc_loss_backward", &fastcon::sc_loss_backward_cpu);
 }
 
 
