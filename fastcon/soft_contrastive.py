@@ -216,6 +216,25 @@ def _check(
     check_queue(queue, queue_labels, labels, z2, loss, symmetric)
 
 
+class _TritonFused:
+    """Which calls the fused Triton path (fastcon/kernels/triton/fused_loss.py) computes; the
+    kernel module is imported on first use (importing triton is slow)."""
+
+    @staticmethod
+    def covers(labels, queue, scene_ignore: bool) -> bool:
+        # the same predicate as fused_loss.covers, without importing triton for other backends
+        return queue is None and not scene_ignore and (labels is None or labels.dim() == 2)
+
+    @staticmethod
+    def fused():
+        from fastcon.kernels.triton import fused_loss
+
+        return fused_loss
+
+
+_triton_fused = _TritonFused()
+
+
 # --------------------------------------------------------------------------------------------
 # the fused loss: two custom ops (forward, backward) over every fused backend's kernel core
 #
@@ -288,6 +307,8 @@ def _fused_forward(
     """(loss, row statistics (N,), column statistics (N,) or (0,), target row sums (N,) or (0,),
     the row norms of z1 and z2 (N,) each, (0,) without normalisation, the int64 scene index of the
     rows (N,) for scene ids as positives, (0,) otherwise), all saved for backward."""
+    if backend == "triton" and _triton_fused.covers(labels, queue, scene_ignore):
+        return _triton_forward(z1, z2, temperature, bias, labels, loss, symmetric, hard_weight, normalize, reduction)
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)
     uk, cols, u, v, n1, n2, t, kargs, need_col = _prepare(
@@ -302,6 +323,21 @@ def _fused_forward(
     stats = [row.new_empty(0) if x is None else x for x in (r_sum, n1, n2)]  # (0,): none
     scenes = t.inverse if t.kind == "scene" else row.new_empty(0, dtype=torch.int64)
     return out, row, col, *stats, scenes
+
+
+def _f64(x, device):
+    return None if x is None else x.to(device=device, dtype=torch.float64)
+
+
+def _triton_forward(z1, z2, temperature, bias, labels, loss, symmetric, hard_weight, normalize, reduction):
+    """The fused forward as Triton kernels only (fastcon/kernels/triton/fused_loss.py): the value
+    checks (device asserts, no sync), then its launches; the outputs of ``fused_forward``."""
+    scale = _logit_scale(temperature, z1.device)
+    _check_values(z1, temperature, bias, labels, None, True, scale)
+    out = _triton_fused.fused().forward(
+        z1, z2, scale, _f64(bias, z1.device), labels, loss, symmetric, hard_weight, normalize, reduction
+    )
+    return *out, z1.new_empty(0, dtype=torch.int64)
 
 
 @_fused_forward.register_fake
@@ -351,6 +387,11 @@ def _fused_backward(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d z1, d z2, d temperature, d bias); an empty tensor where ``needs`` says no gradient."""
+    if backend == "triton" and _triton_fused.covers(labels, queue, scene_ignore):
+        return _triton_fused.fused().backward(
+            grad_out, z1, z2, _logit_scale(temperature, z1.device), _f64(bias, z1.device), labels, row, col, r_sum,
+            n1, n2, loss, symmetric, hard_weight, normalize, reduction, needs, temperature, bias,
+        )  # fmt: skip
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)
     norms = (n1, n2) if normalize else None
