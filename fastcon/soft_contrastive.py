@@ -434,6 +434,7 @@ _TENSOR_INPUTS = 7  # z1, z2, temperature, bias, labels, queue, queue_labels
 def _setup_context(ctx, inputs, output):
     stats = output[1:]  # row, col, r_sum, n1, n2, scenes
     ctx.mark_non_differentiable(*stats)
+    ctx.set_materialize_grads(False)  # no zero gradients made for the six statistics (6 ops per call)
     ctx.save_for_backward(*inputs[:_TENSOR_INPUTS], *stats)
     ctx.cfg = inputs[_TENSOR_INPUTS:]
 
@@ -441,7 +442,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, *_):
     _checks.first_order_only("fastcon.soft_contrastive_loss")
     needs = [bool(x) for x in ctx.needs_input_grad[:4]]
-    if not any(needs):
+    if not any(needs) or grad_out is None:
         return (None,) * (_TENSOR_INPUTS + len(ctx.cfg))
     grads = _fused_backward(grad_out, *ctx.saved_tensors, *ctx.cfg, needs)
     return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * (3 + len(ctx.cfg))

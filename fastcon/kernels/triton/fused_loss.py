@@ -196,8 +196,10 @@ def _prologue_kernel(
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, out_ptr, gmax_ptr, NBLK, PART, L, HAS_MAX: tl.constexpr, BLOCK: tl.constexpr):
-    """out[:L] = sum over the blocks b (in order) of part[b, :L]; with HAS_MAX, out[L] = max_b gmax[b]
+def _reduce_kernel(
+    part_ptr, out_ptr, gmax_ptr, max_out_ptr, NBLK, PART, L, HAS_MAX: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    """out[:L] = sum over the blocks b (in order) of part[b, :L]; with HAS_MAX, max_out = max_b gmax[b]
     (program 0)."""
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -212,7 +214,7 @@ def _reduce_kernel(part_ptr, out_ptr, gmax_ptr, NBLK, PART, L, HAS_MAX: tl.const
             for b0 in range(0, NBLK, BLOCK):
                 ob = b0 + tl.arange(0, BLOCK)
                 m = tl.maximum(m, tl.load(gmax_ptr + ob, mask=ob < NBLK, other=0.0))
-            tl.store(out_ptr + L, tl.max(m, 0))
+            tl.store(max_out_ptr, tl.max(m, 0))
 
 
 @triton.jit
@@ -479,6 +481,15 @@ def _rows(z: torch.Tensor) -> torch.Tensor:
     return z if z.stride(1) == 1 else z.contiguous()
 
 
+def _workspace(sizes: dict, f32: dict):
+    """One fp32 allocation cut into the named parts (one split op for all the views; a part of
+    size 0 is the whole buffer, passed where a kernel takes a pointer it never reads)."""
+    total = sum(sizes.values())
+    ws = torch.empty(total + 1, **f32)
+    parts = ws.split([*sizes.values(), 1])
+    return ws, {k: (p if sizes[k] else ws) for k, p in zip(sizes, parts)}
+
+
 def _split(core, n: int, device) -> int:
     return core._num_splits(n, n, device, sc.MAX_SPLITS)
 
@@ -530,11 +541,7 @@ def forward(z1, z2, scale, bias, labels, loss, symmetric, hw, normalize, reducti
     # projections, the per-block loss sums (one allocation: fewer dispatched ops)
     sizes = dict(pos=n, col_sum=n if fixed else 0, rowbuf=split * n, colbuf=split * n if need_col else 0,
                  part=nblk * part_len, proj=part_len, lpart=nblk)  # fmt: skip
-    ws = torch.empty(sum(sizes.values()) + 1, **f32)
-    views, at = {}, 0
-    for key, size in sizes.items():
-        views[key] = ws[at : at + size] if size else ws
-        at += size
+    ws, views = _workspace(sizes, f32)
     if normalize:
         uk, vk = torch.empty_like(z1), torch.empty_like(z2)
         n1, n2 = torch.empty(n, **f32), torch.empty(n, **f32)
@@ -557,7 +564,7 @@ def forward(z1, z2, scale, bias, labels, loss, symmetric, hw, normalize, reducti
         )  # fmt: skip
         if has_labels:
             _launch(
-                _reduce_kernel, (triton.cdiv(part_len, REDUCE_BLOCK),), views["part"], views["proj"], ws,
+                _reduce_kernel, (triton.cdiv(part_len, REDUCE_BLOCK),), views["part"], views["proj"], ws, ws,
                 nblk, part_len, part_len, HAS_MAX=False, BLOCK=REDUCE_BLOCK,
             )  # fmt: skip
         row = torch.empty(n, **f32)
@@ -609,13 +616,9 @@ def backward(grad_out, z1, z2, scale, bias, labels, row, col, r_sum, n1, n2, los
     need_bias = bool(needs[3]) and sigmoid and bias is not None
     f32 = dict(dtype=torch.float32, device=dev)
     g_factor = (1.0 / n if reduction == "mean" else 1.0) * (0.5 if need_col else 1.0)
-    sizes = dict(pos=n, g=n, gmax=nblk, part=nblk * part_len, proj=part_len + 1,
-                 wsum=split * n if sigmoid else 0, spart=2 * nblk)  # fmt: skip
-    ws = torch.empty(sum(sizes.values()), dtype=torch.float32, device=dev)
-    views, at = {}, 0
-    for key, size in sizes.items():
-        views[key] = ws[at : at + size] if size else ws
-        at += size
+    sizes = dict(pos=n, g=n, gmax=nblk, part=nblk * part_len, proj=part_len, gmax_all=1,
+                 wsum=split * n if sigmoid else 0, gu=split * n * d, gv=split * n * d)  # fmt: skip
+    ws, views = _workspace(sizes, f32)
     if normalize:
         uk, vk = torch.empty_like(z1), torch.empty_like(z2)
     else:
@@ -627,7 +630,7 @@ def backward(grad_out, z1, z2, scale, bias, labels, row, col, r_sum, n1, n2, los
         s_lab = lab.stride(0)
     spart = torch.empty(2 * nblk, dtype=torch.float64, device=dev)
     go = grad_out if grad_out.dim() == 0 or grad_out.stride(0) == 1 else grad_out.contiguous()
-    pos, g, gmax = views["pos"], views["g"], views["proj"][part_len:]
+    pos, g, gmax = views["pos"], views["g"], views["gmax_all"]
     with core._device_ctx(z1):
         _launch(
             _prologue_kernel, (nblk,), z1, z2, lab, scale, go, r_sum, uk, vk, n1 if normalize else ws,
@@ -638,10 +641,9 @@ def backward(grad_out, z1, z2, scale, bias, labels, row, col, r_sum, n1, n2, los
         )  # fmt: skip
         _launch(
             _reduce_kernel, (max(1, triton.cdiv(part_len, REDUCE_BLOCK)),), views["part"], views["proj"],
-            views["gmax"], nblk, part_len, part_len, HAS_MAX=True, BLOCK=REDUCE_BLOCK,
+            views["gmax"], gmax, nblk, part_len, part_len, HAS_MAX=True, BLOCK=REDUCE_BLOCK,
         )  # fmt: skip
-        gu_buf = torch.empty((split, n, d), **f32)
-        gv_buf = torch.empty((split, n, d), **f32)
+        gu_buf, gv_buf = views["gu"], views["gv"]  # (split, n, d) each, flat
         keys = (sc._bucket(n), sc._bucket(n), sc._bucket(d))
         prec = core._precision(uk.dtype)
         common = dict(
