@@ -101,12 +101,23 @@ def _project(part_ptr, lh_t, x, offs_c, offs_d, C, D):
 
 
 @triton.jit
+def _to_kernel_dtype(x, ptr, RNE_BF16: tl.constexpr):
+    """x (fp32) in ptr's element type. RNE_BF16: round to nearest even by hand (the interpreter
+    truncates fp32 -> bf16; a GPU rounds to nearest even, as torch does)."""
+    if RNE_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _prologue_kernel(
     z1_ptr, z2_ptr, lab_ptr, scale_ptr, go_ptr, r_ptr,
     uk_ptr, vk_ptr, n1_ptr, n2_ptr, pos_ptr, g_ptr, part_ptr, gmax_ptr, zero_ptr,
     N, D, C, s_z1, s_z2, s_lab, PART, g_factor,
     BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, HAS_LABELS: tl.constexpr, NPROJ: tl.constexpr,
-    SIGMOID: tl.constexpr, GO_VECTOR: tl.constexpr, ZERO: tl.constexpr,
+    SIGMOID: tl.constexpr, GO_VECTOR: tl.constexpr, ZERO: tl.constexpr, RNE_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Forward: norms (stored), normalised rows, positive logits, projections [v, u][:NPROJ] and
@@ -162,8 +173,8 @@ def _prologue_kernel(
         x1 = tl.load(z1_ptr + rows[:, None] * s_z1 + offs_d[None, :], mask=m, other=0.0)
         x2 = tl.load(z2_ptr + rows[:, None] * s_z2 + offs_d[None, :], mask=m, other=0.0)
         if NORMALIZE:
-            uk = (x1.to(tl.float32) / n1[:, None]).to(uk_ptr.dtype.element_ty)
-            vk = (x2.to(tl.float32) / n2[:, None]).to(vk_ptr.dtype.element_ty)
+            uk = _to_kernel_dtype(x1.to(tl.float32) / n1[:, None], uk_ptr, RNE_BF16)
+            vk = _to_kernel_dtype(x2.to(tl.float32) / n2[:, None], vk_ptr, RNE_BF16)
             tl.store(uk_ptr + rows[:, None] * D + offs_d[None, :], uk, mask=m)
             tl.store(vk_ptr + rows[:, None] * D + offs_d[None, :], vk, mask=m)
             u = uk.to(tl.float32)
@@ -477,6 +488,10 @@ def _finish_kernel(
 # launchers
 
 
+def _rne_bf16(z: torch.Tensor) -> bool:
+    return sc.INTERPRET and z.dtype == torch.bfloat16
+
+
 def _rows(z: torch.Tensor) -> torch.Tensor:
     return z if z.stride(1) == 1 else z.contiguous()
 
@@ -560,7 +575,7 @@ def forward(z1, z2, scale, bias, labels, loss, symmetric, hw, normalize, reducti
             n2 if normalize else ws, pos, ws, views["part"], ws, views["col_sum"],
             n, d, c, z1.stride(0), z2.stride(0), s_lab, part_len, 1.0,
             BACKWARD=False, NORMALIZE=bool(normalize), HAS_LABELS=has_labels, NPROJ=nproj, SIGMOID=sigmoid,
-            GO_VECTOR=False, ZERO=fixed, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
+            GO_VECTOR=False, ZERO=fixed, RNE_BF16=_rne_bf16(z1), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
         )  # fmt: skip
         if has_labels:
             _launch(
@@ -637,7 +652,7 @@ def backward(grad_out, z1, z2, scale, bias, labels, row, col, r_sum, n1, n2, los
             n2 if normalize else ws, pos, g, views["part"], views["gmax"], ws,
             n, d, c, z1.stride(0), z2.stride(0), s_lab, part_len, g_factor,
             BACKWARD=True, NORMALIZE=bool(normalize), HAS_LABELS=has_labels, NPROJ=nproj, SIGMOID=sigmoid,
-            GO_VECTOR=grad_out.dim() == 1, ZERO=False, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
+            GO_VECTOR=grad_out.dim() == 1, ZERO=False, RNE_BF16=_rne_bf16(z1), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
         )  # fmt: skip
         _launch(
             _reduce_kernel, (max(1, triton.cdiv(part_len, REDUCE_BLOCK)),), views["part"], views["proj"],
