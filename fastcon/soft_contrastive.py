@@ -325,17 +325,21 @@ def _fused_forward(
     return out, row, col, *stats, scenes
 
 
-def _f64(x, device):
-    return None if x is None else x.to(device=device, dtype=torch.float64)
-
-
 def _triton_forward(z1, z2, temperature, bias, labels, loss, symmetric, hard_weight, normalize, reduction):
-    """The fused forward as Triton kernels only (fastcon/kernels/triton/fused_loss.py): the value
-    checks (device asserts, no sync), then its launches; the outputs of ``fused_forward``."""
-    scale = _logit_scale(temperature, z1.device)
-    _check_values(z1, temperature, bias, labels, None, True, scale)
+    """The fused forward as Triton kernels only (fastcon/kernels/triton/fused_loss.py); the value
+    checks are flags its prologue computes, raised by ``torch._assert_async`` with the messages
+    of ``_check_values`` (no host sync). The outputs of ``fused_forward``."""
+    acc = torch.float32
+    lo = 1.0 / torch.finfo(acc).max
+    messages = (
+        f"temperature must be finite, > 0 and >= {lo:.3g} for {z1.dtype} inputs (its inverse, the logit scale, "
+        f"must be finite in {acc})",
+        "bias must be finite",
+        "labels must be finite, got NaN or infinite values",
+        "labels must be >= 0 (multi-hot or class-fraction vectors), got negative values",
+    )
     out = _triton_fused.fused().forward(
-        z1, z2, scale, _f64(bias, z1.device), labels, loss, symmetric, hard_weight, normalize, reduction
+        z1, z2, temperature, bias, labels, loss, symmetric, hard_weight, normalize, reduction, messages
     )
     return *out, z1.new_empty(0, dtype=torch.int64)
 
@@ -389,8 +393,8 @@ def _fused_backward(
     """(d z1, d z2, d temperature, d bias); an empty tensor where ``needs`` says no gradient."""
     if backend == "triton" and _triton_fused.covers(labels, queue, scene_ignore):
         return _triton_fused.fused().backward(
-            grad_out, z1, z2, _logit_scale(temperature, z1.device), _f64(bias, z1.device), labels, row, col, r_sum,
-            n1, n2, loss, symmetric, hard_weight, normalize, reduction, needs, temperature, bias,
+            grad_out, z1, z2, temperature, bias, labels, row, col, r_sum, n1, n2, loss, symmetric, hard_weight,
+            normalize, reduction, needs,
         )  # fmt: skip
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)

@@ -112,22 +112,59 @@ def _to_kernel_dtype(x, ptr, RNE_BF16: tl.constexpr):
 
 
 @triton.jit
+def _scale64(tau_ptr):
+    """1 / tau in float64, as the general path takes it (``temperature.double().reciprocal()``)."""
+    return 1.0 / tl.load(tau_ptr).to(tl.float64)
+
+
+@triton.jit
 def _prologue_kernel(
-    z1_ptr, z2_ptr, lab_ptr, scale_ptr, go_ptr, r_ptr,
+    z1_ptr, z2_ptr, lab_ptr, tau_ptr, bias_ptr, go_ptr, r_ptr,
     uk_ptr, vk_ptr, n1_ptr, n2_ptr, pos_ptr, g_ptr, part_ptr, gmax_ptr, zero_ptr,
+    scale_out_ptr, counter_ptr, ok_tau_ptr, ok_bias_ptr, lflag_ptr, gmax_out_ptr,
     N, D, C, s_z1, s_z2, s_lab, PART, g_factor,
     BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, HAS_LABELS: tl.constexpr, NPROJ: tl.constexpr,
     SIGMOID: tl.constexpr, GO_VECTOR: tl.constexpr, ZERO: tl.constexpr, RNE_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHECK: tl.constexpr, HAS_BIAS: tl.constexpr, LAB_FLOAT: tl.constexpr, LAB_BOOL: tl.constexpr,
+    GMAX_DIRECT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """Forward: norms (stored), normalised rows, positive logits, projections [v, u][:NPROJ] and
     sum lhat. Backward: the saved norms, normalised rows, positive logits, g = go * g_factor,
     max |g| per block, projections [v, w u, w v, u][:NPROJ]. ZERO: zero the rows' entries of
-    zero_ptr (the fixed-max column sums the row pass accumulates into)."""
+    zero_ptr (the fixed-max column sums the row pass accumulates into).
+    Program 0 also writes the logit scale in fp32 (what the tile kernels read), zeroes the
+    epilogue's block counter, and with CHECK the value checks' flags (1: fine, 0: not): the
+    temperature (its inverse finite and > 0), the bias (finite); every program the flags of its
+    label rows (finite, >= 0). GMAX_DIRECT: g is one value (reduction mean / sum): max |g| too."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rok = offs_n < N
     rows = offs_n.to(tl.int64)
+    scale = _scale64(tau_ptr)
+    if pid == 0:
+        tl.store(scale_out_ptr, scale.to(tl.float32))
+        tl.store(counter_ptr, 0.0)
+        if CHECK:
+            tl.store(ok_tau_ptr, tl.where((scale > 0.0) & (scale <= 3.4028234663852886e38), 1.0, 0.0))
+            if HAS_BIAS:
+                b = tl.load(bias_ptr).to(tl.float64)
+                tl.store(ok_bias_ptr, tl.where((b == b) & (tl.abs(b) < float("inf")), 1.0, 0.0))
+        if GMAX_DIRECT:
+            tl.store(gmax_out_ptr, tl.abs(tl.load(go_ptr).to(tl.float32) * g_factor))
+    if CHECK and HAS_LABELS:
+        finite = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
+        nonneg = finite
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mc = rok[:, None] & (offs_c[None, :] < C)
+            lab = tl.load(lab_ptr + rows[:, None] * s_lab + offs_c[None, :], mask=mc, other=0)
+            if LAB_FLOAT:
+                fin = (lab == lab) & (tl.abs(lab) < float("inf"))
+                finite = tl.minimum(finite, tl.min(tl.where(fin, 1.0, 0.0), 1))
+            if not LAB_BOOL:
+                nonneg = tl.minimum(nonneg, tl.min(tl.where(lab >= 0, 1.0, 0.0), 1))
+        tl.store(lflag_ptr + 2 * pid, tl.min(finite, 0))
+        tl.store(lflag_ptr + 2 * pid + 1, tl.min(nonneg, 0))
     if ZERO:
         tl.store(zero_ptr + offs_n, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=rok)
     n1 = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
@@ -202,16 +239,16 @@ def _prologue_kernel(
                         _project(base + CD, lh_t, u, offs_c, offs_d, C, D)
                     if d0 == 0:
                         tl.store(base + NPROJ * CD + offs_c, tl.sum(lh, 0), mask=offs_c < C)
-    scale = tl.load(scale_ptr)
     tl.store(pos_ptr + offs_n, (pos * scale).to(tl.float32), mask=rok)
 
 
 @triton.jit
 def _reduce_kernel(
-    part_ptr, out_ptr, gmax_ptr, max_out_ptr, NBLK, PART, L, HAS_MAX: tl.constexpr, BLOCK: tl.constexpr
+    part_ptr, out_ptr, gmax_ptr, max_out_ptr, lflag_ptr, ok_fin_ptr, ok_neg_ptr, NBLK, PART, L,
+    HAS_MAX: tl.constexpr, HAS_FLAGS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """out[:L] = sum over the blocks b (in order) of part[b, :L]; with HAS_MAX, max_out = max_b gmax[b]
-    (program 0)."""
+    """out[:L] = sum over the blocks b (in order) of part[b, :L]; program 0: with HAS_MAX,
+    max_out = max_b gmax[b]; with HAS_FLAGS the label flags of all blocks (min over the blocks)."""
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < L
@@ -226,6 +263,16 @@ def _reduce_kernel(
                 ob = b0 + tl.arange(0, BLOCK)
                 m = tl.maximum(m, tl.load(gmax_ptr + ob, mask=ob < NBLK, other=0.0))
             tl.store(max_out_ptr, tl.max(m, 0))
+    if HAS_FLAGS:
+        if pid == 0:
+            f = tl.full((BLOCK,), 1.0, dtype=tl.float32)
+            g = f
+            for b0 in range(0, NBLK, BLOCK):
+                ob = b0 + tl.arange(0, BLOCK)
+                f = tl.minimum(f, tl.load(lflag_ptr + 2 * ob, mask=ob < NBLK, other=1.0))
+                g = tl.minimum(g, tl.load(lflag_ptr + 2 * ob + 1, mask=ob < NBLK, other=1.0))
+            tl.store(ok_fin_ptr, tl.min(f, 0))
+            tl.store(ok_neg_ptr, tl.min(g, 0))
 
 
 @triton.jit
@@ -250,19 +297,21 @@ def _merge(buf_ptr, offs_n, rok, N, SPLIT: tl.constexpr, SUM: tl.constexpr):
 
 @triton.jit
 def _fwd_epilogue_kernel(
-    uk_ptr, vk_ptr, lab_ptr, p_ptr, rowbuf_ptr, colbuf_ptr, scale_ptr, bias_ptr, hw,
-    row_ptr, col_ptr, r_ptr, per_ptr, lpart_ptr,
-    N, D, C, s_lab, s_uk, s_vk,
+    uk_ptr, vk_ptr, lab_ptr, p_ptr, rowbuf_ptr, colbuf_ptr, tau_ptr, bias_ptr, hw,
+    row_ptr, col_ptr, r_ptr, per_ptr, lpart_ptr, counter_ptr, out_ptr, factor,
+    N, D, C, s_lab, s_uk, s_vk, NBLK,
     SPLIT: tl.constexpr, SIGMOID: tl.constexpr, NEED_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_BIAS: tl.constexpr, STORE_PER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Per-sample losses from the statistics and the target sums; one partial sum per block."""
+    """Per-sample losses from the statistics and the target sums. Reductions: one partial sum
+    per block; the block that finishes last (a counter, zeroed by the prologue) sums them in
+    block order into out (deterministic: the atomic only elects that block)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rok = offs_n < N
     rows = offs_n.to(tl.int64)
-    scale = tl.load(scale_ptr)
+    scale = _scale64(tau_ptr)
     row = _merge(rowbuf_ptr, offs_n, rok, N, SPLIT, SIGMOID)
     tl.store(row_ptr + offs_n, row, mask=rok)
     if NEED_COL:
@@ -335,6 +384,28 @@ def _fwd_epilogue_kernel(
         tl.store(per_ptr + offs_n, per, mask=rok)
     else:
         tl.store(lpart_ptr + pid, tl.sum(tl.where(rok, per, 0.0), 0))
+        if _last_block(counter_ptr, NBLK):
+            total = _sum_parts(lpart_ptr, NBLK, 1, 0, BLOCK_N)
+            tl.store(out_ptr, total.to(tl.float32) * factor)
+
+
+@triton.jit
+def _last_block(counter_ptr, NBLK):
+    """True in the one program that finishes last: its partials and every other program's are
+    stored (the barrier orders this program's stores before the acq_rel atomic)."""
+    tl.debug_barrier()
+    done = tl.atomic_add(counter_ptr, 1.0, sem="acq_rel")
+    return done == NBLK - 1
+
+
+@triton.jit
+def _sum_parts(part_ptr, NBLK, STRIDE: tl.constexpr, AT: tl.constexpr, BLOCK: tl.constexpr):
+    """sum_b part[STRIDE * b + AT] in block order, float64 (loads bypass L1: written by others)."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float64)
+    for b0 in range(0, NBLK, BLOCK):
+        ob = b0 + tl.arange(0, BLOCK)
+        acc += tl.load(part_ptr + STRIDE * ob + AT, mask=ob < NBLK, other=0.0, cache_modifier=".cg").to(tl.float64)
+    return tl.sum(acc, 0)
 
 
 @triton.jit
@@ -387,20 +458,22 @@ def _grad_chunk(
 
 @triton.jit
 def _bwd_epilogue_kernel(
-    uk_ptr, vk_ptr, lab_ptr, p_ptr, g_ptr, r_ptr, gu_ptr, gv_ptr, wsum_ptr, n1_ptr, n2_ptr, scale_ptr, hw,
-    dz1_ptr, dz2_ptr, spart_ptr,
-    N, D, C, s_lab,
+    uk_ptr, vk_ptr, lab_ptr, p_ptr, g_ptr, r_ptr, gu_ptr, gv_ptr, wsum_ptr, n1_ptr, n2_ptr, tau_ptr, hw,
+    dz1_ptr, dz2_ptr, spart_ptr, counter_ptr, dtau_ptr, dbias_ptr,
+    N, D, C, s_lab, NBLK, NEED_TAU: tl.constexpr,
     SPLIT: tl.constexpr, SIGMOID: tl.constexpr, NEED_COL: tl.constexpr, HAS_LABELS: tl.constexpr,
     NORMALIZE: tl.constexpr, NEED_Z1: tl.constexpr, NEED_Z2: tl.constexpr, NEED_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """dz1, dz2 (target part subtracted, through the normalisation) and per-block partials of
-    sum_i u_i . GU_i (temperature) and sum_ij G_ij (bias), float64."""
+    sum_i u_i . GU_i (temperature) and sum_ij G_ij (bias); the block that finishes last sums
+    them in block order: d tau = -scale^2 sum_i u_i . GU_i, d bias."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rok = offs_n < N
     rows = offs_n.to(tl.int64)
-    scale = tl.load(scale_ptr).to(tl.float32)
+    scale64 = _scale64(tau_ptr)
+    scale = scale64.to(tl.float32)
     g = tl.load(g_ptr + offs_n, mask=rok, other=0.0)
     r = tl.load(r_ptr + offs_n, mask=rok, other=1.0)
     w = g if SIGMOID else g / r
@@ -424,11 +497,18 @@ def _bwd_epilogue_kernel(
         )  # fmt: skip
         pu += tl.sum(u * gu, 1)
         pv += tl.sum(v * gv, 1)
-    tl.store(spart_ptr + 2 * pid, tl.sum(tl.where(rok, pu, 0.0).to(tl.float64), 0))
-    if NEED_BIAS:
-        wsum = _merge(wsum_ptr, offs_n, rok, N, SPLIT, True)
-        db = tl.where(rok, wsum - g * (hw + (1.0 - hw) * r), 0.0)
-        tl.store(spart_ptr + 2 * pid + 1, tl.sum(db.to(tl.float64), 0))
+    if NEED_TAU or NEED_BIAS:
+        tl.store(spart_ptr + 2 * pid, tl.sum(tl.where(rok, pu, 0.0), 0))
+        if NEED_BIAS:
+            wsum = _merge(wsum_ptr, offs_n, rok, N, SPLIT, True)
+            db = tl.where(rok, wsum - g * (hw + (1.0 - hw) * r), 0.0)
+            tl.store(spart_ptr + 2 * pid + 1, tl.sum(db, 0))
+        if _last_block(counter_ptr, NBLK):
+            if NEED_TAU:
+                total = _sum_parts(spart_ptr, NBLK, 2, 0, BLOCK_N)
+                tl.store(dtau_ptr, (-(total * scale64) * scale64).to(dtau_ptr.dtype.element_ty))
+            if NEED_BIAS:
+                tl.store(dbias_ptr, _sum_parts(spart_ptr, NBLK, 2, 1, BLOCK_N).to(dbias_ptr.dtype.element_ty))
     if NEED_Z1 or NEED_Z2:
         if NORMALIZE:
             n1 = tl.load(n1_ptr + offs_n, mask=rok, other=1.0)
@@ -456,32 +536,6 @@ def _bwd_epilogue_kernel(
                 if NORMALIZE:
                     gv = gv - v * pv[:, None]
                 tl.store(dz2_ptr + idx, (gv * c2[:, None]).to(dz2_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _finish_kernel(
-    part_ptr, NBLK, factor, scale_ptr, out_ptr, out2_ptr,
-    STRIDE: tl.constexpr, TAU: tl.constexpr, SECOND: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Sums per-block partials in block order. Forward (STRIDE 1): out = factor * sum (the loss).
-    Backward (STRIDE 2, float64 partials): out = -scale^2 * sum of the first entries (d tau, with
-    TAU), out2 = sum of the second ones (d bias, with SECOND)."""
-    acc = tl.zeros((BLOCK,), dtype=tl.float64)
-    acc2 = tl.zeros((BLOCK,), dtype=tl.float64)
-    for b0 in range(0, NBLK, BLOCK):
-        ob = b0 + tl.arange(0, BLOCK)
-        acc += tl.load(part_ptr + STRIDE * ob, mask=ob < NBLK, other=0.0).to(tl.float64)
-        if SECOND:
-            acc2 += tl.load(part_ptr + STRIDE * ob + 1, mask=ob < NBLK, other=0.0).to(tl.float64)
-    total = tl.sum(acc, 0)
-    if STRIDE == 1:
-        tl.store(out_ptr, (total.to(tl.float32) * factor).to(out_ptr.dtype.element_ty))
-    else:
-        if TAU:
-            scale = tl.load(scale_ptr)
-            tl.store(out_ptr, (-(total * scale) * scale).to(out_ptr.dtype.element_ty))
-        if SECOND:
-            tl.store(out2_ptr, tl.sum(acc2, 0).to(out2_ptr.dtype.element_ty))
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,14 +587,30 @@ def _tile_forward(core, uk, vk, pos, scale, bias, normalize, mode, need_col, row
         )  # fmt: skip
 
 
-def forward(z1, z2, scale, bias, labels, loss, symmetric, hw, normalize, reduction, core=None):
+def _labels(labels, ws):
+    """(labels as the kernels read them, row stride, is float, is bool); ws stands in for None."""
+    if labels is None:
+        return ws, 0, False, False
+    lab = labels if labels.stride(1) == 1 else labels.contiguous()
+    return lab, lab.stride(0), lab.dtype.is_floating_point, lab.dtype == torch.bool
+
+
+def _on(x, dev):
+    """A 0-dim temperature / bias on the kernels' device (a copy only when it is elsewhere)."""
+    return x if x is None or x.device == dev else x.to(dev)
+
+
+def forward(z1, z2, temperature, bias, labels, loss, symmetric, hw, normalize, reduction, messages, core=None):
     """(loss, row statistics, column statistics or (0,), R (N,), n1, n2 (or (0,) each)), the
-    outputs of ``fastcon_loss::fused_forward`` for the covered calls. scale: 1 / tau, a 0-dim
-    float64 tensor on the device; bias: a 0-dim float64 tensor or None."""
+    outputs of ``fastcon_loss::fused_forward`` for the covered calls. temperature, bias: 0-dim
+    tensors (bias None: 0), read by the kernels on the device (the scale 1 / tau is computed
+    there). messages: the value checks' messages (temperature, bias, labels finite, labels >= 0),
+    raised through ``torch._assert_async`` of flags the prologue computes (no host sync)."""
     core = sc.CORE if core is None else core
     z1, z2 = _rows(z1), _rows(z2)
     n, d = z1.shape
     dev = z1.device
+    temperature, bias = _on(temperature, dev), _on(bias, dev)
     sigmoid = loss == "sigmoid"
     mode = MODE_SIGMOID if sigmoid else MODE_SOFTMAX
     need_col = not sigmoid and symmetric
@@ -552,73 +622,76 @@ def forward(z1, z2, scale, bias, labels, loss, symmetric, hw, normalize, reducti
     split = _split(core, n, dev)
     fixed = need_col and bool(normalize) and core._use_atomics()
     f32 = dict(dtype=torch.float32, device=dev)
-    # one fp32 workspace: positive logits, column sums, split buffers, partial projections, the
-    # projections, the per-block loss sums (one allocation: fewer dispatched ops)
-    sizes = dict(pos=n, col_sum=n if fixed else 0, rowbuf=split * n, colbuf=split * n if need_col else 0,
-                 part=nblk * part_len, proj=part_len, lpart=nblk)  # fmt: skip
-    ws, views = _workspace(sizes, f32)
+    # one fp32 workspace, cut into views by one split: the logit scale, the epilogue's block
+    # counter, the check flags, positive logits, column sums, split buffers, partial
+    # projections, the projections, per-block loss sums and label flags
+    sizes = dict(scale=1, counter=1, ok_tau=1, ok_bias=1, ok_fin=1, ok_neg=1, pos=n, col_sum=n if fixed else 0,
+                 rowbuf=split * n, colbuf=split * n if need_col else 0, part=nblk * part_len, proj=part_len,
+                 lpart=nblk, lflag=2 * nblk if has_labels else 0)  # fmt: skip
+    ws, v = _workspace(sizes, f32)
     if normalize:
         uk, vk = torch.empty_like(z1), torch.empty_like(z2)
         n1, n2 = torch.empty(n, **f32), torch.empty(n, **f32)
     else:
         uk, vk = z1, z2
         n1, n2 = ws.new_empty(0), ws.new_empty(0)
-    lab = labels if has_labels else ws
-    s_lab = labels.stride(0) if has_labels else 0
-    if has_labels and labels.stride(1) != 1:
-        lab = labels.contiguous()
-        s_lab = lab.stride(0)
-    pos = views["pos"]
+    lab, s_lab, lab_float, lab_bool = _labels(labels, ws)
+    b = ws if bias is None else bias
     with core._device_ctx(z1):
         _launch(
-            _prologue_kernel, (nblk,), z1, z2, lab, scale, ws, ws, uk, vk, n1 if normalize else ws,
-            n2 if normalize else ws, pos, ws, views["part"], ws, views["col_sum"],
+            _prologue_kernel, (nblk,), z1, z2, lab, temperature, b, ws, ws, uk, vk, n1 if normalize else ws,
+            n2 if normalize else ws, v["pos"], ws, v["part"], ws, v["col_sum"],
+            v["scale"], v["counter"], v["ok_tau"], v["ok_bias"], v["lflag"], ws,
             n, d, c, z1.stride(0), z2.stride(0), s_lab, part_len, 1.0,
             BACKWARD=False, NORMALIZE=bool(normalize), HAS_LABELS=has_labels, NPROJ=nproj, SIGMOID=sigmoid,
-            GO_VECTOR=False, ZERO=fixed, RNE_BF16=_rne_bf16(z1), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
+            GO_VECTOR=False, ZERO=fixed, RNE_BF16=_rne_bf16(z1), CHECK=True, HAS_BIAS=bias is not None,
+            LAB_FLOAT=lab_float, LAB_BOOL=lab_bool, GMAX_DIRECT=False,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
         )  # fmt: skip
         if has_labels:
             _launch(
-                _reduce_kernel, (triton.cdiv(part_len, REDUCE_BLOCK),), views["part"], views["proj"], ws, ws,
-                nblk, part_len, part_len, HAS_MAX=False, BLOCK=REDUCE_BLOCK,
+                _reduce_kernel, (max(1, triton.cdiv(part_len, REDUCE_BLOCK)),), v["part"], v["proj"], ws, ws,
+                v["lflag"], v["ok_fin"], v["ok_neg"], nblk, part_len, part_len,
+                HAS_MAX=False, HAS_FLAGS=True, BLOCK=REDUCE_BLOCK,
             )  # fmt: skip
+        # the value checks, before the tile pass (device asserts: no host synchronisation)
+        torch._assert_async(v["ok_tau"], messages[0])
+        if bias is not None:
+            torch._assert_async(v["ok_bias"], messages[1])
+        if lab_float:
+            torch._assert_async(v["ok_fin"], messages[2])
+        if has_labels and not lab_bool:
+            torch._assert_async(v["ok_neg"], messages[3])
         row = torch.empty(n, **f32)
         _tile_forward(
-            core, uk, vk, pos, scale, bias, normalize, mode, need_col, views["rowbuf"], views["colbuf"],
-            views["col_sum"] if fixed else None, split, row,
+            core, uk, vk, v["pos"], v["scale"], bias, normalize, mode, need_col, v["rowbuf"], v["colbuf"],
+            v["col_sum"] if fixed else None, split, row,
         )  # fmt: skip
         col = torch.empty(n, **f32) if need_col else ws.new_empty(0)
         r_sum = torch.empty(n, **f32)
         store_per = reduction == "none"
-        per = torch.empty(n, **f32) if store_per else ws
+        out = torch.empty(n, **f32) if store_per else torch.empty((), **f32)
+        factor = 1.0 / n if reduction == "mean" else 1.0
         _launch(
-            _fwd_epilogue_kernel, (nblk,), uk, vk, lab, views["proj"], views["rowbuf"], views["colbuf"], scale,
-            scale if bias is None else bias, float(hw), row, col if need_col else ws, r_sum, per, views["lpart"],
-            n, d, c, s_lab, uk.stride(0), vk.stride(0),
+            _fwd_epilogue_kernel, (nblk,), uk, vk, lab, v["proj"], v["rowbuf"], v["colbuf"], temperature, b,
+            float(hw), row, col if need_col else ws, r_sum, out, v["lpart"], v["counter"], out, factor,
+            n, d, c, s_lab, uk.stride(0), vk.stride(0), nblk,
             SPLIT=split, SIGMOID=sigmoid, NEED_COL=need_col, HAS_LABELS=has_labels, HAS_BIAS=bias is not None,
             STORE_PER=store_per, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
         )  # fmt: skip
-        if store_per:
-            out = per
-        else:
-            out = torch.empty((), **f32)
-            factor = 1.0 / n if reduction == "mean" else 1.0
-            _launch(
-                _finish_kernel, (1,), views["lpart"], nblk, factor, scale, out, out,
-                STRIDE=1, TAU=False, SECOND=False, BLOCK=REDUCE_BLOCK,
-            )  # fmt: skip
     return out, row, col, r_sum, n1, n2
 
 
-def backward(grad_out, z1, z2, scale, bias, labels, row, col, r_sum, n1, n2, loss, symmetric, hw, normalize,
-             reduction, needs, tau_like, bias_like, core=None):  # fmt: skip
+def backward(grad_out, z1, z2, temperature, bias, labels, row, col, r_sum, n1, n2, loss, symmetric, hw,
+             normalize, reduction, needs, core=None):  # fmt: skip
     """(d z1, d z2, d tau, d bias), an empty tensor for each one ``needs`` says is not wanted;
-    the outputs of ``fastcon_loss::fused_backward`` for the covered calls. tau_like / bias_like:
-    the temperature / bias tensors (their gradients take their dtype)."""
+    the outputs of ``fastcon_loss::fused_backward`` for the covered calls (gradients of the
+    temperature and bias in their dtypes and on their devices)."""
     core = sc.CORE if core is None else core
     z1, z2 = _rows(z1), _rows(z2)
     n, d = z1.shape
     dev = z1.device
+    tau_dev, bias_dev = _on(temperature, dev), _on(bias, dev)
     sigmoid = loss == "sigmoid"
     mode = MODE_SIGMOID if sigmoid else MODE_SOFTMAX
     need_col = not sigmoid and symmetric
@@ -628,44 +701,46 @@ def backward(grad_out, z1, z2, scale, bias, labels, row, col, r_sum, n1, n2, los
     part_len = nproj * c * d if has_labels else 0
     nblk = triton.cdiv(n, BLOCK_N)
     split = _split(core, n, dev)
+    need_tau = bool(needs[2])
     need_bias = bool(needs[3]) and sigmoid and bias is not None
     f32 = dict(dtype=torch.float32, device=dev)
     g_factor = (1.0 / n if reduction == "mean" else 1.0) * (0.5 if need_col else 1.0)
-    sizes = dict(pos=n, g=n, gmax=nblk, part=nblk * part_len, proj=part_len, gmax_all=1,
-                 wsum=split * n if sigmoid else 0, gu=split * n * d, gv=split * n * d)  # fmt: skip
-    ws, views = _workspace(sizes, f32)
+    g_vector = grad_out.dim() == 1
+    sizes = dict(scale=1, counter=1, gmax_all=1, pos=n, g=n, gmax=nblk, part=nblk * part_len, proj=part_len,
+                 wsum=split * n if sigmoid else 0, spart=2 * nblk, gu=split * n * d, gv=split * n * d)  # fmt: skip
+    ws, v = _workspace(sizes, f32)
     if normalize:
         uk, vk = torch.empty_like(z1), torch.empty_like(z2)
     else:
         uk, vk = z1, z2
-    lab = labels if has_labels else ws
-    s_lab = labels.stride(0) if has_labels else 0
-    if has_labels and labels.stride(1) != 1:
-        lab = labels.contiguous()
-        s_lab = lab.stride(0)
-    spart = torch.empty(2 * nblk, dtype=torch.float64, device=dev)
-    go = grad_out if grad_out.dim() == 0 or grad_out.stride(0) == 1 else grad_out.contiguous()
-    pos, g, gmax = views["pos"], views["g"], views["gmax_all"]
+    lab, s_lab, _, _ = _labels(labels, ws)
+    go = grad_out if not g_vector or grad_out.stride(0) == 1 else grad_out.contiguous()
+    b = ws if bias is None else bias_dev
+    pos, g, gmax = v["pos"], v["g"], v["gmax_all"]
     with core._device_ctx(z1):
         _launch(
-            _prologue_kernel, (nblk,), z1, z2, lab, scale, go, r_sum, uk, vk, n1 if normalize else ws,
-            n2 if normalize else ws, pos, g, views["part"], views["gmax"], ws,
+            _prologue_kernel, (nblk,), z1, z2, lab, tau_dev, b, go, r_sum, uk, vk, n1 if normalize else ws,
+            n2 if normalize else ws, pos, g, v["part"], v["gmax"], ws,
+            v["scale"], v["counter"], ws, ws, ws, gmax,
             n, d, c, z1.stride(0), z2.stride(0), s_lab, part_len, g_factor,
             BACKWARD=True, NORMALIZE=bool(normalize), HAS_LABELS=has_labels, NPROJ=nproj, SIGMOID=sigmoid,
-            GO_VECTOR=grad_out.dim() == 1, ZERO=False, RNE_BF16=_rne_bf16(z1), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
+            GO_VECTOR=g_vector, ZERO=False, RNE_BF16=_rne_bf16(z1), CHECK=False, HAS_BIAS=False,
+            LAB_FLOAT=False, LAB_BOOL=False, GMAX_DIRECT=not g_vector,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
         )  # fmt: skip
-        _launch(
-            _reduce_kernel, (max(1, triton.cdiv(part_len, REDUCE_BLOCK)),), views["part"], views["proj"],
-            views["gmax"], gmax, nblk, part_len, part_len, HAS_MAX=True, BLOCK=REDUCE_BLOCK,
-        )  # fmt: skip
-        gu_buf, gv_buf = views["gu"], views["gv"]  # (split, n, d) each, flat
+        if has_labels or g_vector:
+            _launch(
+                _reduce_kernel, (max(1, triton.cdiv(part_len, REDUCE_BLOCK)),), v["part"], v["proj"], v["gmax"],
+                gmax, ws, ws, ws, nblk, part_len, part_len, HAS_MAX=g_vector, HAS_FLAGS=False, BLOCK=REDUCE_BLOCK,
+            )  # fmt: skip
+        gu_buf, gv_buf = v["gu"], v["gv"]  # (split, n, d) each, flat
         keys = (sc._bucket(n), sc._bucket(n), sc._bucket(d))
         prec = core._precision(uk.dtype)
         common = dict(
             MODE=int(mode), BOUNDED=bool(normalize) and not sigmoid, HAS_BIAS=bias is not None, HAS_POS=True,
             UPCAST=sc.INTERPRET and uk.dtype == torch.bfloat16, PRECISION=prec, W_PRECISION=prec,
         )  # fmt: skip
-        b = scale if bias is None else bias
+        scale = v["scale"]
 
         def grid(meta):
             chunks = triton.cdiv(triton.cdiv(d, meta["CHUNK"]), meta["N_CHUNK"])
@@ -673,7 +748,7 @@ def backward(grad_out, z1, z2, scale, bias, labels, row, col, r_sum, n1, n2, los
 
         # rows: W v and W 1 with W_ij = g_i p_ij + h_j q_ij (or g_i sigmoid(x_ij))
         a_stat, b_stat = (pos, pos) if sigmoid else (row, col if need_col else pos)
-        wsum = views["wsum"]
+        wsum = v["wsum"]
         _launch(
             sc._sc_backward_kernel, grid, uk, vk, pos, pos, pos, a_stat, b_stat, g, g, gmax, gu_buf, wsum,
             scale, b, n, n, d, uk.stride(0), vk.stride(0), 0, split, *keys,
@@ -691,26 +766,19 @@ def backward(grad_out, z1, z2, scale, bias, labels, row, col, r_sum, n1, n2, los
         )  # fmt: skip
         dz1 = torch.empty_like(z1) if needs[0] else z1.new_empty(0)
         dz2 = torch.empty_like(z2) if needs[1] else z1.new_empty(0)
+        d_tau = torch.empty((), dtype=temperature.dtype, device=dev) if need_tau else z1.new_empty(0)
+        d_bias = torch.empty((), dtype=bias.dtype, device=dev) if need_bias else z1.new_empty(0)
         _launch(
-            _bwd_epilogue_kernel, (nblk,), uk, vk, lab, views["proj"], g, r_sum, gu_buf, gv_buf, wsum,
-            n1 if normalize else ws, n2 if normalize else ws, scale, float(hw), dz1 if needs[0] else ws,
-            dz2 if needs[1] else ws, spart, n, d, c, s_lab,
+            _bwd_epilogue_kernel, (nblk,), uk, vk, lab, v["proj"], g, r_sum, gu_buf, gv_buf, wsum,
+            n1 if normalize else ws, n2 if normalize else ws, tau_dev, float(hw), dz1 if needs[0] else ws,
+            dz2 if needs[1] else ws, v["spart"], v["counter"], d_tau if need_tau else ws,
+            d_bias if need_bias else ws, n, d, c, s_lab, nblk, NEED_TAU=need_tau,
             SPLIT=split, SIGMOID=sigmoid, NEED_COL=need_col, HAS_LABELS=has_labels, NORMALIZE=bool(normalize),
             NEED_Z1=bool(needs[0]), NEED_Z2=bool(needs[1]), NEED_BIAS=need_bias,
             BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
         )  # fmt: skip
-        d_tau, d_bias = z1.new_empty(0), z1.new_empty(0)
-        if needs[2] or need_bias:
-            if needs[2]:
-                d_tau = torch.empty((), dtype=tau_like.dtype, device=dev)
-            if need_bias:
-                d_bias = torch.empty((), dtype=bias_like.dtype, device=dev)
-            _launch(
-                _finish_kernel, (1,), spart, nblk, 1.0, scale, d_tau if needs[2] else spart,
-                d_bias if need_bias else spart, STRIDE=2, TAU=bool(needs[2]), SECOND=need_bias, BLOCK=REDUCE_BLOCK,
-            )  # fmt: skip
-    if needs[2] and tau_like.device != dev:
-        d_tau = d_tau.to(tau_like.device)
-    if need_bias and bias_like.device != dev:
-        d_bias = d_bias.to(bias_like.device)
+    if need_tau and temperature.device != dev:
+        d_tau = d_tau.to(temperature.device)
+    if need_bias and bias.device != dev:
+        d_bias = d_bias.to(bias.device)
     return dz1, dz2, d_tau, d_bias
