@@ -176,6 +176,19 @@ def test_splits_and_deterministic_mode(core, lossconf):
         assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
 
 
+@pytest.mark.parametrize("lossconf", ["softmax_sym", "sigmoid"])
+def test_prologue_programs_loop_over_row_blocks(lossconf, monkeypatch):
+    """Fewer prologue programs than row blocks (each sums several blocks' projections into its
+    slot; what bounds the partial projections' memory at any N): 3 blocks on 1 and 2 programs."""
+    kw = dict(LOSSES[lossconf], temperature=0.1, hard_weight=0.3, reduction="none")
+    for programs in (1, 2):
+        monkeypatch.setattr(fl, "PROLOGUE_PROGRAMS", programs)
+        out, grads, r_out, r_grads = _check("fractions", kw, seed=programs, learn_bias="bias" in kw, n=70, d=24)
+        assert rel_err(out, r_out) <= 1e-5
+        for g, rg in zip(grads, r_grads):
+            assert rel_err(g, rg) <= 1e-4
+
+
 def test_non_finite_inputs_propagate():
     """A NaN in z1 (and an inf in z2) reach every loss term as in the dense computation."""
     gen = torch.Generator().manual_seed(1)

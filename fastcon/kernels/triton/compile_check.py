@@ -258,6 +258,7 @@ def _fused_launches() -> list[Launch]:
         z = _t(dtype)
         shape = f"{dt_name}"
         common = dict(N=ROWS, D=768, C=20, s_z1=768, s_z2=768, s_lab=20, PART=2 * 20 * 768 + 20, g_factor=0.5)
+        common.update(NBLK=ROWS // fl.BLOCK_N, NPROG=fl.PROLOGUE_PROGRAMS)
         ptrs = dict(
             z1_ptr=z, z2_ptr=z, tau_ptr=f, bias_ptr=f, go_ptr=f, r_ptr=f, uk_ptr=z, vk_ptr=z, n1_ptr=f, n2_ptr=f,
             pos_ptr=f, g_ptr=f, part_ptr=f, gmax_ptr=f, zero_ptr=f, scale_out_ptr=f, counter_ptr=f, ok_tau_ptr=f,
@@ -315,7 +316,8 @@ def _fused_launches() -> list[Launch]:
         for has_max, has_flags in ((False, True), (True, False)):
             args = dict(
                 part_ptr=f, out_ptr=f, gmax_ptr=f, max_out_ptr=f, lflag_ptr=f, ok_fin_ptr=f, ok_neg_ptr=f,
-                NBLK=ROWS // fl.BLOCK_N, PART=4 * 20 * 768, L=4 * 20 * 768, HAS_MAX=has_max, HAS_FLAGS=has_flags,
+                NSLOT=fl.PROLOGUE_PROGRAMS, NBLK=ROWS // fl.BLOCK_N, PART=4 * 20 * 768, L=4 * 20 * 768, HAS_MAX=has_max,
+                HAS_FLAGS=has_flags,
                 BLOCK=fl.REDUCE_BLOCK,
             )  # fmt: skip
             out.append(Launch("_reduce_kernel", fl, args, shape, f"HAS_MAX={has_max:d}", has_max))

@@ -54,6 +54,7 @@ BLOCK_N = 32  # rows per program of the prologue / epilogues
 BLOCK_D = 32  # feature chunk (64 spills registers in the prologue and the forward epilogue on sm_90)
 BLOCK_C = 16  # class chunk of the projections (tl.dot needs >= 16)
 REDUCE_BLOCK = 256
+PROLOGUE_PROGRAMS = 128  # at most this many prologue programs (slots of partial projections)
 
 
 def covers(labels, queue, scene_ignore: bool) -> bool:
@@ -94,10 +95,13 @@ def _lhat_inv(lab_ptr, rows, rok, s_lab, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.c
 
 
 @triton.jit
-def _project(part_ptr, lh_t, x, offs_c, offs_d, C, D):
-    """part[c, d] = sum over the block's rows of lhat_ic x_id (fp32, IEEE products)."""
-    p = tl.dot(lh_t, x, input_precision="ieee")
-    tl.store(part_ptr + offs_c[:, None] * D + offs_d[None, :], p, mask=(offs_c[:, None] < C) & (offs_d[None, :] < D))
+def _project(part_ptr, lh_t, x, offs_c, offs_d, C, D, again):
+    """part[c, d] (+)= sum over the block's rows of lhat_ic x_id (fp32, IEEE products); again:
+    add to what the slot holds."""
+    ptrs = part_ptr + offs_c[:, None] * D + offs_d[None, :]
+    m = (offs_c[:, None] < C) & (offs_d[None, :] < D)
+    p = tl.dot(lh_t, x, input_precision="ieee") + tl.load(ptrs, mask=m & again, other=0.0)
+    tl.store(ptrs, p, mask=m)
 
 
 @triton.jit
@@ -122,7 +126,7 @@ def _prologue_kernel(
     z1_ptr, z2_ptr, lab_ptr, tau_ptr, bias_ptr, go_ptr, r_ptr,
     uk_ptr, vk_ptr, n1_ptr, n2_ptr, pos_ptr, g_ptr, part_ptr, gmax_ptr, zero_ptr,
     scale_out_ptr, counter_ptr, ok_tau_ptr, ok_bias_ptr, lflag_ptr, gmax_out_ptr,
-    N, D, C, s_z1, s_z2, s_lab, PART, g_factor,
+    N, D, C, s_z1, s_z2, s_lab, PART, g_factor, NBLK, NPROG,
     BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr, HAS_LABELS: tl.constexpr, NPROJ: tl.constexpr,
     SIGMOID: tl.constexpr, GO_VECTOR: tl.constexpr, ZERO: tl.constexpr, RNE_BF16: tl.constexpr,
     CHECK: tl.constexpr, HAS_BIAS: tl.constexpr, LAB_FLOAT: tl.constexpr, LAB_BOOL: tl.constexpr,
@@ -135,11 +139,11 @@ def _prologue_kernel(
     Program 0 also writes the logit scale in fp32 (what the tile kernels read), zeroes the
     epilogue's block counter, and with CHECK the value checks' flags (1: fine, 0: not): the
     temperature (its inverse finite and > 0), the bias (finite); every program the flags of its
-    label rows (finite, >= 0). GMAX_DIRECT: g is one value (reduction mean / sum): max |g| too."""
+    label rows (finite, >= 0). GMAX_DIRECT: g is one value (reduction mean / sum): max |g| too.
+    Grid: NPROG programs (at most PROLOGUE_PROGRAMS), each taking row blocks pid, pid + NPROG, ...
+    and summing their projections into its own slot of part_ptr (no atomics): the partial
+    projections take NPROG * PART floats, whatever N."""
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rok = offs_n < N
-    rows = offs_n.to(tl.int64)
     scale = _scale64(tau_ptr)
     if pid == 0:
         tl.store(scale_out_ptr, scale.to(tl.float32))
@@ -151,109 +155,117 @@ def _prologue_kernel(
                 tl.store(ok_bias_ptr, tl.where((b == b) & (tl.abs(b) < float("inf")), 1.0, 0.0))
         if GMAX_DIRECT:
             tl.store(gmax_out_ptr, tl.abs(tl.load(go_ptr).to(tl.float32) * g_factor))
-    if CHECK and HAS_LABELS:
-        finite = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
-        nonneg = finite
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mc = rok[:, None] & (offs_c[None, :] < C)
-            lab = tl.load(lab_ptr + rows[:, None] * s_lab + offs_c[None, :], mask=mc, other=0)
-            if LAB_FLOAT:
-                fin = (lab == lab) & (tl.abs(lab) < float("inf"))
-                finite = tl.minimum(finite, tl.min(tl.where(fin, 1.0, 0.0), 1))
-            if not LAB_BOOL:
-                nonneg = tl.minimum(nonneg, tl.min(tl.where(lab >= 0, 1.0, 0.0), 1))
-        tl.store(lflag_ptr + 2 * pid, tl.min(finite, 0))
-        tl.store(lflag_ptr + 2 * pid + 1, tl.min(nonneg, 0))
-    if ZERO:
-        tl.store(zero_ptr + offs_n, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=rok)
-    n1 = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
-    n2 = n1
-    if NORMALIZE:
-        if BACKWARD:
-            n1 = tl.load(n1_ptr + offs_n, mask=rok, other=1.0)
-            n2 = tl.load(n2_ptr + offs_n, mask=rok, other=1.0)
-        else:
-            ss1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            ss2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                m = rok[:, None] & (offs_d[None, :] < D)
-                x1 = tl.load(z1_ptr + rows[:, None] * s_z1 + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-                x2 = tl.load(z2_ptr + rows[:, None] * s_z2 + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-                ss1 += tl.sum(x1 * x1, 1)
-                ss2 += tl.sum(x2 * x2, 1)
-            n1 = tl.maximum(tl.sqrt(ss1), 1e-12)
-            n2 = tl.maximum(tl.sqrt(ss2), 1e-12)
-            tl.store(n1_ptr + offs_n, n1, mask=rok)
-            tl.store(n2_ptr + offs_n, n2, mask=rok)
-    w = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if BACKWARD:
-        if GO_VECTOR:
-            g = tl.load(go_ptr + offs_n, mask=rok, other=0.0).to(tl.float32) * g_factor
-        else:
-            g = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.load(go_ptr).to(tl.float32) * g_factor
-        g = tl.where(rok, g, 0.0)
-        tl.store(g_ptr + offs_n, g, mask=rok)
-        tl.store(gmax_ptr + pid, tl.max(tl.abs(g), 0))
-        w = g
-        if not SIGMOID:
-            w = g / tl.load(r_ptr + offs_n, mask=rok, other=1.0)
-    linv = n1
-    if HAS_LABELS:
-        linv = _lhat_inv(lab_ptr, rows, rok, s_lab, C, BLOCK_N, BLOCK_C)
-    base = part_ptr + pid.to(tl.int64) * PART
-    pos = tl.zeros((BLOCK_N,), dtype=tl.float64)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        m = rok[:, None] & (offs_d[None, :] < D)
-        x1 = tl.load(z1_ptr + rows[:, None] * s_z1 + offs_d[None, :], mask=m, other=0.0)
-        x2 = tl.load(z2_ptr + rows[:, None] * s_z2 + offs_d[None, :], mask=m, other=0.0)
-        if NORMALIZE:
-            uk = _to_kernel_dtype(x1.to(tl.float32) / n1[:, None], uk_ptr, RNE_BF16)
-            vk = _to_kernel_dtype(x2.to(tl.float32) / n2[:, None], vk_ptr, RNE_BF16)
-            tl.store(uk_ptr + rows[:, None] * D + offs_d[None, :], uk, mask=m)
-            tl.store(vk_ptr + rows[:, None] * D + offs_d[None, :], vk, mask=m)
-            u = uk.to(tl.float32)
-            v = vk.to(tl.float32)
-        else:
-            u = x1.to(tl.float32)
-            v = x2.to(tl.float32)
-        pos += tl.sum(u.to(tl.float64) * v.to(tl.float64), 1)
-        if HAS_LABELS:
+    for blk in range(pid, NBLK, NPROG):  # this program's row blocks, accumulated into its slot
+        offs_n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        rok = offs_n < N
+        rows = offs_n.to(tl.int64)
+        again = blk != pid  # the slot holds earlier blocks' projections
+        if CHECK and HAS_LABELS:
+            finite = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
+            nonneg = finite
             for c0 in range(0, C, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
                 mc = rok[:, None] & (offs_c[None, :] < C)
-                lab = tl.load(lab_ptr + rows[:, None] * s_lab + offs_c[None, :], mask=mc, other=0).to(tl.float32)
-                lh = lab * linv[:, None]
-                lh_t = tl.trans(lh)
-                CD = C * D
-                _project(base, lh_t, v, offs_c, offs_d, C, D)
-                if BACKWARD:
-                    _project(base + CD, lh_t, u * w[:, None], offs_c, offs_d, C, D)
-                    if NPROJ > 2:
-                        _project(base + 2 * CD, lh_t, v * w[:, None], offs_c, offs_d, C, D)
-                        _project(base + 3 * CD, lh_t, u, offs_c, offs_d, C, D)
-                else:
-                    if NPROJ > 1:
-                        _project(base + CD, lh_t, u, offs_c, offs_d, C, D)
-                    if d0 == 0:
-                        tl.store(base + NPROJ * CD + offs_c, tl.sum(lh, 0), mask=offs_c < C)
-    tl.store(pos_ptr + offs_n, (pos * scale).to(tl.float32), mask=rok)
+                lab = tl.load(lab_ptr + rows[:, None] * s_lab + offs_c[None, :], mask=mc, other=0)
+                if LAB_FLOAT:
+                    fin = (lab == lab) & (tl.abs(lab) < float("inf"))
+                    finite = tl.minimum(finite, tl.min(tl.where(fin, 1.0, 0.0), 1))
+                if not LAB_BOOL:
+                    nonneg = tl.minimum(nonneg, tl.min(tl.where(lab >= 0, 1.0, 0.0), 1))
+            tl.store(lflag_ptr + 2 * blk, tl.min(finite, 0))
+            tl.store(lflag_ptr + 2 * blk + 1, tl.min(nonneg, 0))
+        if ZERO:
+            tl.store(zero_ptr + offs_n, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=rok)
+        n1 = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
+        n2 = n1
+        if NORMALIZE:
+            if BACKWARD:
+                n1 = tl.load(n1_ptr + offs_n, mask=rok, other=1.0)
+                n2 = tl.load(n2_ptr + offs_n, mask=rok, other=1.0)
+            else:
+                ss1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                ss2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    offs_d = d0 + tl.arange(0, BLOCK_D)
+                    m = rok[:, None] & (offs_d[None, :] < D)
+                    x1 = tl.load(z1_ptr + rows[:, None] * s_z1 + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+                    x2 = tl.load(z2_ptr + rows[:, None] * s_z2 + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+                    ss1 += tl.sum(x1 * x1, 1)
+                    ss2 += tl.sum(x2 * x2, 1)
+                n1 = tl.maximum(tl.sqrt(ss1), 1e-12)
+                n2 = tl.maximum(tl.sqrt(ss2), 1e-12)
+                tl.store(n1_ptr + offs_n, n1, mask=rok)
+                tl.store(n2_ptr + offs_n, n2, mask=rok)
+        w = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if BACKWARD:
+            if GO_VECTOR:
+                g = tl.load(go_ptr + offs_n, mask=rok, other=0.0).to(tl.float32) * g_factor
+            else:
+                g = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.load(go_ptr).to(tl.float32) * g_factor
+            g = tl.where(rok, g, 0.0)
+            tl.store(g_ptr + offs_n, g, mask=rok)
+            tl.store(gmax_ptr + blk, tl.max(tl.abs(g), 0))
+            w = g
+            if not SIGMOID:
+                w = g / tl.load(r_ptr + offs_n, mask=rok, other=1.0)
+        linv = n1
+        if HAS_LABELS:
+            linv = _lhat_inv(lab_ptr, rows, rok, s_lab, C, BLOCK_N, BLOCK_C)
+        base = part_ptr + pid.to(tl.int64) * PART
+        pos = tl.zeros((BLOCK_N,), dtype=tl.float64)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            m = rok[:, None] & (offs_d[None, :] < D)
+            x1 = tl.load(z1_ptr + rows[:, None] * s_z1 + offs_d[None, :], mask=m, other=0.0)
+            x2 = tl.load(z2_ptr + rows[:, None] * s_z2 + offs_d[None, :], mask=m, other=0.0)
+            if NORMALIZE:
+                uk = _to_kernel_dtype(x1.to(tl.float32) / n1[:, None], uk_ptr, RNE_BF16)
+                vk = _to_kernel_dtype(x2.to(tl.float32) / n2[:, None], vk_ptr, RNE_BF16)
+                tl.store(uk_ptr + rows[:, None] * D + offs_d[None, :], uk, mask=m)
+                tl.store(vk_ptr + rows[:, None] * D + offs_d[None, :], vk, mask=m)
+                u = uk.to(tl.float32)
+                v = vk.to(tl.float32)
+            else:
+                u = x1.to(tl.float32)
+                v = x2.to(tl.float32)
+            pos += tl.sum(u.to(tl.float64) * v.to(tl.float64), 1)
+            if HAS_LABELS:
+                for c0 in range(0, C, BLOCK_C):
+                    offs_c = c0 + tl.arange(0, BLOCK_C)
+                    mc = rok[:, None] & (offs_c[None, :] < C)
+                    lab = tl.load(lab_ptr + rows[:, None] * s_lab + offs_c[None, :], mask=mc, other=0).to(tl.float32)
+                    lh = lab * linv[:, None]
+                    lh_t = tl.trans(lh)
+                    CD = C * D
+                    _project(base, lh_t, v, offs_c, offs_d, C, D, again)
+                    if BACKWARD:
+                        _project(base + CD, lh_t, u * w[:, None], offs_c, offs_d, C, D, again)
+                        if NPROJ > 2:
+                            _project(base + 2 * CD, lh_t, v * w[:, None], offs_c, offs_d, C, D, again)
+                            _project(base + 3 * CD, lh_t, u, offs_c, offs_d, C, D, again)
+                    else:
+                        if NPROJ > 1:
+                            _project(base + CD, lh_t, u, offs_c, offs_d, C, D, again)
+                        if d0 == 0:
+                            s_ptrs = base + NPROJ * CD + offs_c
+                        prev = tl.load(s_ptrs, mask=(offs_c < C) & again, other=0.0)
+                        tl.store(s_ptrs, tl.sum(lh, 0) + prev, mask=offs_c < C)
+        tl.store(pos_ptr + offs_n, (pos * scale).to(tl.float32), mask=rok)
+        tl.debug_barrier()  # this block's slot updates before the next block reads them
 
 
 @triton.jit
 def _reduce_kernel(
-    part_ptr, out_ptr, gmax_ptr, max_out_ptr, lflag_ptr, ok_fin_ptr, ok_neg_ptr, NBLK, PART, L,
+    part_ptr, out_ptr, gmax_ptr, max_out_ptr, lflag_ptr, ok_fin_ptr, ok_neg_ptr, NSLOT, PART, L, NBLK,
     HAS_MAX: tl.constexpr, HAS_FLAGS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """out[:L] = sum over the blocks b (in order) of part[b, :L]; program 0: with HAS_MAX,
+    """out[:L] = sum over the prologue's slots b (in order) of part[b, :L]; program 0: with HAS_MAX,
     max_out = max_b gmax[b]; with HAS_FLAGS the label flags of all blocks (min over the blocks)."""
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < L
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for b in range(0, NBLK):
+    for b in range(0, NSLOT):
         acc += tl.load(part_ptr + b * PART + offs, mask=ok, other=0.0)
     tl.store(out_ptr + offs, acc, mask=ok)
     if HAS_MAX:
@@ -619,6 +631,7 @@ def forward(z1, z2, temperature, bias, labels, loss, symmetric, hw, normalize, r
     nproj = 2 if need_col else 1
     part_len = nproj * c * d + c if has_labels else 0
     nblk = triton.cdiv(n, BLOCK_N)
+    nprog = min(nblk, PROLOGUE_PROGRAMS)
     split = _split(core, n, dev)
     fixed = need_col and bool(normalize) and core._use_atomics()
     f32 = dict(dtype=torch.float32, device=dev)
@@ -626,7 +639,7 @@ def forward(z1, z2, temperature, bias, labels, loss, symmetric, hw, normalize, r
     # counter, the check flags, positive logits, column sums, split buffers, partial
     # projections, the projections, per-block loss sums and label flags
     sizes = dict(scale=1, counter=1, ok_tau=1, ok_bias=1, ok_fin=1, ok_neg=1, pos=n, col_sum=n if fixed else 0,
-                 rowbuf=split * n, colbuf=split * n if need_col else 0, part=nblk * part_len, proj=part_len,
+                 rowbuf=split * n, colbuf=split * n if need_col else 0, part=nprog * part_len, proj=part_len,
                  lpart=nblk, lflag=2 * nblk if has_labels else 0)  # fmt: skip
     ws, v = _workspace(sizes, f32)
     if normalize:
@@ -639,10 +652,10 @@ def forward(z1, z2, temperature, bias, labels, loss, symmetric, hw, normalize, r
     b = ws if bias is None else bias
     with core._device_ctx(z1):
         _launch(
-            _prologue_kernel, (nblk,), z1, z2, lab, temperature, b, ws, ws, uk, vk, n1 if normalize else ws,
+            _prologue_kernel, (nprog,), z1, z2, lab, temperature, b, ws, ws, uk, vk, n1 if normalize else ws,
             n2 if normalize else ws, v["pos"], ws, v["part"], ws, v["col_sum"],
             v["scale"], v["counter"], v["ok_tau"], v["ok_bias"], v["lflag"], ws,
-            n, d, c, z1.stride(0), z2.stride(0), s_lab, part_len, 1.0,
+            n, d, c, z1.stride(0), z2.stride(0), s_lab, part_len, 1.0, nblk, nprog,
             BACKWARD=False, NORMALIZE=bool(normalize), HAS_LABELS=has_labels, NPROJ=nproj, SIGMOID=sigmoid,
             GO_VECTOR=False, ZERO=fixed, RNE_BF16=_rne_bf16(z1), CHECK=True, HAS_BIAS=bias is not None,
             LAB_FLOAT=lab_float, LAB_BOOL=lab_bool, GMAX_DIRECT=False,
@@ -651,7 +664,7 @@ def forward(z1, z2, temperature, bias, labels, loss, symmetric, hw, normalize, r
         if has_labels:
             _launch(
                 _reduce_kernel, (max(1, triton.cdiv(part_len, REDUCE_BLOCK)),), v["part"], v["proj"], ws, ws,
-                v["lflag"], v["ok_fin"], v["ok_neg"], nblk, part_len, part_len,
+                v["lflag"], v["ok_fin"], v["ok_neg"], nprog, part_len, part_len, nblk,
                 HAS_MAX=False, HAS_FLAGS=True, BLOCK=REDUCE_BLOCK,
             )  # fmt: skip
         # the value checks, before the tile pass (device asserts: no host synchronisation)
@@ -700,13 +713,14 @@ def backward(grad_out, z1, z2, temperature, bias, labels, row, col, r_sum, n1, n
     nproj = 4 if need_col else 2
     part_len = nproj * c * d if has_labels else 0
     nblk = triton.cdiv(n, BLOCK_N)
+    nprog = min(nblk, PROLOGUE_PROGRAMS)
     split = _split(core, n, dev)
     need_tau = bool(needs[2])
     need_bias = bool(needs[3]) and sigmoid and bias is not None
     f32 = dict(dtype=torch.float32, device=dev)
     g_factor = (1.0 / n if reduction == "mean" else 1.0) * (0.5 if need_col else 1.0)
     g_vector = grad_out.dim() == 1
-    sizes = dict(scale=1, counter=1, gmax_all=1, pos=n, g=n, gmax=nblk, part=nblk * part_len, proj=part_len,
+    sizes = dict(scale=1, counter=1, gmax_all=1, pos=n, g=n, gmax=nblk, part=nprog * part_len, proj=part_len,
                  wsum=split * n if sigmoid else 0, spart=2 * nblk, gu=split * n * d, gv=split * n * d)  # fmt: skip
     ws, v = _workspace(sizes, f32)
     if normalize:
@@ -719,10 +733,10 @@ def backward(grad_out, z1, z2, temperature, bias, labels, row, col, r_sum, n1, n
     pos, g, gmax = v["pos"], v["g"], v["gmax_all"]
     with core._device_ctx(z1):
         _launch(
-            _prologue_kernel, (nblk,), z1, z2, lab, tau_dev, b, go, r_sum, uk, vk, n1 if normalize else ws,
+            _prologue_kernel, (nprog,), z1, z2, lab, tau_dev, b, go, r_sum, uk, vk, n1 if normalize else ws,
             n2 if normalize else ws, pos, g, v["part"], v["gmax"], ws,
             v["scale"], v["counter"], ws, ws, ws, gmax,
-            n, d, c, z1.stride(0), z2.stride(0), s_lab, part_len, g_factor,
+            n, d, c, z1.stride(0), z2.stride(0), s_lab, part_len, g_factor, nblk, nprog,
             BACKWARD=True, NORMALIZE=bool(normalize), HAS_LABELS=has_labels, NPROJ=nproj, SIGMOID=sigmoid,
             GO_VECTOR=g_vector, ZERO=False, RNE_BF16=_rne_bf16(z1), CHECK=False, HAS_BIAS=False,
             LAB_FLOAT=False, LAB_BOOL=False, GMAX_DIRECT=not g_vector,
@@ -731,7 +745,7 @@ def backward(grad_out, z1, z2, temperature, bias, labels, row, col, r_sum, n1, n
         if has_labels or g_vector:
             _launch(
                 _reduce_kernel, (max(1, triton.cdiv(part_len, REDUCE_BLOCK)),), v["part"], v["proj"], v["gmax"],
-                gmax, ws, ws, ws, nblk, part_len, part_len, HAS_MAX=g_vector, HAS_FLAGS=False, BLOCK=REDUCE_BLOCK,
+                gmax, ws, ws, ws, nprog, part_len, part_len, nblk, HAS_MAX=g_vector, HAS_FLAGS=False, BLOCK=REDUCE_BLOCK,
             )  # fmt: skip
         gu_buf, gv_buf = v["gu"], v["gv"]  # (split, n, d) each, flat
         keys = (sc._bucket(n), sc._bucket(n), sc._bucket(d))
