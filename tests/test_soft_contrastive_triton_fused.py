@@ -183,7 +183,7 @@ def test_prologue_programs_loop_over_row_blocks(lossconf, monkeypatch):
     kw = dict(LOSSES[lossconf], temperature=0.1, hard_weight=0.3, reduction="none")
     for programs in (1, 2):
         monkeypatch.setattr(fl, "PROLOGUE_PROGRAMS", programs)
-        out, grads, r_out, r_grads = _check("fractions", kw, seed=programs, learn_bias="bias" in kw, n=70, d=24)
+        out, grads, r_out, r_grads = _check("fractions", kw, seed=programs, learn_bias="bias" in kw, n=70, d=D)
         assert rel_err(out, r_out) <= 1e-5
         for g, rg in zip(grads, r_grads):
             assert rel_err(g, rg) <= 1e-4

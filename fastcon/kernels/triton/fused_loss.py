@@ -248,8 +248,8 @@ def _prologue_kernel(
                             _project(base + CD, lh_t, u, offs_c, offs_d, C, D, again)
                         if d0 == 0:
                             s_ptrs = base + NPROJ * CD + offs_c
-                        prev = tl.load(s_ptrs, mask=(offs_c < C) & again, other=0.0)
-                        tl.store(s_ptrs, tl.sum(lh, 0) + prev, mask=offs_c < C)
+                            prev = tl.load(s_ptrs, mask=(offs_c < C) & again, other=0.0)
+                            tl.store(s_ptrs, tl.sum(lh, 0) + prev, mask=offs_c < C)
         tl.store(pos_ptr + offs_n, (pos * scale).to(tl.float32), mask=rok)
         tl.debug_barrier()  # this block's slot updates before the next block reads them
 
