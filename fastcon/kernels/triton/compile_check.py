@@ -98,6 +98,7 @@ class Launch:
     shape: str  # D / dtype / sizes
     variant: str  # flag combination
     heavy: bool = False  # the flag combination with the most live values (default coverage)
+    options: dict = dataclasses.field(default_factory=dict)  # launch options a launcher passes (maxnreg)
 
     @property
     def name(self) -> str:
@@ -273,7 +274,8 @@ def _fused_launches() -> list[Launch]:
                 LAB_FLOAT=labels == "float", LAB_BOOL=labels == "bool", GMAX_DIRECT=False,
             )  # fmt: skip
             variant = f"fwd NORMALIZE={norm:d} labels={labels} SYM={sym:d}"
-            out.append(Launch("_prologue_kernel", fl, args, shape, variant, norm and labels == "float" and sym))
+            heavy = norm and labels == "float" and sym
+            out.append(Launch("_prologue_kernel", fl, args, shape, variant, heavy, fl.PROLOGUE_OPTIONS))
         # prologue, backward: normalize x labels x form (symmetric softmax, softmax, sigmoid) x upstream kind
         for norm, has_labels, form, vec in itertools.product(
             (True, False), (True, False), ("sym", "softmax", "sigmoid"), (True, False)
@@ -285,7 +287,8 @@ def _fused_launches() -> list[Launch]:
                 LAB_FLOAT=False, LAB_BOOL=False, GMAX_DIRECT=not vec,
             )  # fmt: skip
             variant = f"bwd NORMALIZE={norm:d} HAS_LABELS={has_labels:d} form={form} GO_VECTOR={vec:d}"
-            out.append(Launch("_prologue_kernel", fl, args, shape, variant, norm and has_labels and form == "sym"))
+            heavy = norm and has_labels and form == "sym"
+            out.append(Launch("_prologue_kernel", fl, args, shape, variant, heavy, fl.PROLOGUE_OPTIONS))
         # epilogues: form x labels x reduction (per-sample or the last block's sum) / gradient needs
         for form, has_labels, split in itertools.product(("sym", "softmax", "sigmoid"), (True, False), (1, 2)):
             for store_per in (True, False):
@@ -410,7 +413,8 @@ def configs(launch: Launch, arch: int) -> list[tuple[str, dict, dict, int | None
             steps.append((dict(c.kwargs), options, index))
         kernel = kernel.fn
     else:
-        steps = [({}, {"num_warps": 4, "num_stages": 3}, None)]  # launchers pass neither: Triton's defaults
+        # Triton's defaults, unless the launcher passes options
+        steps = [({}, {"num_warps": 4, "num_stages": 3, **launch.options}, None)]
     out = []
     for cfg_kwargs, options, index in steps:
         args = {**launch.args, **cfg_kwargs}

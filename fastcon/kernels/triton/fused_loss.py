@@ -55,6 +55,9 @@ BLOCK_D = 32  # feature chunk (64 spills registers in the prologue and the forwa
 BLOCK_C = 16  # class chunk of the projections (tl.dot needs >= 16)
 REDUCE_BLOCK = 256
 PROLOGUE_PROGRAMS = 128  # at most this many prologue programs (slots of partial projections)
+# the prologue's launch options: ptxas caps it at 168 registers and spills otherwise (compiled
+# for sm_80 / sm_90 by compile_check.py); the interpreter ignores them
+PROLOGUE_OPTIONS = {"maxnreg": 255}
 
 
 def covers(labels, queue, scene_ignore: bool) -> bool:
@@ -659,7 +662,7 @@ def forward(z1, z2, temperature, bias, labels, loss, symmetric, hw, normalize, r
             BACKWARD=False, NORMALIZE=bool(normalize), HAS_LABELS=has_labels, NPROJ=nproj, SIGMOID=sigmoid,
             GO_VECTOR=False, ZERO=fixed, RNE_BF16=_rne_bf16(z1), CHECK=True, HAS_BIAS=bias is not None,
             LAB_FLOAT=lab_float, LAB_BOOL=lab_bool, GMAX_DIRECT=False,
-            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C, **PROLOGUE_OPTIONS,
         )  # fmt: skip
         if has_labels:
             _launch(
@@ -740,7 +743,7 @@ def backward(grad_out, z1, z2, temperature, bias, labels, row, col, r_sum, n1, n
             BACKWARD=True, NORMALIZE=bool(normalize), HAS_LABELS=has_labels, NPROJ=nproj, SIGMOID=sigmoid,
             GO_VECTOR=g_vector, ZERO=False, RNE_BF16=_rne_bf16(z1), CHECK=False, HAS_BIAS=False,
             LAB_FLOAT=False, LAB_BOOL=False, GMAX_DIRECT=not g_vector,
-            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C, **PROLOGUE_OPTIONS,
         )  # fmt: skip
         if has_labels or g_vector:
             _launch(
