@@ -189,6 +189,23 @@ def test_prologue_programs_loop_over_row_blocks(lossconf, monkeypatch):
             assert rel_err(g, rg) <= 1e-4
 
 
+def test_strided_embeddings_without_normalisation():
+    """Column slices (row stride > D) and transposed storage, with normalize=False (the rows are
+    then the kernels' inputs as given)."""
+    gen = torch.Generator().manual_seed(6)
+    wide = torch.randn(N, D + 7, generator=gen)
+    z1, z2 = wide[:, 3 : 3 + D], torch.randn(D, N, generator=gen).T
+    kw = dict(LOSSES["softmax_sym"], temperature=0.5, normalize=False)
+    out, grads = _run(z1, z2, _labels("fractions", N, gen), kw, "triton")
+    gen = torch.Generator().manual_seed(6)
+    wide = torch.randn(N, D + 7, generator=gen)
+    z1, z2 = wide[:, 3 : 3 + D], torch.randn(D, N, generator=gen).T
+    r_out, r_grads = _run(z1, z2, _labels("fractions", N, gen), kw, "reference", torch.float64)
+    assert rel_err(out, r_out) <= 1e-5
+    for g, rg in zip(grads, r_grads):
+        assert rel_err(g, rg) <= 1e-4
+
+
 def test_non_finite_inputs_propagate():
     """A NaN in z1 (and an inf in z2) reach every loss term as in the dense computation."""
     gen = torch.Generator().manual_seed(1)

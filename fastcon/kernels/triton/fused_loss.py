@@ -562,7 +562,9 @@ def _rne_bf16(z: torch.Tensor) -> bool:
 
 
 def _rows(z: torch.Tensor) -> torch.Tensor:
-    return z if z.stride(1) == 1 else z.contiguous()
+    """z row-major and dense (the epilogues index the rows, and the gradients made like them,
+    as (N, D) with row stride D): a copy only for other layouts."""
+    return z if z.is_contiguous() else z.contiguous()
 
 
 def _workspace(sizes: dict, f32: dict):
