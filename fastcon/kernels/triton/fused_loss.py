@@ -3,36 +3,40 @@ blockwise pass (normalisation, low-rank target sums, per-sample losses, reductio
 subtraction, normalisation backward, temperature / bias gradients) inside Triton kernels
 instead of ~40 torch ops (fastcon/_sc_algebra.py). SPEC sections 1 and 5.
 
-Launch split (B = row blocks of ``BLOCK_N`` rows; every reduction over N is per-block partials
-summed in block order by a later launch: deterministic, no atomics beyond the existing tile
-kernels' fixed-max column sums, which deterministic mode turns off):
+Launch split (B = row blocks of ``BLOCK_N`` rows; P = min(B, PROLOGUE_PROGRAMS) prologue
+programs). Every reduction over N is deterministic: partials summed in a fixed order, either by
+the next launch or by the block that finishes an epilogue last (a block counter, zeroed by the
+prologue, elects it; the atomic decides who sums, not the order). The only other atomics are
+the existing tile kernels' fixed-max column sums, which deterministic mode turns off.
 
-forward
-  1. ``_prologue_kernel`` (B programs): row norms of z1, z2, the normalised rows in the kernel
-     dtype, the positive logits ``scale * u_i . v_i`` (float64 dot of the rounded rows, rounded
-     once, as the tile kernels substitute them), per-block partial class projections
-     ``lhat^T v``, ``lhat^T u`` (symmetric) and ``sum lhat`` (multi-label only).
-  2. ``_reduce_kernel`` (multi-label only): the partials summed over the blocks in order.
+forward (5 launches; 4 without the column pass or without labels, 3 with neither)
+  1. ``_prologue_kernel`` (P programs, each over its row blocks): row norms of z1, z2, the
+     normalised rows in the kernel dtype, the positive logits ``scale * u_i . v_i`` (float64
+     dot of the rounded rows, rounded once, as the tile kernels substitute them), partial class
+     projections ``lhat^T v``, ``lhat^T u`` (symmetric) and ``sum lhat`` into the program's slot
+     (multi-label only); program 0: the logit scale ``1 / tau`` read from the device, the
+     block counter, the temperature / bias checks; every block: its label checks.
+  2. ``_reduce_kernel`` (multi-label only): the slots summed in order, the label checks' flags.
+     Then the value checks' ``torch._assert_async`` (no host read), before the tile pass.
   3. the tile pass: ``_sc_forward_kernel`` row-owned (row log-sum-exps / softplus sums),
   4. and column-owned (symmetric softmax only; no sweep when the row pass took the fixed-max
      column sums).
   5. ``_fwd_epilogue_kernel`` (B programs): merges inner-dimension splits, the target sums
      ``R_i`` and ``sum_j T_ij s_ij`` (float64, rounded once) from the projections, the
-     per-sample losses and one partial sum per block.
-  6. ``_finish_kernel`` (mean / sum only): the partial sums in block order, the scalar loss.
-backward
+     per-sample losses; mean / sum: one partial per block, summed by the last block.
+backward (5 launches; 4 without labels and for a mean / sum, one less without the column pass)
   1. ``_prologue_kernel`` again, with the saved norms (not recomputed): normalised rows,
-     positive logits, the upstream weights ``g`` (and a per-block ``max |g|``), and the partial
-     projections of the target subtraction: ``lhat^T v``, ``lhat^T (w u)`` and for the
-     symmetric softmax ``lhat^T (w v)``, ``lhat^T u`` (``w = g / R`` softmax, ``g`` sigmoid).
-  2. ``_reduce_kernel``: the projections (multi-label) and ``max |g|`` (the tile kernels' row
-     scale).
+     positive logits, the upstream weights ``g`` (per-block ``max |g|``; for a mean / sum g is
+     one value and program 0 writes ``max |g|``), and the partial projections of the target
+     subtraction: ``lhat^T v``, ``lhat^T (w u)`` and for the symmetric softmax ``lhat^T (w v)``,
+     ``lhat^T u`` (``w = g / R`` softmax, ``g`` sigmoid).
+  2. ``_reduce_kernel`` (multi-label, or reduction "none"): the projections and ``max |g|``
+     (the tile kernels' row scale).
   3. / 4. the tile pass: ``_sc_backward_kernel`` row-owned (``W v``, ``W 1``) and column-owned
      (``W^T u``).
   5. ``_bwd_epilogue_kernel`` (B programs): merges splits, subtracts the target part, takes the
-     gradient through the normalisation (dz1, dz2 in the inputs' dtype) and writes per-block
-     partials of the temperature and bias gradients.
-  6. ``_finish_kernel``: those partials in block order, ``d tau`` and ``d bias``.
+     gradient through the normalisation (dz1, dz2 in the inputs' dtype), per-block partials of
+     the temperature and bias gradients, summed by the last block into ``d tau``, ``d bias``.
 
 Saved for backward: the inputs and O(N) statistics (row / column log-sum-exps, target row sums,
 row norms). Covered: labels None or (N, C) multi-label vectors, softmax (symmetric or not),
