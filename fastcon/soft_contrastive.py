@@ -216,6 +216,25 @@ def _check(
     check_queue(queue, queue_labels, labels, z2, loss, symmetric)
 
 
+class _TritonFused:
+    """Which calls the fused Triton path (fastcon/kernels/triton/fused_loss.py) computes; the
+    kernel module is imported on first use (importing triton is slow)."""
+
+    @staticmethod
+    def covers(labels, queue, scene_ignore: bool) -> bool:
+        # the same predicate as fused_loss.covers, without importing triton for other backends
+        return queue is None and not scene_ignore and (labels is None or labels.dim() == 2)
+
+    @staticmethod
+    def fused():
+        from fastcon.kernels.triton import fused_loss
+
+        return fused_loss
+
+
+_triton_fused = _TritonFused()
+
+
 # --------------------------------------------------------------------------------------------
 # the fused loss: two custom ops (forward, backward) over every fused backend's kernel core
 #
@@ -295,12 +314,15 @@ def _fused_forward(
     the row norms of z1 and z2 (N,) each, (0,) without normalisation, the int64 scene index of the
     rows (N,) for scene ids as positives, (0,) otherwise), all saved for backward. On the cpu backend
     (one process) the whole forward is the one C++ op ``fastcon::sc_loss_forward``, which returns
-    the scene order (rows sorted by scene id) as the scene index."""
+    the scene order (rows sorted by scene id) as the scene index; on the triton backend the Triton
+    kernels of ``fastcon.kernels.triton.fused_loss`` for the cases it covers."""
     if backend == "cpu":
         return _cpu_ops().sc_loss_forward(
             z1, z2, temperature, bias, labels, queue, queue_labels, loss, symmetric, hard_weight, normalize, reduction,
             scene_ignore,
         )  # fmt: skip
+    if backend == "triton" and _triton_fused.covers(labels, queue, scene_ignore):
+        return _triton_forward(z1, z2, temperature, bias, labels, loss, symmetric, hard_weight, normalize, reduction)
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)
     uk, cols, u, v, n1, n2, t, kargs, need_col = _prepare(
@@ -315,6 +337,25 @@ def _fused_forward(
     stats = [row.new_empty(0) if x is None else x for x in (r_sum, n1, n2)]  # (0,): none
     scenes = t.inverse if t.kind == "scene" else row.new_empty(0, dtype=torch.int64)
     return out, row, col, *stats, scenes
+
+
+def _triton_forward(z1, z2, temperature, bias, labels, loss, symmetric, hard_weight, normalize, reduction):
+    """The fused forward as Triton kernels only (fastcon/kernels/triton/fused_loss.py); the value
+    checks are flags its prologue computes, raised by ``torch._assert_async`` with the messages
+    of ``_check_values`` (no host sync). The outputs of ``fused_forward``."""
+    acc = torch.float32
+    lo = 1.0 / torch.finfo(acc).max
+    messages = (
+        f"temperature must be finite, > 0 and >= {lo:.3g} for {z1.dtype} inputs (its inverse, the logit scale, "
+        f"must be finite in {acc})",
+        "bias must be finite",
+        "labels must be finite, got NaN or infinite values",
+        "labels must be >= 0 (multi-hot or class-fraction vectors), got negative values",
+    )
+    out = _triton_fused.fused().forward(
+        z1, z2, temperature, bias, labels, loss, symmetric, hard_weight, normalize, reduction, messages
+    )
+    return *out, z1.new_empty(0, dtype=torch.int64)
 
 
 @_fused_forward.register_fake
@@ -364,11 +405,17 @@ def _fused_backward(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d z1, d z2, d temperature, d bias); an empty tensor where ``needs`` says no gradient. On the cpu
-    backend the whole backward is the one C++ op ``fastcon::sc_loss_backward``."""
+    backend the whole backward is the one C++ op ``fastcon::sc_loss_backward``; on the triton backend
+    the fused Triton kernels for the cases they cover."""
     if backend == "cpu":
         return _cpu_ops().sc_loss_backward(
             grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, n1, n2, scenes, loss,
             symmetric, hard_weight, normalize, reduction, scene_ignore, *needs,
+        )  # fmt: skip
+    if backend == "triton" and _triton_fused.covers(labels, queue, scene_ignore):
+        return _triton_fused.fused().backward(
+            grad_out, z1, z2, temperature, bias, labels, row, col, r_sum, n1, n2, loss, symmetric, hard_weight,
+            normalize, reduction, needs,
         )  # fmt: skip
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)

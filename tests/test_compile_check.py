@@ -57,9 +57,9 @@ _EXPECTED = """
 import json, torch
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
-from fastcon.kernels.triton import diffusion, masking, soft_contrastive
+from fastcon.kernels.triton import diffusion, fused_loss, masking, soft_contrastive
 kernels, kept = [], set()
-for mod in (soft_contrastive, masking, diffusion):
+for mod in (soft_contrastive, masking, diffusion, fused_loss):
     for name, k in vars(mod).items():
         if name.endswith("_kernel") and isinstance(k, (Autotuner, JITFunction)):
             kernels.append(mod.__name__.rsplit(".", 1)[1] + "." + name)

@@ -54,7 +54,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
 
-_KERNEL_MODULES = ("soft_contrastive", "masking", "diffusion")
+_KERNEL_MODULES = ("soft_contrastive", "masking", "diffusion", "fused_loss")
 
 
 def use_gpu_configs() -> None:
@@ -69,11 +69,11 @@ def use_gpu_configs() -> None:
 
 
 def _modules():
-    """(soft_contrastive, masking, diffusion), imported on first use (see use_gpu_configs)."""
+    """(soft_contrastive, masking, diffusion, fused_loss), imported on first use (see use_gpu_configs)."""
     use_gpu_configs()
-    from fastcon.kernels.triton import diffusion, masking, soft_contrastive
+    from fastcon.kernels.triton import diffusion, fused_loss, masking, soft_contrastive
 
-    return soft_contrastive, masking, diffusion
+    return soft_contrastive, masking, diffusion, fused_loss
 
 
 # Largest dynamic shared memory one block may use (opt-in), per compute capability.
@@ -98,6 +98,7 @@ class Launch:
     shape: str  # D / dtype / sizes
     variant: str  # flag combination
     heavy: bool = False  # the flag combination with the most live values (default coverage)
+    options: dict = dataclasses.field(default_factory=dict)  # launch options a launcher passes (maxnreg)
 
     @property
     def name(self) -> str:
@@ -246,8 +247,115 @@ def _diffusion_launches() -> list[Launch]:
     return out
 
 
+def _fused_launches() -> list[Launch]:
+    """The fused single-process loss (fused_loss.py): its own kernels with every flag combination
+    its launchers pass, and the tile kernels as it launches them (the logit scale an fp32 slot,
+    the bias in its own dtype, fp32 stand-ins for the ids it never reads, HAS_POS always)."""
+    sc, fl = _modules()[0], _modules()[3]
+    out = []
+    f, lab_f, lab_b = _t(), _t(), _t(torch.bool)
+    blocks = dict(BLOCK_N=fl.BLOCK_N, BLOCK_D=fl.BLOCK_D, BLOCK_C=fl.BLOCK_C)
+    for dt_name, dtype in DTYPES.items():
+        z = _t(dtype)
+        shape = f"{dt_name}"
+        common = dict(N=ROWS, D=768, C=20, s_z1=768, s_z2=768, s_lab=20, PART=2 * 20 * 768 + 20, g_factor=0.5)
+        common.update(NBLK=ROWS // fl.BLOCK_N, NPROG=fl.PROLOGUE_PROGRAMS)
+        ptrs = dict(
+            z1_ptr=z, z2_ptr=z, tau_ptr=f, bias_ptr=f, go_ptr=f, r_ptr=f, uk_ptr=z, vk_ptr=z, n1_ptr=f, n2_ptr=f,
+            pos_ptr=f, g_ptr=f, part_ptr=f, gmax_ptr=f, zero_ptr=f, scale_out_ptr=f, counter_ptr=f, ok_tau_ptr=f,
+            ok_bias_ptr=f, lflag_ptr=f, gmax_out_ptr=f,
+        )  # fmt: skip
+        # prologue, forward: normalize x labels (none, float, bool) x symmetric (NPROJ 2, fixed-max zeroing)
+        for norm, labels, sym in itertools.product((True, False), ("none", "float", "bool"), (True, False)):
+            args = dict(common, **ptrs, **blocks, lab_ptr=lab_b if labels == "bool" else lab_f)
+            args.update(
+                BACKWARD=False, NORMALIZE=norm, HAS_LABELS=labels != "none", NPROJ=2 if sym else 1, SIGMOID=not sym,
+                GO_VECTOR=False, ZERO=sym and norm, RNE_BF16=False, CHECK=True, HAS_BIAS=not sym,
+                LAB_FLOAT=labels == "float", LAB_BOOL=labels == "bool", GMAX_DIRECT=False,
+            )  # fmt: skip
+            variant = f"fwd NORMALIZE={norm:d} labels={labels} SYM={sym:d}"
+            heavy = norm and labels == "float" and sym
+            out.append(Launch("_prologue_kernel", fl, args, shape, variant, heavy, fl.PROLOGUE_OPTIONS))
+        # prologue, backward: normalize x labels x form (symmetric softmax, softmax, sigmoid) x upstream kind
+        for norm, has_labels, form, vec in itertools.product(
+            (True, False), (True, False), ("sym", "softmax", "sigmoid"), (True, False)
+        ):
+            args = dict(common, **ptrs, **blocks, lab_ptr=lab_f)
+            args.update(
+                BACKWARD=True, NORMALIZE=norm, HAS_LABELS=has_labels, NPROJ=4 if form == "sym" else 2,
+                SIGMOID=form == "sigmoid", GO_VECTOR=vec, ZERO=False, RNE_BF16=False, CHECK=False, HAS_BIAS=False,
+                LAB_FLOAT=False, LAB_BOOL=False, GMAX_DIRECT=not vec,
+            )  # fmt: skip
+            variant = f"bwd NORMALIZE={norm:d} HAS_LABELS={has_labels:d} form={form} GO_VECTOR={vec:d}"
+            heavy = norm and has_labels and form == "sym"
+            out.append(Launch("_prologue_kernel", fl, args, shape, variant, heavy, fl.PROLOGUE_OPTIONS))
+        # epilogues: form x labels x reduction (per-sample or the last block's sum) / gradient needs
+        for form, has_labels, split in itertools.product(("sym", "softmax", "sigmoid"), (True, False), (1, 2)):
+            for store_per in (True, False):
+                args = dict(
+                    uk_ptr=z, vk_ptr=z, lab_ptr=lab_f, p_ptr=f, rowbuf_ptr=f, colbuf_ptr=f, tau_ptr=f, bias_ptr=f,
+                    hw=0.3, row_ptr=f, col_ptr=f, r_ptr=f, per_ptr=f, lpart_ptr=f, counter_ptr=f, out_ptr=f,
+                    factor=1.0 / ROWS, N=ROWS, D=768, C=20, s_lab=20, s_uk=768, s_vk=768, NBLK=ROWS // fl.BLOCK_N,
+                    SPLIT=split, SIGMOID=form == "sigmoid", NEED_COL=form == "sym", HAS_LABELS=has_labels,
+                    HAS_BIAS=form == "sigmoid", STORE_PER=store_per, **blocks,
+                )  # fmt: skip
+                variant = f"form={form} HAS_LABELS={has_labels:d} SPLIT={split} STORE_PER={store_per:d}"
+                heavy = form == "sym" and has_labels and split == 2 and not store_per
+                out.append(Launch("_fwd_epilogue_kernel", fl, args, shape, variant, heavy))
+            for norm, need_tau in itertools.product((True, False), (True, False)):
+                args = dict(
+                    uk_ptr=z, vk_ptr=z, lab_ptr=lab_f, p_ptr=f, g_ptr=f, r_ptr=f, gu_ptr=f, gv_ptr=f, wsum_ptr=f,
+                    n1_ptr=f, n2_ptr=f, tau_ptr=f, hw=0.3, dz1_ptr=z, dz2_ptr=z, spart_ptr=f, counter_ptr=f,
+                    dtau_ptr=f, dbias_ptr=f, N=ROWS, D=768, C=20, s_lab=20, NBLK=ROWS // fl.BLOCK_N,
+                    NEED_TAU=need_tau, SPLIT=split, SIGMOID=form == "sigmoid", NEED_COL=form == "sym",
+                    HAS_LABELS=has_labels, NORMALIZE=norm, NEED_Z1=True, NEED_Z2=True,
+                    NEED_BIAS=form == "sigmoid", **blocks,
+                )  # fmt: skip
+                variant = (
+                    f"form={form} HAS_LABELS={has_labels:d} SPLIT={split} NORMALIZE={norm:d} NEED_TAU={need_tau:d}"
+                )
+                heavy = form == "sym" and has_labels and split == 2 and norm and need_tau
+                out.append(Launch("_bwd_epilogue_kernel", fl, args, shape, variant, heavy))
+        for has_max, has_flags in ((False, True), (True, False)):
+            args = dict(
+                part_ptr=f, out_ptr=f, gmax_ptr=f, max_out_ptr=f, lflag_ptr=f, ok_fin_ptr=f, ok_neg_ptr=f,
+                NSLOT=fl.PROLOGUE_PROGRAMS, NBLK=ROWS // fl.BLOCK_N, PART=4 * 20 * 768, L=4 * 20 * 768, HAS_MAX=has_max,
+                HAS_FLAGS=has_flags,
+                BLOCK=fl.REDUCE_BLOCK,
+            )  # fmt: skip
+            out.append(Launch("_reduce_kernel", fl, args, shape, f"HAS_MAX={has_max:d}", has_max))
+    # the tile kernels with the fused launchers' argument types
+    for (dt_name, dtype), d in itertools.product(DTYPES.items(), (256, 768)):
+        a = _t(dtype)
+        base = dict(
+            a_ptr=a, b_ptr=a, a_ids_ptr=f, b_ids_ptr=f, NA=ROWS, NB=ROWS, D=d, stride_a=d, stride_b=d, offset=0,
+            scale_ptr=f, bias_ptr=f, N_KEY=ROWS, M_KEY=ROWS, D_KEY=triton.next_power_of_2(d), UPCAST=False,
+            PRECISION=sc.TritonSoftContrastiveCore._precision(dtype), HAS_POS=True, SPLIT=1,
+        )  # fmt: skip
+        shape = f"fused D={d} {dt_name}"
+        for mode, bounded, fixed_col, col_of_fixed, has_bias in (
+            (MODE_SOFTMAX, True, True, False, False), (MODE_SOFTMAX, True, False, True, False),
+            (MODE_SOFTMAX, False, False, False, False), (MODE_SIGMOID, True, False, False, True),
+        ):  # fmt: skip
+            args = dict(base, pos_ptr=f, out_ptr=f, col_sum_ptr=f, col_in_ptr=f, MODE=mode, BOUNDED=bounded,
+                        HAS_BIAS=has_bias, FIXED_COL=fixed_col, COL_OF_FIXED=col_of_fixed)  # fmt: skip
+            variant = f"fused MODE={mode} BOUNDED={bounded:d} FIXED_COL={fixed_col:d} COL_OF_FIXED={col_of_fixed:d}"
+            out.append(Launch("_sc_forward_kernel", sc, args, shape, variant))
+        for mode, bounded, has_aw, has_bw, wsum in (
+            (MODE_SOFTMAX, True, True, True, False), (MODE_SOFTMAX, True, False, True, False),
+            (MODE_SOFTMAX, True, True, False, False), (MODE_SIGMOID, False, True, False, True),
+            (MODE_SIGMOID, False, False, True, False),
+        ):  # fmt: skip
+            args = dict(base, **{p: f for p in _BWD_F32_PTRS}, MODE=mode, BOUNDED=bounded, HAS_BIAS=mode == MODE_SIGMOID,
+                        HAS_AW=has_aw, HAS_BW=has_bw, NEED_WSUM=wsum)  # fmt: skip
+            args["W_PRECISION"] = args["PRECISION"]
+            variant = f"fused MODE={mode} BOUNDED={bounded:d} HAS_AW={has_aw:d} HAS_BW={has_bw:d} NEED_WSUM={wsum:d}"
+            out.append(Launch("_sc_backward_kernel", sc, args, shape, variant))
+    return out
+
+
 def launches() -> list[Launch]:
-    return _loss_launches() + _masking_launches() + _diffusion_launches()
+    return _loss_launches() + _masking_launches() + _diffusion_launches() + _fused_launches()
 
 
 def kernels_without_launch(found: list[Launch]) -> list[str]:
@@ -305,7 +413,8 @@ def configs(launch: Launch, arch: int) -> list[tuple[str, dict, dict, int | None
             steps.append((dict(c.kwargs), options, index))
         kernel = kernel.fn
     else:
-        steps = [({}, {"num_warps": 4, "num_stages": 3}, None)]  # launchers pass neither: Triton's defaults
+        # Triton's defaults, unless the launcher passes options
+        steps = [({}, {"num_warps": 4, "num_stages": 3, **launch.options}, None)]
     out = []
     for cfg_kwargs, options, index in steps:
         args = {**launch.args, **cfg_kwargs}

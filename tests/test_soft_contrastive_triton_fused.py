@@ -1,0 +1,373 @@
+"""The fused Triton loss (fastcon/kernels/triton/fused_loss.py, issue 13 item 1): the whole loss of
+single-process calls in Triton kernels, checked against the float64 reference for every covered
+option, its inner-dimension splits and deterministic mode, the fallback of the calls it does not
+cover, and the launches and torch ops of one forward + backward (upper bounds, as measured).
+
+The shared suite (test_soft_contrastive.py, test_soft_contrastive_fuzz.py) runs the public loss
+with backend="triton" too, which now takes this path for the covered calls. Small N, D: the
+interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+
+import pytest
+import torch
+from torch._library.custom_ops import OPDEFS
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+import fastcon
+from fastcon import reference
+from fastcon import soft_contrastive as sc_mod
+from fastcon.kernels.triton import fused_loss as fl
+from fastcon.kernels.triton import soft_contrastive as k
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+N, D, C = 37, 40, 5  # two row blocks of 32, two feature chunks (interpreter), C not a power of 2
+
+
+def rel_err(actual, expected):
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-300)).item()
+
+
+def _labels(kind, n, gen):
+    if kind == "none":
+        return None
+    if kind == "multi_hot":
+        lab = (torch.rand(n, C, generator=gen) < 0.35).float()
+        lab[3] = 0  # a row without classes: T is the identity there
+        return lab
+    if kind == "fractions":
+        return torch.rand(n, C, generator=gen)
+    if kind == "bool":
+        return torch.rand(n, C, generator=gen) < 0.35
+    if kind == "strided":  # a non-contiguous (N, C) view
+        return torch.rand(C, n, generator=gen).T
+    raise ValueError(kind)
+
+
+def _run(z1, z2, labels, kw, backend, dtype=torch.float32, upstream=None, learn_bias=False):
+    """(loss, [d z1, d z2, d tau (, d bias)]) of one call, in float64 for the reference."""
+    dev = DEV if backend == "triton" else "cpu"
+    a = z1.to(dev, dtype).requires_grad_()
+    b = z2.to(dev, dtype).requires_grad_()
+    tau = torch.tensor(kw["temperature"], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    tau = tau.to(dev).requires_grad_()
+    rest = {key: val for key, val in kw.items() if key not in ("temperature", "bias")}
+    bias = None
+    if "bias" in kw:
+        bias = torch.tensor(kw["bias"], dtype=tau.dtype, device=dev).requires_grad_(learn_bias)
+    lab = None if labels is None else labels.to(dev)
+    if labels is not None and labels.dtype.is_floating_point and dtype == torch.float64:
+        lab = labels.double()
+    out = fastcon.soft_contrastive_loss(a, b, lab, temperature=tau, bias=bias, backend=backend, **rest)
+    up = torch.ones_like(out) if upstream is None else upstream.to(out)
+    inputs = [a, b, tau] + ([bias] if learn_bias else [])
+    return out, torch.autograd.grad(out, inputs, up)
+
+
+def _check(labels_kind, kw, seed=0, dtype=torch.float32, learn_bias=False, n=N, d=D):
+    gen = torch.Generator().manual_seed(seed)
+    z1, z2 = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
+    labels = _labels(labels_kind, n, gen)
+    upstream = torch.rand(n, generator=gen) if kw.get("reduction") == "none" else None
+    before = fl.LAUNCHES["count"]
+    out, grads = _run(z1, z2, labels, kw, "triton", dtype, upstream, learn_bias)
+    assert fl.LAUNCHES["count"] > before, "the call took the fused Triton path"
+    r_out, r_grads = _run(z1, z2, labels, kw, "reference", torch.float64, upstream, learn_bias)
+    return out, grads, r_out, r_grads
+
+
+LOSSES = {
+    "softmax_sym": {"loss": "softmax", "symmetric": True},
+    "softmax": {"loss": "softmax", "symmetric": False},
+    "sigmoid": {"loss": "sigmoid", "bias": -1.5},
+    "sigmoid_nobias": {"loss": "sigmoid"},
+}
+
+
+def _cases():
+    """Each label kind x loss form, with hard weight, reduction and normalisation cycled through."""
+    out = []
+    for i, (kind, lossconf) in enumerate(itertools.product(["multi_hot", "fractions", "none"], LOSSES)):
+        out.append((kind, lossconf, [0.0, 0.3, 1.0][i % 3], ["mean", "sum", "none"][(i // 3) % 3], i % 2 == 0))
+    out += [("bool", "softmax_sym", 0.3, "mean", True), ("strided", "sigmoid", 0.0, "none", False)]
+    return out
+
+
+@pytest.mark.parametrize(("labels_kind", "lossconf", "hw", "red", "norm"), _cases())
+def test_matches_reference(labels_kind, lossconf, hw, red, norm):
+    kw = dict(LOSSES[lossconf], temperature=0.1, hard_weight=hw, reduction=red, normalize=norm)
+    learn_bias = "bias" in kw
+    out, grads, r_out, r_grads = _check(labels_kind, kw, seed=len(labels_kind) + int(hw * 10), learn_bias=learn_bias)
+    assert out.dtype == torch.float32
+    assert out.shape == r_out.shape
+    assert rel_err(out, r_out) <= 1e-5
+    for g, rg in zip(grads, r_grads):
+        assert g.dtype == torch.float32
+        assert rel_err(g, rg) <= 1e-4
+
+
+@pytest.mark.parametrize("lossconf", ["softmax_sym", "sigmoid"])
+def test_small_temperature(lossconf):
+    """tau = 0.01: the tile kernels' two-statistic (no fixed max) path."""
+    kw = dict(LOSSES[lossconf], temperature=0.01, hard_weight=0.3)
+    out, grads, r_out, r_grads = _check("fractions", kw, seed=3, learn_bias="bias" in kw)
+    assert rel_err(out, r_out) <= 1e-5
+    for g, rg in zip(grads, r_grads):
+        assert rel_err(g, rg) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision(dtype):
+    """fp16 / bf16: no worse than 2x the error of the dense reference run in the same dtype."""
+    kw = dict(LOSSES["softmax_sym"], temperature=0.1, hard_weight=0.3)
+    out, grads, r_out, r_grads = _check("multi_hot", kw, seed=4, dtype=dtype)
+    gen = torch.Generator().manual_seed(4)
+    z1, z2 = torch.randn(N, D, generator=gen), torch.randn(N, D, generator=gen)
+    labels = _labels("multi_hot", N, gen)
+    lp_out, lp_grads = _run(z1, z2, labels, kw, "reference", dtype)
+    assert out.dtype == torch.float32
+    assert all(g.dtype == dtype for g in grads[:2])
+    assert rel_err(out, r_out) <= max(2 * rel_err(lp_out, r_out), 1e-4)
+    for g, lg, rg in zip(grads, lp_grads, r_grads):
+        assert rel_err(g, rg) <= max(2 * rel_err(lg, rg), 4e-3 if dtype == torch.bfloat16 else 5e-4)
+
+
+@pytest.mark.parametrize(
+    "core",
+    [k.TritonSoftContrastiveCore(splits=3), k.TritonSoftContrastiveCore(splits=2, deterministic=True)],
+    ids=["split3", "deterministic_split2"],
+)
+@pytest.mark.parametrize("lossconf", ["softmax_sym", "softmax", "sigmoid"])
+def test_splits_and_deterministic_mode(core, lossconf):
+    """Inner-dimension splits merged in the epilogues; deterministic mode (no fixed-max atomics):
+    bitwise equal over two runs. The launchers called directly with the core."""
+    gen = torch.Generator().manual_seed(9)
+    z1, z2 = torch.randn(N, D, generator=gen).to(DEV), torch.randn(N, D, generator=gen).to(DEV)
+    labels = _labels("fractions", N, gen).to(DEV)
+    cfg = LOSSES[lossconf]
+    sym = cfg.get("symmetric", False)
+    tau = torch.tensor(0.1, device=DEV)
+    bias = torch.tensor(-1.5, device=DEV) if "bias" in cfg else None
+    messages = ("temperature", "bias", "finite", ">= 0")
+
+    def both():
+        fwd = fl.forward(z1, z2, tau, bias, labels, cfg["loss"], sym, 0.3, True, "mean", messages, core=core)
+        go = torch.tensor(1.0, device=DEV)
+        bwd = fl.backward(
+            go, z1, z2, tau, bias, labels, *fwd[1:], cfg["loss"], sym, 0.3, True, "mean", [True, True, True, True],
+            core=core,
+        )  # fmt: skip
+        return fwd, bwd
+
+    (out, *_), grads = both()
+    r_out, r_grads = _run(z1.cpu(), z2.cpu(), labels.cpu(), dict(cfg, temperature=0.1, hard_weight=0.3), "reference",
+                          torch.float64, learn_bias="bias" in cfg)  # fmt: skip
+    assert rel_err(out, r_out) <= 1e-5
+    for g, rg in zip(grads, r_grads):
+        assert rel_err(g, rg) <= 1e-4
+    if core.deterministic:
+        (out2, *_), grads2 = both()
+        assert torch.equal(out, out2)
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
+@pytest.mark.parametrize("lossconf", ["softmax_sym", "sigmoid"])
+def test_prologue_programs_loop_over_row_blocks(lossconf, monkeypatch):
+    """Fewer prologue programs than row blocks (each sums several blocks' projections into its
+    slot; what bounds the partial projections' memory at any N): 3 blocks on 1 and 2 programs."""
+    kw = dict(LOSSES[lossconf], temperature=0.1, hard_weight=0.3, reduction="none")
+    for programs in (1, 2):
+        monkeypatch.setattr(fl, "PROLOGUE_PROGRAMS", programs)
+        out, grads, r_out, r_grads = _check("fractions", kw, seed=programs, learn_bias="bias" in kw, n=70, d=D)
+        assert rel_err(out, r_out) <= 1e-5
+        for g, rg in zip(grads, r_grads):
+            assert rel_err(g, rg) <= 1e-4
+
+
+def test_strided_embeddings_without_normalisation():
+    """Column slices (row stride > D) and transposed storage, with normalize=False (the rows are
+    then the kernels' inputs as given)."""
+    gen = torch.Generator().manual_seed(6)
+    wide = torch.randn(N, D + 7, generator=gen)
+    z1, z2 = wide[:, 3 : 3 + D], torch.randn(D, N, generator=gen).T
+    kw = dict(LOSSES["softmax_sym"], temperature=0.5, normalize=False)
+    out, grads = _run(z1, z2, _labels("fractions", N, gen), kw, "triton")
+    gen = torch.Generator().manual_seed(6)
+    wide = torch.randn(N, D + 7, generator=gen)
+    z1, z2 = wide[:, 3 : 3 + D], torch.randn(D, N, generator=gen).T
+    r_out, r_grads = _run(z1, z2, _labels("fractions", N, gen), kw, "reference", torch.float64)
+    assert rel_err(out, r_out) <= 1e-5
+    for g, rg in zip(grads, r_grads):
+        assert rel_err(g, rg) <= 1e-4
+
+
+def test_non_finite_inputs_propagate():
+    """A NaN in z1 (and an inf in z2) reach every loss term as in the dense computation."""
+    gen = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(N, D, generator=gen), torch.randn(N, D, generator=gen)
+    labels = _labels("multi_hot", N, gen)
+    for bad, where in [(float("nan"), 0), (float("inf"), 1)]:
+        a, b = z1.clone(), z2.clone()
+        (a if where == 0 else b)[5, 3] = bad
+        kw = dict(LOSSES["softmax_sym"], temperature=0.1, reduction="none")
+        out, grads = _run(a, b, labels, kw, "triton")
+        r_out, r_grads = _run(a, b, labels, kw, "reference", torch.float64)
+        assert torch.equal(out.isnan().cpu(), r_out.isnan())
+        for g, rg in zip(grads, r_grads):
+            assert torch.equal(g.isnan().cpu(), rg.isnan())
+
+
+def test_fallback_predicate():
+    """Scene ids (either mode) and the key queue take the general path, explicitly."""
+    multi, scenes = torch.rand(4, 3), torch.arange(4)
+    assert fl.covers(None, None, False)
+    assert fl.covers(multi, None, False)
+    assert not fl.covers(scenes, None, False)
+    assert not fl.covers(scenes, None, True)
+    assert not fl.covers(multi, torch.randn(5, 2), False)
+    assert not fl.covers(None, torch.randn(5, 2), False)
+    # soft_contrastive.py's copy of the predicate (it does not import triton) agrees
+    for args in [(None, None, False), (multi, None, False), (scenes, None, False), (scenes, None, True),
+                 (multi, torch.randn(5, 2), False)]:  # fmt: skip
+        assert sc_mod._triton_fused.covers(*args) == fl.covers(*args)
+
+
+@pytest.mark.parametrize("case", ["scene", "scene_ignore", "queue"])
+def test_fallback_matches_reference(case):
+    """The calls not covered launch no fused kernel and still give the reference's loss."""
+    n, d = 12, 8
+    gen = torch.Generator().manual_seed(2)
+    z1, z2 = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
+    kw = {"temperature": 0.1}
+    labels = torch.randint(0, 4, (n,), generator=gen)
+    if case == "scene_ignore":
+        kw["scene_mode"] = "ignore"
+    if case == "queue":
+        labels = torch.rand(n, 3, generator=gen)
+        kw.update(symmetric=False, queue=torch.randn(6, d, generator=gen), queue_labels=torch.rand(6, 3, generator=gen))
+    before = fl.LAUNCHES["count"]
+    out = fastcon.soft_contrastive_loss(z1.to(DEV), z2.to(DEV), labels.to(DEV), backend="triton", **{
+        key: (val.to(DEV) if isinstance(val, torch.Tensor) else val) for key, val in kw.items()})  # fmt: skip
+    assert fl.LAUNCHES["count"] == before
+    ref = reference.soft_contrastive_loss(z1.double(), z2.double(), labels if case == "scene" or case == "scene_ignore"
+                                          else labels.double(), **{key: (val.double() if isinstance(val, torch.Tensor)
+                                          and val.is_floating_point() else val) for key, val in kw.items()})  # fmt: skip
+    assert rel_err(out, ref) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# counts: launches and torch ops of one forward + backward
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched, the custom ops' bodies included (as in
+    test_soft_contrastive_opcount.py). Kernel launches run with the mode off: under the
+    interpreter a launch dispatches torch ops of its own (copies to host), which a GPU launch
+    does not; launches are counted separately (fused_loss.LAUNCHES)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        self.counts[name] += 1
+        if name.startswith("fastcon_loss."):
+            body = OPDEFS[name.rsplit(".", 1)[0].replace(".", "::")]._init_fn
+            with self:
+                return body(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+# kind: (launches, torch ops) of one forward + backward, as measured (upper bounds). The ops
+# include the 4 of autograd itself (the upstream ones, the 3 accumulations into .grad); of the
+# rest all but the value checks' device asserts (1 temperature, 2 multi-label values, 1 bias)
+# and the two custom ops are allocations and views (the outputs, two workspaces cut by one
+# split each): no torch op of the loss's algebra launches a kernel.
+COUNT_BOUNDS = {
+    "multi_hot": (10, 28),
+    "fractions": (10, 28),
+    "none": (8, 26),
+    "sigmoid": (9, 30),
+    "softmax": (9, 28),
+}
+
+
+@pytest.mark.parametrize("kind", list(COUNT_BOUNDS))
+def test_launch_and_op_counts(kind, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    z1 = torch.randn(N, D, generator=gen).to(DEV).requires_grad_()
+    z2 = torch.randn(N, D, generator=gen).to(DEV).requires_grad_()
+    labels = (torch.rand(N, C, generator=gen) < 0.3).float().to(DEV)
+    kw = {}
+    if kind == "fractions":
+        labels = torch.rand(N, C, generator=gen).to(DEV)
+    elif kind == "none":
+        labels = None
+    elif kind == "sigmoid":
+        kw = {"loss": "sigmoid", "bias": torch.tensor(-10.0, device=DEV, requires_grad=True)}
+    elif kind == "softmax":
+        kw = {"symmetric": False}
+    temperature = torch.tensor(0.1, device=DEV, requires_grad=True)
+    launch = fl._launch
+
+    def quiet_launch(*args, **kwargs):
+        with _disable_current_modes():
+            return launch(*args, **kwargs)
+
+    monkeypatch.setattr(fl, "_launch", quiet_launch)
+
+    def step():
+        fastcon.soft_contrastive_loss(z1, z2, labels, temperature=temperature, backend="triton", **kw).backward()
+
+    step()  # first call: .grad created, kernels compiled
+    before = fl.LAUNCHES["count"]
+    with _OpCounter() as counter:
+        step()
+    launches = fl.LAUNCHES["count"] - before
+    counts = counter.counts
+    assert counts["fastcon_loss.fused_forward.default"] == 1
+    assert counts["fastcon_loss.fused_backward.default"] == 1
+    assert z1.grad is not None
+    assert temperature.grad is not None
+    max_launches, max_ops = COUNT_BOUNDS[kind]
+    total = sum(counts.values())
+    assert launches <= max_launches, f"{kind}: {launches} launches"
+    assert total <= max_ops, f"{kind}: {total} ops > {max_ops}: {counts.most_common()}"
+    # no op of the general path's algebra ran (norms, matmuls, index sums, elementwise math)
+    allowed = ("empty", "new_empty", "empty_like", "split_with_sizes", "_assert_async", "fused_", "ones_like", "add_")
+    assert all(any(w in name for w in allowed) for name in counts), counts
+
+
+@pytest.mark.parametrize(
+    ("kw", "labels", "match"),
+    [
+        ({"temperature": torch.tensor(float("nan"))}, None, "temperature must be finite"),
+        ({"temperature": torch.tensor(0.0)}, None, "temperature must be finite"),
+        ({"loss": "sigmoid", "bias": torch.tensor(float("inf"))}, None, "bias must be finite"),
+        ({}, -torch.ones(8, 3), "labels must be >= 0"),
+        ({}, torch.full((8, 3), float("nan")), "labels must be finite"),
+    ],
+)
+def test_value_checks(kw, labels, match):
+    """The value checks run in the prologue (flags, raised by torch._assert_async: no host
+    sync; on CPU tensors at once), before the tile pass."""
+    z = torch.randn(8, 4)
+    kw = {key: (val.to(DEV) if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+    before = fl.LAUNCHES["count"]
+
+    def call():
+        fastcon.soft_contrastive_loss(
+            z.to(DEV), z.to(DEV), None if labels is None else labels.to(DEV), backend="triton", **kw
+        )
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+
+    with pytest.raises(RuntimeError, match=match):
+        call()
+    assert fl.LAUNCHES["count"] - before <= 2, "no tile pass after a failed check"
