@@ -195,7 +195,9 @@ def test_memory_is_linear_in_n():
         step(1024, "reference")
     nxn_mib = {n: n * n * 4 / 2**20 for n in peaks}
     assert dense_mem.peak_mib > nxn_mib[1024], "the measurement sees an N x N buffer"
-    assert peaks[2048] < nxn_mib[2048] / 4, f"peak {peaks[2048]:.2f} MiB vs N x N = {nxn_mib[2048]:.0f} MiB"
+    # half of one N x N fp32 matrix: no N x N buffer (the reference needs several), with room for
+    # what a long test process's RSS high-water mark adds (4.6 MiB measured once in the full suite)
+    assert peaks[2048] < nxn_mib[2048] / 2, f"peak {peaks[2048]:.2f} MiB vs N x N = {nxn_mib[2048]:.0f} MiB"
     # doubling N doubles linear memory and would quadruple anything N x N
     assert peaks[2048] < 3 * peaks[1024] + 1.0, f"peaks {peaks}"
 
