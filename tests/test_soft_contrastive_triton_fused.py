@@ -10,13 +10,12 @@ interpreter is slow.
 
 from __future__ import annotations
 
-import collections
 import itertools
 
 import pytest
 import torch
-from torch._library.custom_ops import OPDEFS
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from test_soft_contrastive_opcount import _OpCounter
+from torch.utils._python_dispatch import _disable_current_modes
 
 import fastcon
 from fastcon import reference
@@ -264,24 +263,9 @@ def test_fallback_matches_reference(case):
 # counts: launches and torch ops of one forward + backward
 
 
-class _OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched, the custom ops' bodies included (as in
-    test_soft_contrastive_opcount.py). Kernel launches run with the mode off: under the
-    interpreter a launch dispatches torch ops of its own (copies to host), which a GPU launch
-    does not; launches are counted separately (fused_loss.LAUNCHES)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        self.counts[name] += 1
-        if name.startswith("fastcon_loss."):
-            body = OPDEFS[name.rsplit(".", 1)[0].replace(".", "::")]._init_fn
-            with self:
-                return body(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+# _OpCounter (test_soft_contrastive_opcount.py) counts the aten ops dispatched, the custom ops'
+# bodies included. Triton launches are counted separately (fused_loss.LAUNCHES): under the
+# interpreter a launch dispatches torch ops of its own (copies to host), which a GPU launch does not.
 
 
 # kind: (launches, torch ops) of one forward + backward, as measured (upper bounds). The ops
