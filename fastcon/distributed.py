@@ -187,14 +187,9 @@ def check_all_ranks(comm, error, z1=None, labels=None, opts=None, queue=None, va
     sizes depend on the inputs. A rank whose input is bad raises its own error, every other rank
     the same type of error naming the bad rank(s) and the first one's message. The value checks
     come before the comparison (a NaN temperature is reported as such)."""
-    device = "cpu" if "gloo" in str(dist.get_backend(comm.group)) else torch.device("cuda", torch.cuda.current_device())
+    device = _exchange_device(comm)
     fields = {} if error is not None else _fields(z1, labels, opts, queue)
-    head = torch.zeros(2 + _ERROR_BYTES, dtype=torch.float64)
-    if error is not None:
-        text = str(error).encode()
-        text = text if len(text) <= _ERROR_BYTES else text[: _ERROR_BYTES - 3] + b"..."
-        head[0], head[1] = 1, int(isinstance(error, TypeError))
-        head[2 : 2 + len(text)] = torch.tensor(list(text), dtype=torch.float64)
+    head = _error_row(error, torch.float64)
     n_fields = _N_FIELDS
     assert error is not None or len(fields) == n_fields  # every rank's row has one length
     if error is not None:  # zeros in place of this rank's fields and values (errors come first)
@@ -207,13 +202,7 @@ def check_all_ranks(comm, error, z1=None, labels=None, opts=None, queue=None, va
         parts += _label_flags(values["labels"], device) + _label_flags(values["queue_labels"], device)
         body = torch.cat(parts)
     every = comm.all_gather(torch.cat([head.to(device), body])[None]).cpu()  # the one host read
-    if error is not None:
-        raise error
-    bad = [r for r in range(comm.world) if every[r, 0]]
-    if bad:
-        first = every[bad[0]]
-        message = bytes(first[2 : 2 + _ERROR_BYTES].to(torch.uint8).tolist()).rstrip(b"\0").decode(errors="replace")
-        raise _bad_ranks(TypeError if first[1] else ValueError, bad, message)
+    _raise_reported(every, error)
     rows = every[:, 2 + _ERROR_BYTES :]
     tau_col, bias_col, has_bias_col, flags_col = n_fields + 1, n_fields + 2, n_fields, n_fields + 3
     # the value checks, rank by rank (this rank's own error first, as its eager check would raise)
@@ -273,20 +262,38 @@ def _run(check):
 
 def _raise_any(comm, error) -> None:
     """check_on_every_rank's all-gather: errors only."""
-    row = torch.zeros(2 + _ERROR_BYTES, dtype=torch.uint8)
+    row = _error_row(error, torch.uint8)
+    _raise_reported(comm.all_gather(row[None].to(_exchange_device(comm))).cpu(), error)
+
+
+def _exchange_device(comm):
+    """Where the checks' all-gather runs: the CPU for gloo, this rank's GPU for NCCL."""
+    if "gloo" in str(dist.get_backend(comm.group)):
+        return "cpu"
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _error_row(error, dtype: torch.dtype) -> torch.Tensor:
+    """The head of a rank's row in the checks' all-gather: (failed, is TypeError, the message's
+    first _ERROR_BYTES bytes), zeros when ``error`` is None."""
+    row = torch.zeros(2 + _ERROR_BYTES, dtype=dtype)
     if error is not None:
         text = str(error).encode()
         text = text if len(text) <= _ERROR_BYTES else text[: _ERROR_BYTES - 3] + b"..."
         row[0], row[1] = 1, int(isinstance(error, TypeError))
-        row[2 : 2 + len(text)] = torch.tensor(list(text), dtype=torch.uint8)
-    device = "cpu" if "gloo" in str(dist.get_backend(comm.group)) else torch.device("cuda", torch.cuda.current_device())
-    every = comm.all_gather(row[None].to(device)).cpu()
+        row[2 : 2 + len(text)] = torch.tensor(list(text), dtype=dtype)
+    return row
+
+
+def _raise_reported(every: torch.Tensor, error) -> None:
+    """After the all-gather of rows headed by ``_error_row``: this rank's own error, else the
+    first bad rank's (of its type, naming every bad rank); nothing when no rank failed."""
     if error is not None:
         raise error
-    bad = [r for r in range(comm.world) if every[r, 0]]
+    bad = [r for r in range(every.shape[0]) if every[r, 0]]
     if bad:
         first = every[bad[0]]
-        message = bytes(first[2:].tolist()).rstrip(b"\0").decode(errors="replace")
+        message = bytes(first[2 : 2 + _ERROR_BYTES].to(torch.uint8).tolist()).rstrip(b"\0").decode(errors="replace")
         raise _bad_ranks(TypeError if first[1] else ValueError, bad, message)
 
 
