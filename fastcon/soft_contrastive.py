@@ -39,6 +39,7 @@ from fastcon._sc_algebra import (
     _scalar_grads,
     _scene_ids,
     _subtract_targets,
+    triton_fused_covers,
 )
 from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
 
@@ -86,16 +87,33 @@ def check_label_values(labels, name: str = "labels", sync_free: bool | None = No
     if labels is None or labels.dim() != 2:
         return
     checks = []
+    not_finite, negative = _label_value_messages(name)
     if labels.dtype.is_floating_point:
-        checks.append((torch.isfinite(labels).all(), f"{name} must be finite, got NaN or infinite values"))
+        checks.append((torch.isfinite(labels).all(), not_finite))
     if labels.dtype != torch.bool:
-        negative = f"{name} must be >= 0 (multi-hot or class-fraction vectors), got negative values"
         checks.append(((labels >= 0).all(), negative))
     for ok, message in checks:
         if sync_free if sync_free is not None else labels.device.type != "cpu":
             torch._assert_async(ok, message)
         elif not bool(ok):
             raise ValueError(message)
+
+
+def _label_value_messages(name: str = "labels") -> tuple[str, str]:
+    """The label value checks' messages (not finite, negative), eager or by the device."""
+    return (
+        f"{name} must be finite, got NaN or infinite values",
+        f"{name} must be >= 0 (multi-hot or class-fraction vectors), got negative values",
+    )
+
+
+def _temperature_message(dtype: torch.dtype) -> str:
+    """The device-side temperature check's message for inputs of ``dtype``."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (
+        f"temperature must be finite, > 0 and >= {1.0 / torch.finfo(acc).max:.3g} for {dtype} inputs (its "
+        f"inverse, the logit scale, must be finite in {acc})"
+    )
 
 
 def _check_values(z1, temperature, bias, labels, queue_labels, sync_free: bool | None = None, scale=None) -> None:
@@ -113,17 +131,12 @@ def _check_values(z1, temperature, bias, labels, queue_labels, sync_free: bool |
         sync_free = z1.device.type != "cpu"
     if sync_free:
         acc = torch.float64 if z1.dtype == torch.float64 else torch.float32
-        lo, hi = 1.0 / torch.finfo(acc).max, torch.finfo(acc).max
         if scale is None:
             scale = _logit_scale(temperature, z1.device)
         # one comparison for all: scale in [smallest double, finfo(acc).max] fails for a NaN, an
         # infinite, zero or negative temperature and for one whose inverse overflows acc
-        ok = scale.clamp(math.ulp(0.0), hi) == scale
-        torch._assert_async(
-            ok,
-            f"temperature must be finite, > 0 and >= {lo:.3g} for {z1.dtype} inputs (its inverse, the logit scale, "
-            f"must be finite in {acc})",
-        )
+        ok = scale.clamp(math.ulp(0.0), torch.finfo(acc).max) == scale
+        torch._assert_async(ok, _temperature_message(z1.dtype))
         if bias is not None:
             torch._assert_async(torch.isfinite(bias), "bias must be finite")
     else:
@@ -216,23 +229,11 @@ def _check(
     check_queue(queue, queue_labels, labels, z2, loss, symmetric)
 
 
-class _TritonFused:
-    """Which calls the fused Triton path (fastcon/kernels/triton/fused_loss.py) computes; the
-    kernel module is imported on first use (importing triton is slow)."""
+def _triton_fused_loss():
+    """fastcon/kernels/triton/fused_loss.py, imported on first use (importing triton is slow)."""
+    from fastcon.kernels.triton import fused_loss
 
-    @staticmethod
-    def covers(labels, queue, scene_ignore: bool) -> bool:
-        # the same predicate as fused_loss.covers, without importing triton for other backends
-        return queue is None and not scene_ignore and (labels is None or labels.dim() == 2)
-
-    @staticmethod
-    def fused():
-        from fastcon.kernels.triton import fused_loss
-
-        return fused_loss
-
-
-_triton_fused = _TritonFused()
+    return fused_loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ def _fused_forward(
             z1, z2, temperature, bias, labels, queue, queue_labels, loss, symmetric, hard_weight, normalize, reduction,
             scene_ignore,
         )  # fmt: skip
-    if backend == "triton" and _triton_fused.covers(labels, queue, scene_ignore):
+    if backend == "triton" and triton_fused_covers(labels, queue, scene_ignore):
         return _triton_forward(z1, z2, temperature, bias, labels, loss, symmetric, hard_weight, normalize, reduction)
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)
@@ -343,16 +344,8 @@ def _triton_forward(z1, z2, temperature, bias, labels, loss, symmetric, hard_wei
     """The fused forward as Triton kernels only (fastcon/kernels/triton/fused_loss.py); the value
     checks are flags its prologue computes, raised by ``torch._assert_async`` with the messages
     of ``_check_values`` (no host sync). The outputs of ``fused_forward``."""
-    acc = torch.float32
-    lo = 1.0 / torch.finfo(acc).max
-    messages = (
-        f"temperature must be finite, > 0 and >= {lo:.3g} for {z1.dtype} inputs (its inverse, the logit scale, "
-        f"must be finite in {acc})",
-        "bias must be finite",
-        "labels must be finite, got NaN or infinite values",
-        "labels must be >= 0 (multi-hot or class-fraction vectors), got negative values",
-    )
-    out = _triton_fused.fused().forward(
+    messages = (_temperature_message(z1.dtype), "bias must be finite", *_label_value_messages())
+    out = _triton_fused_loss().forward(
         z1, z2, temperature, bias, labels, loss, symmetric, hard_weight, normalize, reduction, messages
     )
     return *out, z1.new_empty(0, dtype=torch.int64)
@@ -412,8 +405,8 @@ def _fused_backward(
             grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, n1, n2, scenes, loss,
             symmetric, hard_weight, normalize, reduction, scene_ignore, *needs,
         )  # fmt: skip
-    if backend == "triton" and _triton_fused.covers(labels, queue, scene_ignore):
-        return _triton_fused.fused().backward(
+    if backend == "triton" and triton_fused_covers(labels, queue, scene_ignore):
+        return _triton_fused_loss().backward(
             grad_out, z1, z2, temperature, bias, labels, row, col, r_sum, n1, n2, loss, symmetric, hard_weight,
             normalize, reduction, needs,
         )  # fmt: skip

@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastcon._sc_algebra import triton_fused_covers
 from fastcon.kernels.triton import soft_contrastive as sc
 from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX
 
@@ -64,10 +65,7 @@ PROLOGUE_PROGRAMS = 128  # at most this many prologue programs (slots of partial
 PROLOGUE_OPTIONS = {"maxnreg": 255}
 
 
-def covers(labels, queue, scene_ignore: bool) -> bool:
-    """Whether the fused Triton path computes this call: labels None or (N, C) multi-label
-    vectors, no key queue, scenes not ignored. Everything else takes the general path."""
-    return queue is None and not scene_ignore and (labels is None or labels.dim() == 2)
+covers = triton_fused_covers  # which calls this path computes (defined with the algebra)
 
 
 # --------------------------------------------------------------------------------------------
