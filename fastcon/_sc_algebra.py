@@ -19,6 +19,14 @@ DISTRIBUTED_MODES = ("gather", "ring")
 _EPS = 1e-12  # the norm floor of the spec: u = z / max(||z||, 1e-12)
 
 
+def _label_value_messages(name: str = "labels") -> tuple[str, str]:
+    """The label value checks' messages (not finite, negative), eager or by the device."""
+    return (
+        f"{name} must be finite, got NaN or infinite values",
+        f"{name} must be >= 0 (multi-hot or class-fraction vectors), got negative values",
+    )
+
+
 def triton_fused_covers(labels, queue, scene_ignore: bool) -> bool:
     """Whether the fused Triton path (fastcon/kernels/triton/fused_loss.py) computes this call:
     labels None or (N, C) multi-label vectors, no key queue, scenes not ignored. Everything else

@@ -43,6 +43,7 @@ from fastcon._sc_algebra import (
     SCENE_MODES,
     Targets,
     _input_grads,
+    _label_value_messages,
     _loss_weights,
     _normalize,
     _per_sample_losses,
@@ -108,15 +109,10 @@ _ERROR_BYTES = 480  # of each rank's message that reaches the other ranks
 # temperature and bias (their values also checked there), and whether the label values passed
 # their checks on the device. Messages as fastcon.soft_contrastive.check_label_values words them.
 _VALUE_NAMES = ("temperature", "bias")
-_LABEL_CHECKS = (
-    ("labels", "finite", "labels must be finite, got NaN or infinite values"),
-    ("labels", "nonnegative", "labels must be >= 0 (multi-hot or class-fraction vectors), got negative values"),
-    ("queue_labels", "finite", "queue_labels must be finite, got NaN or infinite values"),
-    (
-        "queue_labels",
-        "nonnegative",
-        "queue_labels must be >= 0 (multi-hot or class-fraction vectors), got negative values",
-    ),
+_LABEL_CHECKS = tuple(
+    (name, check, message)
+    for name in ("labels", "queue_labels")
+    for check, message in zip(("finite", "nonnegative"), _label_value_messages(name))
 )
 
 

@@ -31,6 +31,7 @@ from fastcon._sc_algebra import (
     SCENE_MODES,
     Targets,
     _input_grads,
+    _label_value_messages,
     _loss_weights,
     _normalize,
     _per_sample_losses,
@@ -97,14 +98,6 @@ def check_label_values(labels, name: str = "labels", sync_free: bool | None = No
             torch._assert_async(ok, message)
         elif not bool(ok):
             raise ValueError(message)
-
-
-def _label_value_messages(name: str = "labels") -> tuple[str, str]:
-    """The label value checks' messages (not finite, negative), eager or by the device."""
-    return (
-        f"{name} must be finite, got NaN or infinite values",
-        f"{name} must be >= 0 (multi-hot or class-fraction vectors), got negative values",
-    )
 
 
 def _temperature_message(dtype: torch.dtype) -> str:
