@@ -246,6 +246,30 @@ def _cpu_ops():
     return torch.ops.fastcon
 
 
+_CUDA_OPS = ("cuda", "cuda_simt")  # the backends of the cuda fused loss ops
+_CUDA_LABEL_DTYPES = (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool,
+)  # fmt: skip
+
+
+def _cuda_ops(backend: str, device):
+    """The op namespace of a cuda backend's core: torch.ops.fastcon (the CUDA key of fastcon._C)
+    or torch.ops.fastcon_simt (its SIMT emulation; tests may point it at another build)."""
+    return _core_for(backend, device)._ops()
+
+
+def cuda_fused_covers(z1, temperature, bias, labels, queue_labels) -> bool:
+    """Whether the cuda backends' fused loss ops (csrc/cuda/soft_contrastive_loss.cu) compute this
+    call: temperature and bias (floating) on z1's device, labels and queue_labels of a dtype the
+    kernels read (float64/32/16, bfloat16, int64/32/16/8, uint8, bool). Every label kind, option
+    and the key queue are covered; anything else takes the general path (the torch algebra)."""
+    for x in (temperature, bias):
+        if x is not None and (x.device != z1.device or x.dtype not in _CUDA_LABEL_DTYPES[:4] or x.numel() != 1):
+            return False
+    return all(x is None or x.dtype in _CUDA_LABEL_DTYPES for x in (labels, queue_labels))
+
+
 def _mode(loss: str, scene_ignore: bool) -> int:
     return MODE_SIGMOID if loss == "sigmoid" else (MODE_SOFTMAX_IGNORE if scene_ignore else MODE_SOFTMAX)
 
@@ -308,10 +332,18 @@ def _fused_forward(
     the row norms of z1 and z2 (N,) each, (0,) without normalisation, the int64 scene index of the
     rows (N,) for scene ids as positives, (0,) otherwise), all saved for backward. On the cpu backend
     (one process) the whole forward is the one C++ op ``fastcon::sc_loss_forward``, which returns
-    the scene order (rows sorted by scene id) as the scene index; on the triton backend the Triton
-    kernels of ``fastcon.kernels.triton.fused_loss`` for the cases it covers."""
+    the scene order (rows sorted by scene id) as the scene index; on the cuda backends (cuda,
+    cuda_simt) the same op for the CUDA key (csrc/cuda/soft_contrastive_loss.cu, 3-4 launches), which
+    returns each row's scene leader (its scene's smallest row index) as the scene index, for the
+    calls ``cuda_fused_covers`` accepts; on the triton backend the Triton kernels of
+    ``fastcon.kernels.triton.fused_loss`` for the cases it covers."""
     if backend == "cpu":
         return _cpu_ops().sc_loss_forward(
+            z1, z2, temperature, bias, labels, queue, queue_labels, loss, symmetric, hard_weight, normalize, reduction,
+            scene_ignore,
+        )  # fmt: skip
+    if backend in _CUDA_OPS and cuda_fused_covers(z1, temperature, bias, labels, queue_labels):
+        return _cuda_ops(backend, z1.device).sc_loss_forward(
             z1, z2, temperature, bias, labels, queue, queue_labels, loss, symmetric, hard_weight, normalize, reduction,
             scene_ignore,
         )  # fmt: skip
@@ -395,6 +427,11 @@ def _fused_backward(
     the fused Triton kernels for the cases they cover."""
     if backend == "cpu":
         return _cpu_ops().sc_loss_backward(
+            grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, n1, n2, scenes, loss,
+            symmetric, hard_weight, normalize, reduction, scene_ignore, *needs,
+        )  # fmt: skip
+    if backend in _CUDA_OPS and cuda_fused_covers(z1, temperature, bias, labels, queue_labels):
+        return _cuda_ops(backend, z1.device).sc_loss_backward(
             grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, n1, n2, scenes, loss,
             symmetric, hard_weight, normalize, reduction, scene_ignore, *needs,
         )  # fmt: skip

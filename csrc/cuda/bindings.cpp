@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <optional>
 #include <string>
@@ -223,6 +224,237 @@ std::tuple<Tensor, Tensor, Tensor> sc_backward_op(const Tensor& u_in, const Tens
   const char* err = sc_backward(p, scope.stream);
   TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
   return {grad_u, grad_v, wsum};
+}
+
+// ---- the whole fused loss (csrc/cuda/soft_contrastive_loss.cu) --------------------------------
+// Argument types and shapes are checked by the caller (fastcon.soft_contrastive_loss); the values
+// (temperature, bias, label values) by the kernels, raised here with at::_assert_async and the
+// messages of the Python checks (soft_contrastive._temperature_message, "bias must be finite",
+// _sc_algebra._label_value_messages): no value is read on the host.
+kernels::ElemType elem_of(const char* op, const char* name, const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kDouble: return kernels::ElemType::f64;
+    case at::kFloat: return kernels::ElemType::f32;
+    case at::kHalf: return kernels::ElemType::f16;
+    case at::kBFloat16: return kernels::ElemType::bf16;
+    case at::kLong: return kernels::ElemType::i64;
+    case at::kInt: return kernels::ElemType::i32;
+    case at::kShort: return kernels::ElemType::i16;
+    case at::kChar: return kernels::ElemType::i8;
+    case at::kByte: return kernels::ElemType::u8;
+    case at::kBool: return kernels::ElemType::b8;
+    default: TORCH_CHECK_TYPE(false, op, ": ", name, " has an unsupported dtype ", dtype_name(t.scalar_type()));
+  }
+  return kernels::ElemType::f32;
+}
+
+kernels::ScTensor view_of(const char* op, const char* name, const OptTensor& t, const Tensor& z1) {
+  kernels::ScTensor v;
+  if (!t.has_value()) return v;
+  check_device(op, name, *t, z1);
+  v.p = t->data_ptr();
+  v.t = elem_of(op, name, *t);
+  v.s0 = t->dim() > 0 ? t->stride(0) : 0;
+  v.s1 = t->dim() > 1 ? t->stride(1) : 0;
+  return v;
+}
+
+std::string g3(double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%.3g", x);
+  return buf;
+}
+
+std::string temperature_message(at::ScalarType z) {
+  const bool f64 = z == at::kDouble;
+  const double low = 1.0 / (f64 ? std::numeric_limits<double>::max() : double(std::numeric_limits<float>::max()));
+  const std::string acc = f64 ? "torch.float64" : "torch.float32";
+  return "temperature must be finite, > 0 and >= " + g3(low) + " for torch." + dtype_name(z) +
+         " inputs (its inverse, the logit scale, must be finite in " + acc + ")";
+}
+
+struct LossConfig {
+  int kind = 0, mode = 0, reduction = 0;
+  bool need_col = false;
+};
+
+LossConfig loss_config(const std::string& loss, bool symmetric, double hw, const std::string& reduction,
+                       bool scene_ignore, const OptTensor& labels, const OptTensor& queue) {
+  TORCH_CHECK_VALUE(loss == "softmax" || loss == "sigmoid", "loss must be one of 'softmax', 'sigmoid'; got '", loss,
+                    "'");
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none",
+                    "reduction must be one of 'mean', 'sum', 'none'; got '", reduction, "'");
+  TORCH_CHECK_VALUE(hw >= 0.0 && hw <= 1.0, "hard_weight must be in [0, 1], got ", hw);
+  LossConfig c;
+  c.mode = loss == "sigmoid" ? 2 : (scene_ignore ? 1 : 0);
+  c.need_col = loss == "softmax" && symmetric && !queue.has_value();
+  c.reduction = reduction == "mean" ? 0 : (reduction == "sum" ? 1 : 2);
+  c.kind = !labels.has_value() ? 0 : (labels->dim() == 2 ? 1 : (scene_ignore ? 3 : 2));
+  return c;
+}
+
+// The fields both directions share; the workspaces of the prologue.
+kernels::ScLoss loss_problem(const char* op, const Tensor& z1, const Tensor& z2, const Tensor& temperature,
+                             const OptTensor& bias, const OptTensor& labels, const OptTensor& queue,
+                             const OptTensor& queue_labels, const LossConfig& c, double hw, bool normalize,
+                             std::vector<Tensor>& keep) {
+  check_embeddings(op, z1, z2);
+  kernels::ScLoss p{};
+  p.dtype = dtype_of(z1);
+  p.n = z1.size(0);
+  p.d = z1.size(1);
+  p.k = queue.has_value() ? queue->size(0) : 0;
+  p.c = c.kind == 1 ? labels->size(1) : 0;
+  p.kind = c.kind;
+  p.mode = c.mode;
+  p.need_col = c.need_col;
+  p.hw = hw;
+  p.normalize = normalize;
+  p.reduction = c.reduction;
+  if (queue.has_value())
+    TORCH_CHECK_TYPE(queue->scalar_type() == z1.scalar_type(), op, ": queue must have z1's dtype");
+  p.z1 = view_of(op, "z1", z1, z1);
+  p.z2 = view_of(op, "z2", z2, z1);
+  p.queue = view_of(op, "queue", queue, z1);
+  p.labels = view_of(op, "labels", labels, z1);
+  p.qlabels = view_of(op, "queue_labels", queue_labels, z1);
+  p.temperature = view_of(op, "temperature", temperature, z1);
+  p.bias = view_of(op, "bias", bias, z1);
+  const int64_t n = p.n, m = p.n + p.k, d = p.d;
+  const auto f64 = z1.options().dtype(at::kDouble);
+  const auto add = [&](Tensor t) {
+    keep.push_back(t);
+    return t.numel() ? keep.back().data_ptr() : nullptr;
+  };
+  p.uk = add(at::empty({n, d}, z1.options()));
+  p.cols = add(at::empty({m, d}, z1.options()));
+  p.scal = static_cast<double*>(add(at::empty({2}, f64)));
+  p.ids = static_cast<int64_t*>(add(at::empty({c.kind >= 2 ? m : 0}, z1.options().dtype(at::kLong))));
+  p.lhat = static_cast<double*>(add(at::empty({c.kind == 1 ? m * p.c : 0}, f64)));
+  p.counter = static_cast<unsigned*>(add(at::empty({2}, z1.options().dtype(at::kInt))));
+  p.per = static_cast<double*>(add(at::empty({2 * n}, f64)));
+  return p;
+}
+
+// sources of the low-rank target sums (see soft_contrastive_loss.cu) and their workspaces
+void target_workspaces(kernels::ScLoss& p, const Tensor& z1, int sources, std::vector<Tensor>& keep) {
+  const auto f64 = z1.options().dtype(at::kDouble);
+  const int64_t blocks = (p.n + p.k + 127) / 128, slab = sources * p.c * (p.d + 1);
+  keep.push_back(at::empty({p.kind == 1 ? blocks * slab : 0}, f64));
+  p.partial = p.kind == 1 ? keep.back().data_ptr<double>() : nullptr;
+  keep.push_back(at::empty({p.kind == 1 ? slab : 0}, f64));
+  p.proj = p.kind == 1 ? keep.back().data_ptr<double>() : nullptr;
+  keep.push_back(at::empty({p.kind == 2 ? sources * p.n * (p.d + 1) : 0}, f64));
+  p.ssum = p.kind == 2 ? keep.back().data_ptr<double>() : nullptr;
+}
+
+void raise_checks(const Tensor& checks, at::ScalarType z, bool bias, int kind, bool queue_labels) {
+  at::_assert_async(checks.select(0, 0), temperature_message(z));
+  if (bias) at::_assert_async(checks.select(0, 1), "bias must be finite");
+  if (kind != 1) return;
+  at::_assert_async(checks.select(0, 2), "labels must be finite, got NaN or infinite values");
+  at::_assert_async(checks.select(0, 3),
+                    "labels must be >= 0 (multi-hot or class-fraction vectors), got negative values");
+  if (!queue_labels) return;
+  at::_assert_async(checks.select(0, 4), "queue_labels must be finite, got NaN or infinite values");
+  at::_assert_async(checks.select(0, 5),
+                    "queue_labels must be >= 0 (multi-hot or class-fraction vectors), got negative values");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sc_loss_forward_op(
+    const Tensor& z1, const Tensor& z2, const Tensor& temperature, const OptTensor& bias, const OptTensor& labels,
+    const OptTensor& queue, const OptTensor& queue_labels, std::string loss, bool symmetric, double hard_weight,
+    bool normalize, std::string reduction, bool scene_ignore) {
+  constexpr const char* op = "sc_loss_forward";
+  const LossConfig c = loss_config(loss, symmetric, hard_weight, reduction, scene_ignore, labels, queue);
+  std::vector<Tensor> keep;
+  kernels::ScLoss p =
+      loss_problem(op, z1, z2, temperature, bias, labels, queue, queue_labels, c, hard_weight, normalize, keep);
+  const int64_t n = p.n, m = p.n + p.k;
+  const auto acc = z1.options().dtype(acc_type(z1));
+  target_workspaces(p, z1, c.need_col ? 2 : 1, keep);
+  Tensor n1 = at::empty({normalize ? n : 0}, acc), n2 = at::empty({normalize ? n : 0}, acc);
+  Tensor checks = at::empty({6}, z1.options().dtype(at::kBool));
+  Tensor rowflag = at::empty({c.kind == 1 ? m : 0}, z1.options().dtype(at::kByte));
+  Tensor scenes = at::empty({c.kind == 2 ? n : 0}, z1.options().dtype(at::kLong));
+  Tensor row = at::empty({n}, acc), col = at::empty({c.need_col ? n : 0}, acc);
+  Tensor out = c.reduction == 2 ? at::empty({n}, acc) : at::empty({}, acc);
+  Tensor r_sum = at::empty({c.kind == 3 ? 0 : n}, acc);
+  p.n1 = normalize ? n1.data_ptr() : nullptr;
+  p.n2 = normalize ? n2.data_ptr() : nullptr;
+  p.checks = reinterpret_cast<uint8_t*>(checks.data_ptr<bool>());
+  p.rowflag = c.kind == 1 ? rowflag.data_ptr<uint8_t>() : nullptr;
+  p.leader = c.kind == 2 ? scenes.data_ptr<int64_t>() : nullptr;
+  p.row = row.data_ptr();
+  p.col = c.need_col ? col.data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.r_sum = c.kind == 3 ? nullptr : r_sum.data_ptr();
+  DeviceScope scope(z1);
+  const char* err = sc_loss_forward(p, scope.stream);
+  TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
+  raise_checks(checks, z1.scalar_type(), bias.has_value(), c.kind, queue_labels.has_value());
+  return {out, row, col, r_sum, n1, n2, scenes};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> sc_loss_backward_op(
+    const Tensor& grad_out, const Tensor& z1, const Tensor& z2, const Tensor& temperature, const OptTensor& bias,
+    const OptTensor& labels, const OptTensor& queue, const OptTensor& queue_labels, const Tensor& row,
+    const Tensor& col, const Tensor& r_sum, const Tensor& n1, const Tensor& n2, const Tensor& scenes,
+    std::string loss, bool symmetric, double hard_weight, bool normalize, std::string reduction, bool scene_ignore,
+    bool need_z1, bool need_z2, bool need_temperature, bool need_bias) {
+  constexpr const char* op = "sc_loss_backward";
+  const LossConfig c = loss_config(loss, symmetric, hard_weight, reduction, scene_ignore, labels, queue);
+  std::vector<Tensor> keep;
+  kernels::ScLoss p =
+      loss_problem(op, z1, z2, temperature, bias, labels, queue, queue_labels, c, hard_weight, normalize, keep);
+  const int64_t n = p.n, m = p.n + p.k, d = p.d;
+  const auto acc = z1.options().dtype(acc_type(z1));
+  target_workspaces(p, z1, c.need_col ? 4 : 2, keep);
+  const auto saved = [&](const Tensor& t, const char* name, int64_t len, at::ScalarType st) -> void* {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == len && t.scalar_type() == st, op, ": ", name,
+                      " must be the forward's (", len, ",) ", dtype_name(st), " tensor, got ", t.sizes(), " ",
+                      dtype_name(t.scalar_type()));
+    check_device(op, name, t, z1);
+    keep.push_back(t.contiguous());
+    return len ? keep.back().data_ptr() : nullptr;
+  };
+  p.row = saved(row, "row_stat", n, acc_type(z1));
+  p.col = c.need_col ? saved(col, "col_stat", n, acc_type(z1)) : nullptr;
+  p.r_sum = c.kind == 3 ? nullptr : saved(r_sum, "target_sum", n, acc_type(z1));
+  p.n1 = normalize ? saved(n1, "norm1", n, acc_type(z1)) : nullptr;
+  p.n2 = normalize ? saved(n2, "norm2", n, acc_type(z1)) : nullptr;
+  p.leader = c.kind == 2 ? static_cast<int64_t*>(saved(scenes, "scene_order", n, at::kLong)) : nullptr;
+  TORCH_CHECK_VALUE(grad_out.numel() == (c.reduction == 2 ? n : 1), op, ": grad_out must have the loss's shape");
+  p.grad_out = view_of(op, "grad_out", grad_out, z1);
+  Tensor checks = at::empty({6}, z1.options().dtype(at::kBool));
+  Tensor g = at::empty({n}, acc), wu = at::empty({n}, acc.dtype(at::kDouble)), wv = at::empty({n}, acc.dtype(at::kDouble));
+  Tensor gu = at::empty({n, d}, acc), gv = at::empty({m, d}, acc), wsum = at::empty({n}, acc);
+  Tensor weight_max = at::empty({z1.scalar_type() == at::kHalf ? 1 : 0}, acc.dtype(at::kFloat));
+  Tensor d_z1 = need_z1 ? at::empty({n, d}, z1.options()) : z1.new_empty({0});
+  Tensor d_z2 = need_z2 ? at::empty({n, d}, z2.options()) : z2.new_empty({0});
+  Tensor d_tau = need_temperature ? at::empty_like(temperature, at::MemoryFormat::Contiguous) : z1.new_empty({0});
+  const bool want_bias = need_bias && bias.has_value();
+  Tensor d_bias = want_bias ? at::empty_like(*bias, at::MemoryFormat::Contiguous) : z1.new_empty({0});
+  p.checks = reinterpret_cast<uint8_t*>(checks.data_ptr<bool>());
+  p.g = g.data_ptr();
+  p.wu = wu.data_ptr<double>();
+  p.wv = wv.data_ptr<double>();
+  p.weight_max = weight_max.numel() ? weight_max.data_ptr<float>() : nullptr;
+  p.gu = gu.data_ptr();
+  p.gv = gv.data_ptr();
+  p.wsum = wsum.data_ptr();
+  p.dz1 = need_z1 ? d_z1.data_ptr() : nullptr;
+  p.dz2 = need_z2 ? d_z2.data_ptr() : nullptr;
+  p.dtau = need_temperature ? d_tau.data_ptr() : nullptr;
+  p.dbias = want_bias ? d_bias.data_ptr() : nullptr;
+  p.need_z1 = need_z1;
+  p.need_z2 = need_z2;
+  p.need_tau = need_temperature;
+  p.need_bias = want_bias;
+  DeviceScope scope(z1);
+  const char* err = sc_loss_backward(p, scope.stream);
+  TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
+  return {d_z1, d_z2, d_tau, d_bias};
 }
 
 #if !defined(FASTCON_BINDINGS_LOSS_ONLY)
@@ -537,6 +769,8 @@ Tensor diffusion_loss_backward_op(const Tensor& grad_sse, const Tensor& pred, co
 void register_soft_contrastive(torch::Library& m) {
   m.impl("sc_forward", TORCH_FN(sc_forward_op));
   m.impl("sc_backward", TORCH_FN(sc_backward_op));
+  m.impl("sc_loss_forward", TORCH_FN(sc_loss_forward_op));
+  m.impl("sc_loss_backward", TORCH_FN(sc_loss_backward_op));
 }
 
 #if !defined(FASTCON_BINDINGS_LOSS_ONLY)
@@ -559,7 +793,7 @@ void register_diffusion(torch::Library& m) {
 
 // The ops `register_ops` implements (the SIMT module mirrors their fastcon schemas).
 std::vector<const char*> op_names() {
-  std::vector<const char*> ops = {"sc_forward", "sc_backward"};
+  std::vector<const char*> ops = {"sc_forward", "sc_backward", "sc_loss_forward", "sc_loss_backward"};
 #if !defined(FASTCON_BINDINGS_LOSS_ONLY)
   for (const char* op : {"mask_gather", "mask_gather_backward", "mask_unmask", "mask_unmask_backward", "mask_image",
                          "philox_uint32", "philox_normal", "diffusion_q_sample", "diffusion_loss",

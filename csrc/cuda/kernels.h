@@ -54,6 +54,61 @@ struct ScBackward : ScProblem {
   void* wsum;
 };
 
+// The whole fused loss, one op per direction (csrc/cuda/soft_contrastive_loss.cu; the math of
+// csrc/cpu/soft_contrastive_loss.cpp). Inputs any layout (element strides s0, s1); labels and ids
+// of any real / integer dtype (ElemType). Workspaces and outputs are allocated by the binding,
+// contiguous, in the dtypes named; nothing needs zero-filling (the prologue zeroes what the
+// later launches accumulate into).
+enum class ElemType { f64, f32, f16, bf16, i64, i32, i16, i8, u8, b8 };
+struct ScTensor {
+  const void* p = nullptr;  // null: absent
+  ElemType t = ElemType::f32;
+  int64_t s0 = 0, s1 = 0;
+};
+struct ScLoss {
+  DType dtype;                 // z1, z2, queue and the kernel's storage type T; A = fp32 (fp64 for f64)
+  int64_t n, k, d, c;          // rows, queue keys, features, label classes (kind 1)
+  int kind;                    // 0 no labels, 1 multi-label (N, C), 2 scene ids as positives, 3 ignored
+  int mode;                    // the tile pass's mode (0 softmax, 1 same ids masked, 2 sigmoid)
+  bool need_col;               // symmetric softmax without a queue
+  double hw;                   // hard_weight
+  bool normalize;
+  int reduction;               // 0 mean, 1 sum, 2 none
+  ScTensor z1, z2, queue, labels, qlabels, temperature, bias, grad_out;
+  void* uk;                    // T (n, d): unit rows of z1
+  void* cols;                  // T (n + k, d): unit rows of z2, then the queue's
+  void* n1;                    // A (n,) row norms (forward: out; backward: saved)
+  void* n2;
+  double* scal;                // (2,): 1 / tau, bias
+  uint8_t* checks;             // (6,) 1 = ok: temperature, bias, labels finite / >= 0, queue_labels finite / >= 0
+  int64_t* ids;                // (n + k,) scene ids (kinds 2, 3)
+  int64_t* leader;             // (n,) scene leaders (kind 2; forward: out, backward: saved)
+  double* lhat;                // (n + k, c) unit label rows (kind 1)
+  uint8_t* rowflag;            // (n + k,) label value flags (kind 1, forward)
+  double* partial;             // (blocks of 128 rows, sources, c, d + 1) (kind 1)
+  double* proj;                // (sources, c, d + 1) (kind 1)
+  double* ssum;                // (sources, n, d + 1) per-scene sums at the leader rows (kind 2)
+  void* row;                   // A (n,) row statistics (forward: out; backward: saved)
+  void* col;                   // A (n,) column statistics (need_col)
+  unsigned* counter;           // (2,): the tile pass's ticket, the epilogue's ticket
+  double* per;                 // (2 n,) per-row float64 values summed by the epilogue's last block
+  void* out;                   // A: the loss, () or (n,)
+  void* r_sum;                 // A (n,) target row sums (not kind 3; forward: out, backward: saved)
+  // backward only
+  void* g;                     // A (n,) upstream weights of the rows (h = g when need_col)
+  double* wu;                  // (n,) g / R (sigmoid: g)
+  double* wv;                  // (n,) h / R (need_col)
+  float* weight_max;           // f16 only (see ScBackward)
+  void* gu;                    // A (n, d), (n + k, d), (n,): the tile pass's outputs
+  void* gv;
+  void* wsum;
+  void* dz1;                   // T (n, d) gradients; d tau / d bias in temperature's / bias's dtype
+  void* dz2;
+  void* dtau;
+  void* dbias;
+  bool need_z1, need_z2, need_tau, need_bias;
+};
+
 // ---- Siamese masking (contract: fastcon.reference.mask_*) -------------------------------------
 // ids (B, K) int64 contiguous, rows sorted ascending (checked by the public API; the kernels stay
 // in bounds whatever they hold). Row-major tensors of `dtype`.
@@ -137,6 +192,8 @@ inline int64_t diffusion_loss_chunks(int64_t per_sample) { return (per_sample + 
 namespace fastcon::FASTCON_KERNEL_NS {
 const char* sc_forward(const kernels::ScForward& p, cudaStream_t stream);
 const char* sc_backward(const kernels::ScBackward& p, cudaStream_t stream);
+const char* sc_loss_forward(const kernels::ScLoss& p, cudaStream_t stream);
+const char* sc_loss_backward(const kernels::ScLoss& p, cudaStream_t stream);
 #if !defined(FASTCON_BINDINGS_LOSS_ONLY)
 const char* mask_gather_rows(const kernels::MaskGather& p, cudaStream_t stream);
 const char* mask_scatter_rows(const kernels::MaskScatter& p, cudaStream_t stream);

@@ -7,3 +7,4 @@
 #include "cuda/diffusion.cu"
 #include "cuda/masking.cu"
 #include "cuda/soft_contrastive.cu"
+#include "cuda/soft_contrastive_loss.cu"

@@ -1,4 +1,4 @@
-// The loss kernels once more, with deliberate bugs compiled in (selected at run time with
+// The loss kernels (the tile pass and the fused loss around it) once more, with deliberate bugs compiled in (selected at run time with
 // torch.ops.fastcon_simt_broken.set_break_variant): tests/test_simt_catches_bugs.py checks
 // that the emulated tests fail on them, i.e. that the emulator catches what it is for.
 //   1: no __syncthreads between staging a GEMM chunk in shared memory and reading it
@@ -11,3 +11,4 @@
 #endif
 #include "cuda/common.cuh"
 #include "cuda/soft_contrastive.cu"
+#include "cuda/soft_contrastive_loss.cu"

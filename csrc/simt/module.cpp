@@ -30,6 +30,10 @@
 
 #include "simt/fp16.h"
 
+namespace simt {
+int64_t launch_count();  // csrc/simt/simt.h (not included here: its CUDA keyword macros)
+}
+
 namespace fastcon::simt_selftest {
 std::string run(const std::string& name);
 }
@@ -67,6 +71,9 @@ void register_cpu(const char* ns, void (*reg)(torch::Library&)) {
 
 std::string selftest(std::string name) { return fastcon::simt_selftest::run(name); }
 
+// Kernel launches of the emulator since the process started (tests count an op's launches).
+int64_t launch_count() { return ::simt::launch_count(); }
+
 // float32 -> float16 / bfloat16 -> float32 with the emulator's conversions (tests compare
 // them with torch's).
 at::Tensor round_trip(const at::Tensor& x, std::string dtype) {
@@ -94,6 +101,7 @@ extern "C" PyMODINIT_FUNC PyInit__C_simt(void) {
     torch::Library& simt = mirror_schemas("fastcon_simt", fastcon::simt_gpu::op_names());
     simt.def("simt_selftest(str name) -> str", &selftest);
     simt.def("simt_round(Tensor x, str dtype) -> Tensor", &round_trip);
+    simt.def("simt_launch_count() -> int", &launch_count);
     register_cpu("fastcon_simt", &fastcon::simt_gpu::register_ops);
     torch::Library& broken = mirror_schemas("fastcon_simt_broken", fastcon::simt_broken::op_names());
     broken.def("set_break_variant(int variant) -> ()", &set_break_variant);

@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdio>
 #include <mutex>
 #include <stdexcept>
@@ -433,10 +434,17 @@ void fail(const char* msg) {
   detail::fail_in_fiber(msg);
 }
 
+namespace {
+std::atomic<int64_t> g_launches{0};
+}  // namespace
+
+int64_t launch_count() { return g_launches.load(); }
+
 void run(dim3 grid, dim3 block, size_t dynamic_smem, void (*thunk)(void*), void* ctx) {
   using namespace detail;
   Runtime& r = rt();
   std::lock_guard<std::mutex> lock(r.launch_mutex);
+  g_launches.fetch_add(1);  // every launch counts, also one the checks below refuse
   const unsigned long long n = 1ull * block.x * block.y * block.z;
   if (n == 0 || n > 1024 || block.z > 64)
     throw std::invalid_argument("SIMT emulator: invalid block size (" + std::to_string(n) + " threads)");

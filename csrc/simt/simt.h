@@ -141,7 +141,9 @@ void poison_shared(void* p, size_t bytes);
 
 // Raises a launch error from inside a kernel (the launch throws std::runtime_error(msg)).
 [[noreturn]] void fail(const char* msg);
-// Runs thunk(ctx) as every thread of every block of the grid.
+// Kernel launches (calls of run) since the process started: tests count the launches of an op.
+int64_t launch_count();
+// Runs thunk(ctx) as every thread of every block of the grid (one launch).
 void run(dim3 grid, dim3 block, size_t dynamic_smem, void (*thunk)(void*), void* ctx);
 
 template <class... P>
