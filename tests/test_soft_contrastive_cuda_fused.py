@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_soft_contrastive_opcount import _case, _OpCounter
 
 import fastcon
 from fastcon import _backends
@@ -135,8 +136,8 @@ CASES = [
 
 
 def _run(backend, z1, z2, labels, tau, bias, queue, qlabels, opts, grad_out=None):
-    z1 = z1.detach().clone().requires_grad_()
-    z2 = z2.detach().clone().requires_grad_()
+    z1 = z1.detach().requires_grad_()  # views keep their strides
+    z2 = z2.detach().requires_grad_()
     tau = tau.detach().clone().requires_grad_()
     bias = None if bias is None else bias.detach().clone().requires_grad_()
     out = fastcon.soft_contrastive_loss(
@@ -276,3 +277,48 @@ def test_bad_values_raise_with_the_python_messages():
         )  # fmt: skip
     with pytest.raises(RuntimeError, match="labels must be >= 0"):
         fastcon.soft_contrastive_loss(z, z, -torch.ones(6, 2, dtype=torch.int64), backend="cuda_simt")
+
+
+OPS = {"multi_hot": 8, "fractions": 8, "scene": 8, "scene_ignore": 8, "none": 8, "sigmoid": 9}
+
+
+@pytest.mark.parametrize("kind", list(OPS))
+def test_torch_ops_per_step(kind):
+    """The op counter of tests/test_soft_contrastive_opcount.py (as there: a tensor temperature
+    that requires grad): the two custom operators, the C++ op each calls, the unit gradient and
+    one add_ per accumulated .grad, as on the cpu backend; no torch op of the algebra."""
+    z1, z2, labels, kw = _case(kind)  # the op-count suite's inputs
+    temperature = torch.tensor(0.1, requires_grad=True)
+
+    def step():
+        fastcon.soft_contrastive_loss(z1, z2, labels, temperature=temperature, backend="cuda_simt", **kw).backward()
+
+    step()
+    with _OpCounter() as counter:
+        step()
+    counts = counter.counts
+    assert counts["fastcon_simt.sc_loss_forward.default"] == 1
+    assert counts["fastcon_simt.sc_loss_backward.default"] == 1
+    assert counts["fastcon_simt.sc_forward.default"] == 0
+    assert counts["fastcon_simt.sc_backward.default"] == 0
+    assert sum(counts.values()) == OPS[kind], counts.most_common()
+
+
+@pytest.mark.parametrize("kind", ["multi_hot", "scene"])
+def test_strided_inputs(kind):
+    """z1, z2 and the queue as strided views, read in place by the prologue (any layout)."""
+    gen = torch.Generator().manual_seed(5)
+    n, d, k = 23, 11, 9
+    z1 = torch.randn(d, n, generator=gen, dtype=torch.float64).T
+    z2 = torch.randn(n, 2 * d, generator=gen, dtype=torch.float64)[:, ::2]
+    queue = torch.randn(k, d + 3, generator=gen, dtype=torch.float64)[:, 2:-1]
+    labels, qlabels = _labels(kind, n, k, gen)
+    tau = torch.tensor(0.3, dtype=torch.float64)
+    opts = {"symmetric": False, "hard_weight": 0.3}
+    out, grads = _run("cuda_simt", z1, z2, labels, tau, None, queue, qlabels, opts)
+    ref, rgrads = _run("reference", z1, z2, labels, tau, None, queue, qlabels, opts)
+    assert not z2.is_contiguous()
+    assert not queue.is_contiguous()
+    _close(out, ref, 1e-11)
+    for g, r in zip(grads, rgrads):
+        _close(g, r, 1e-10)
