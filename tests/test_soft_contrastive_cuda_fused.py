@@ -135,17 +135,25 @@ CASES = [
 ]
 
 
+# the fused op in its SIMT build, and natively where a GPU is present (tools/gpu_check.py runs
+# the "cuda and not simt" cases of this file on one)
+BACKENDS = ["cuda_simt"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def _run(backend, z1, z2, labels, tau, bias, queue, qlabels, opts, grad_out=None):
-    z1 = z1.detach().requires_grad_()  # views keep their strides
-    z2 = z2.detach().requires_grad_()
-    tau = tau.detach().clone().requires_grad_()
-    bias = None if bias is None else bias.detach().clone().requires_grad_()
+    """loss and gradients (z1, z2, temperature, bias) on CPU tensors; "cuda" runs on the GPU."""
+    dev = "cuda" if backend == "cuda" else "cpu"
+    z1 = z1.detach().to(dev).requires_grad_()  # views keep their strides
+    z2 = z2.detach().to(dev).requires_grad_()
+    tau = tau.detach().clone().to(dev).requires_grad_()
+    bias = None if bias is None else bias.detach().clone().to(dev).requires_grad_()
+    labels, queue, qlabels, grad_out = (None if x is None else x.to(dev) for x in (labels, queue, qlabels, grad_out))
     out = fastcon.soft_contrastive_loss(
         z1, z2, labels, temperature=tau, bias=bias, backend=backend, queue=queue, queue_labels=qlabels, **opts
     )
     inputs = [z1, z2, tau] + ([bias] if bias is not None else [])
     grads = torch.autograd.grad(out, inputs, grad_out if grad_out is not None else torch.ones_like(out))
-    return out.detach(), grads
+    return out.detach().cpu(), tuple(g.cpu() for g in grads)
 
 
 def _problem(kind, opts, k, dtype, n=37, d=19, seed=0):
@@ -170,15 +178,16 @@ def _close(a, e, tol):
     assert ((a - e).abs().max() / scale).item() <= tol, ((a - e).abs().max().item(), scale.item())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_matches_reference_float64(case):
+def test_matches_reference_float64(case, backend):
     kind, opts, k = CASES[case]
     z1, z2, labels, tau, bias, queue, qlabels, opts = _problem(kind, opts, k, torch.float64)
     gen = torch.Generator().manual_seed(9)
     go = None
     if opts.get("reduction") == "none":
         go = torch.rand(z1.shape[0], generator=gen, dtype=torch.float64)
-    out, grads = _run("cuda_simt", z1, z2, labels, tau, bias, queue, qlabels, opts, go)
+    out, grads = _run(backend, z1, z2, labels, tau, bias, queue, qlabels, opts, go)
     ref, rgrads = _run("reference", z1, z2, labels, tau, bias, queue, qlabels, opts, go)
     _close(out, ref, 1e-11)
     assert len(grads) == len(rgrads)
@@ -188,12 +197,13 @@ def test_matches_reference_float64(case):
         _close(g, r, 1e-10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", [0, 3, 9, 11, 13, 17, 19])
-def test_matches_reference_low_precision(dtype, case):
+def test_matches_reference_low_precision(dtype, case, backend):
     kind, opts, k = CASES[case]
     z1, z2, labels, tau, bias, queue, qlabels, opts = _problem(kind, opts, k, dtype, n=21, d=16, seed=1)
-    out, grads = _run("cuda_simt", z1, z2, labels, tau, bias, queue, qlabels, opts)
+    out, grads = _run(backend, z1, z2, labels, tau, bias, queue, qlabels, opts)
     # the reference on the same (rounded) inputs in float64
     b64 = None if bias is None else bias.double()
     q64 = None if queue is None else queue.double()
@@ -231,10 +241,13 @@ def test_grads_accumulate():
 
 @pytest.mark.parametrize("case", [2, 9, 17, 19])
 def test_bitwise_deterministic(case):
+    """Every sum of the op outside the tile pass runs in a fixed order. (On a GPU the tile pass's
+    forward merges row / column sums of split sweeps by float atomics: SIMT only here.)"""
+    backend = "cuda_simt"
     kind, opts, k = CASES[case]
     z1, z2, labels, tau, bias, queue, qlabels, opts = _problem(kind, opts, k, torch.float32, n=29, d=12)
-    a, ga = _run("cuda_simt", z1, z2, labels, tau, bias, queue, qlabels, opts)
-    b, gb = _run("cuda_simt", z1, z2, labels, tau, bias, queue, qlabels, opts)
+    a, ga = _run(backend, z1, z2, labels, tau, bias, queue, qlabels, opts)
+    b, gb = _run(backend, z1, z2, labels, tau, bias, queue, qlabels, opts)
     assert torch.equal(a, b)
     for x, y in zip(ga, gb):
         assert torch.equal(x, y)
@@ -304,8 +317,9 @@ def test_torch_ops_per_step(kind):
     assert sum(counts.values()) == OPS[kind], counts.most_common()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["multi_hot", "scene"])
-def test_strided_inputs(kind):
+def test_strided_inputs(kind, backend):
     """z1, z2 and the queue as strided views, read in place by the prologue (any layout)."""
     gen = torch.Generator().manual_seed(5)
     n, d, k = 23, 11, 9
@@ -315,7 +329,7 @@ def test_strided_inputs(kind):
     labels, qlabels = _labels(kind, n, k, gen)
     tau = torch.tensor(0.3, dtype=torch.float64)
     opts = {"symmetric": False, "hard_weight": 0.3}
-    out, grads = _run("cuda_simt", z1, z2, labels, tau, None, queue, qlabels, opts)
+    out, grads = _run(backend, z1, z2, labels, tau, None, queue, qlabels, opts)
     ref, rgrads = _run("reference", z1, z2, labels, tau, None, queue, qlabels, opts)
     assert not z2.is_contiguous()
     assert not queue.is_contiguous()

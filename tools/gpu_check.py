@@ -458,6 +458,7 @@ TEST_FILES = [
     "tests/test_soft_contrastive.py",
     "tests/test_soft_contrastive_triton.py",
     "tests/test_soft_contrastive_cuda.py",
+    "tests/test_soft_contrastive_cuda_fused.py",
     "tests/test_masking.py",
     "tests/test_diffusion.py",
     "tests/test_compile.py",
