@@ -89,7 +89,8 @@ def _check_contract(u, v, row_ids, col_ids, offset, scale, bound, mode, g, h, fw
 @pytest.mark.parametrize("mode", [MODE_SOFTMAX, MODE_SOFTMAX_IGNORE, MODE_SIGMOID])
 @pytest.mark.parametrize("tau", [0.1, 0.01], ids=["fixed_max", "running_max"])
 def test_contract_across_tiles(monkeypatch, path, mode, tau):
-    """Several row and column tiles (256 each), ragged edges, a row offset reaching past both ends."""
+    """Several row and column tiles (equal blocks of at most 256), ragged edges, a row offset
+    reaching past both ends."""
     for key, value in PATHS[path].items():
         monkeypatch.setenv(key, value)
     n, m, d, offset = 530, 600, 37, -70
@@ -183,6 +184,27 @@ def test_deterministic_across_runs_and_threads():
     for a, b, c in zip(loss_one, loss_two, loss_two_again):
         assert torch.equal(b, c)
         assert rel_err(a, b) <= 1e-6
+
+
+@pytest.mark.parametrize("mode", [MODE_SOFTMAX, MODE_SOFTMAX_IGNORE, MODE_SIGMOID])
+@pytest.mark.parametrize(("n", "m"), [(256, 256), (200, 450)])
+def test_small_batch_split(mode, n, m):
+    """Up to 512 columns are cut into 2 equal column blocks (two chunks, so that 2 threads share a
+    small batch, one row block): the kernels still meet the contract, and 1 and 2 threads give
+    bitwise identical outputs."""
+    u, v, row_ids, col_ids, g, h = _problem(n, m, 40, 3, seed=20 + mode)
+    _check_contract(u, v, row_ids, col_ids, 3, 10.0, 10.0, mode, g, h, 1e-5, 2e-5)
+    ids = (row_ids, col_ids) if mode == MODE_SOFTMAX_IGNORE else (None, None)
+    need_col = mode != MODE_SIGMOID
+
+    def run():
+        row, col = ops.sc_forward(u, v, *ids, 3, 10.0, -0.8, 10.0, mode, need_col)
+        back = ops.sc_backward(u, v, *ids, 3, 10.0, -0.8, 10.0, mode, row, col if need_col else None, g,
+                               h if need_col else None)  # fmt: skip
+        return (row, col, *back)
+
+    for a, b in zip(_with_threads(1, run), _with_threads(2, run)):
+        assert torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------------------------

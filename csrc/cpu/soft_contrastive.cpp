@@ -1,6 +1,7 @@
 // Fused CPU kernels of the soft contrastive loss (see soft_contrastive.h for the contract).
 //
-// Work is cut into tiles of kBlockRows rows x kBlockCols columns. For every tile, one GEMM
+// Work is cut into tiles of at most kBlockRows rows x kBlockCols columns (Split: smaller, equal
+// blocks for small n, m). For every tile, one GEMM
 // (tile_gemm: MKL or the built-in kernel) writes the logits s = scale * U V^T into a per-thread
 // buffer, then ONE vectorised pass does the exp / log-sum-exp bookkeeping (forward) or turns the
 // logits into the weights W in place (backward), followed by two GEMMs W V and W^T U.
@@ -11,7 +12,7 @@
 // are updated without races or atomics. Row quantities are per-chunk partials reduced in chunk
 // order: forward row statistics (O(chunks * n) scalars) at the end; backward grad_u rows through
 // a ring of a few row-block slots, summed by whichever chunk finishes a row block last. Memory
-// is O(threads * tile + slots * chunks * kBlockRows * d + chunks * (n + m)), never n x m, and the
+// is O(threads * tile + slots * chunks * rows * d + chunks * (n + m)), never n x m, and the
 // results are bitwise independent of the thread count (up to 4 threads; beyond, more chunks).
 //
 // Two ways to keep exp in range:
@@ -51,6 +52,8 @@ namespace {
 
 constexpr int64_t kBlockRows = 256;  // tile shape: within a few % of the best on SPR for D = 128..512
 constexpr int64_t kBlockCols = 256;
+constexpr int64_t kRound = 16;               // block sides are multiples of this (full vectors)
+constexpr int64_t kMinSplitCols = 64;         // more columns than this: at least 2 column blocks
 constexpr int64_t kLds = kBlockCols + 16;  // tile row stride: room for a full last vector, no 4 KiB aliasing
 constexpr int64_t kMinChunks = 8;          // column chunks per row block (more only beyond 4 threads)
 constexpr double kFixedMaxRange = 80.0;    // 2B below this: exp(s - B) stays a normal fp32 number
@@ -379,18 +382,27 @@ struct V {
 
 // ---- the blockwise drivers -----------------------------------------------------------------
 
-// How the work is cut: row blocks of kBlockRows, and column blocks of kBlockCols grouped into
-// `chunks` contiguous column chunks. The number of chunks depends on m only (up to 4 threads).
+// How the work is cut: row blocks of `rows`, and column blocks of `cols` grouped into `chunks`
+// contiguous column chunks. Block shapes and chunks depend on n and m only (up to 4 threads), never
+// on the thread count: the results are bitwise the same for any number of threads. Blocks are at
+// most kBlockRows x kBlockCols; up to 2 * kBlockCols columns are cut into 2 equal blocks (so that
+// a small batch still gives 2 threads an equal share, chunks owning disjoint columns), and the
+// rows into equal blocks.
 struct Split {
-  int64_t row_blocks, col_blocks, chunks, threads;
+  int64_t rows, cols, row_blocks, col_blocks, chunks, threads;
   Split(int64_t n, int64_t m) {
     row_blocks = (n + kBlockRows - 1) / kBlockRows;
-    col_blocks = (m + kBlockCols - 1) / kBlockCols;
+    rows = round_up((n + row_blocks - 1) / row_blocks, kRound);
+    col_blocks = std::max<int64_t>((m + kBlockCols - 1) / kBlockCols, m > kMinSplitCols ? 2 : 1);
+    cols = std::min(kBlockCols, round_up((m + col_blocks - 1) / col_blocks, kRound));
+    row_blocks = (n + rows - 1) / rows;
+    col_blocks = (m + cols - 1) / cols;
     threads = std::max<int64_t>(1, at::get_num_threads());
     chunks = std::min(col_blocks, std::max(kMinChunks, 2 * threads));
     threads = std::min(threads, row_blocks * chunks);
   }
   int64_t first_block(int64_t chunk) const { return chunk * col_blocks / chunks; }
+  static int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 };
 
 void wait_until_at_least(const std::atomic<int64_t>& value, int64_t target) {
@@ -539,8 +551,8 @@ void sc_forward(const T* u, const T* v, const ScProblem& p, T* row, T* col) {
   [[maybe_unused]] const Isa isa = std::is_same_v<T, float> ? active_isa() : Isa::kScalar;
   const Split split(n, m);
 
-  Buffer<T> tiles(split.threads * kBlockRows * kLds);
-  Buffer<T> scratch(split.threads * (kBlockRows + 2 * kLds));  // per thread: a tile's row / col stats
+  Buffer<T> tiles(split.threads * split.rows * kLds);
+  Buffer<T> scratch(split.threads * (split.rows + 2 * kLds));  // per thread: a tile's row / col stats
   // partial row statistics of every chunk for all n rows (O(chunks * n)), reduced at the end
   std::vector<double> part_sum(split.chunks * n, 0.0);
   std::vector<T> part_max(fixed || sigmoid ? 0 : split.chunks * n, kNegInf<T>);
@@ -549,15 +561,15 @@ void sc_forward(const T* u, const T* v, const ScProblem& p, T* row, T* col) {
   const std::vector<T> pos = all_positive_logits(u, v, p);
 
   TileQueue(split).run([&](int64_t i, int64_t c, int64_t slot) {
-    T* s = tiles.get() + slot * kBlockRows * kLds;
-    T* row_tile = scratch.get() + slot * (kBlockRows + 2 * kLds);
-    T* col_tile = row_tile + kBlockRows;
+    T* s = tiles.get() + slot * split.rows * kLds;
+    T* row_tile = scratch.get() + slot * (split.rows + 2 * kLds);
+    T* col_tile = row_tile + split.rows;
     T* col_tile2 = col_tile + kLds;
-    const int64_t i0 = i * kBlockRows, br = std::min(kBlockRows, n - i0);
+    const int64_t i0 = i * split.rows, br = std::min(split.rows, n - i0);
     double* psum = part_sum.data() + c * n + i0;
     T* pmax = fixed || sigmoid ? nullptr : part_max.data() + c * n + i0;
     for (int64_t b = split.first_block(c); b < split.first_block(c + 1); ++b) {
-      const int64_t j0 = b * kBlockCols, bc = std::min(kBlockCols, m - j0);
+      const int64_t j0 = b * split.cols, bc = std::min(split.cols, m - j0);
       tile_gemm<T>(false, true, br, bc, d, T(p.scale), u + i0 * d, d, v + j0 * d, d, T(0), s, kLds);
       const Tile<T> t = make_tile<T>(p, s, i0, br, j0, bc);
       patch_positives(t, pos.data() + i0);
@@ -648,23 +660,23 @@ void sc_backward(const T* u, const T* v, const ScProblem& p, const T* row, const
   }
   const std::vector<T> pos = all_positive_logits(u, v, p);
 
-  Buffer<T> tiles(split.threads * kBlockRows * kLds);
-  Buffer<T> scratch(split.threads * kBlockRows);  // per thread: a tile's row sums of W
-  // grad_u partials per (slot, chunk): O(slots * chunks * kBlockRows * d), not O(n * d)
+  Buffer<T> tiles(split.threads * split.rows * kLds);
+  Buffer<T> scratch(split.threads * split.rows);  // per thread: a tile's row sums of W
+  // grad_u partials per (slot, chunk): O(slots * chunks * rows * d), not O(n * d)
   RowBlockSlots slots(split.chunks);
-  Buffer<T> part_grad(RowBlockSlots::kSlots * split.chunks * kBlockRows * d);
+  Buffer<T> part_grad(std::min(RowBlockSlots::kSlots, split.row_blocks) * split.chunks * split.rows * d);
   std::vector<double> part_wsum(split.chunks * n, 0.0);
 
   TileQueue(split).run([&](int64_t i, int64_t c, int64_t slot) {
-    T* s = tiles.get() + slot * kBlockRows * kLds;
-    T* wsum_tile = scratch.get() + slot * kBlockRows;
-    const int64_t i0 = i * kBlockRows, br = std::min(kBlockRows, n - i0);
+    T* s = tiles.get() + slot * split.rows * kLds;
+    T* wsum_tile = scratch.get() + slot * split.rows;
+    const int64_t i0 = i * split.rows, br = std::min(split.rows, n - i0);
     slots.acquire(i);
-    T* grad = part_grad.get() + (slots.slot(i) * split.chunks + c) * kBlockRows * d;
+    T* grad = part_grad.get() + (slots.slot(i) * split.chunks + c) * split.rows * d;
     double* wsum = part_wsum.data() + c * n + i0;
     const int64_t b0 = split.first_block(c);
     for (int64_t b = b0; b < split.first_block(c + 1); ++b) {
-      const int64_t j0 = b * kBlockCols, bc = std::min(kBlockCols, m - j0);
+      const int64_t j0 = b * split.cols, bc = std::min(split.cols, m - j0);
       tile_gemm<T>(false, true, br, bc, d, T(p.scale), u + i0 * d, d, v + j0 * d, d, T(0), s, kLds);
       const Tile<T> t = make_tile<T>(p, s, i0, br, j0, bc);
       patch_positives(t, pos.data() + i0);
@@ -684,12 +696,12 @@ void sc_backward(const T* u, const T* v, const ScProblem& p, const T* row, const
       tile_gemm<T>(true, false, bc, d, br, T(1), s, kLds, u + i0 * d, d, T(i == 0 ? 0 : 1), grad_v + j0 * d, d);
     }
     if (slots.finish(i)) {  // the last chunk of row block i: reduce its partials, in chunk order
-      const T* first = part_grad.get() + slots.slot(i) * split.chunks * kBlockRows * d;
+      const T* first = part_grad.get() + slots.slot(i) * split.chunks * split.rows * d;
       for (int64_t r = 0; r < br; ++r) {
         T* out = grad_u + (i0 + r) * d;
         std::copy(first + r * d, first + (r + 1) * d, out);
         for (int64_t cc = 1; cc < split.chunks; ++cc) {
-          const T* part = first + (cc * kBlockRows + r) * d;
+          const T* part = first + (cc * split.rows + r) * d;
           for (int64_t k = 0; k < d; ++k) out[k] += part[k];
         }
         double sum = 0.0;

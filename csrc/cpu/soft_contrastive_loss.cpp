@@ -254,11 +254,21 @@ struct Source {
   const A* q = nullptr;
 };
 
+// The O(N * D) row loops below in float64: compiled twice, for AVX2 (4 doubles a vector) and for
+// the portable baseline (2), picked once at load time (GCC's target_clones, on Linux). AVX2
+// without FMA: the same operations in the same order, so both give bitwise the same results (no
+// contraction into fused multiply-adds).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)  // ifunc
+#define FASTCON_ROW_LOOP __attribute__((target_clones("avx2", "default")))
+#else
+#define FASTCON_ROW_LOOP
+#endif
+
 // a . b accumulated in float64, in 8 interleaved partial sums combined in a fixed order: the
 // compiler vectorises it (a single running sum is a serial chain it may not reorder), and the
 // result depends on d only, never on threads
 template <typename A, typename B>
-double dot(const A* a, const B* b, int64_t d) {
+FASTCON_ROW_LOOP double dot(const A* a, const B* b, int64_t d) {
   double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t k = 0;
   for (; k + 8 <= d; k += 8)
@@ -268,18 +278,23 @@ double dot(const A* a, const B* b, int64_t d) {
 }
 
 template <typename A>
-void axpy(double a, const A* x, double* y, int64_t d) {
+FASTCON_ROW_LOOP void axpy(double a, const A* x, double* y, int64_t d) {
   for (int64_t k = 0; k < d; ++k) y[k] += a * double(x[k]);
 }
 
 // t -= a s + b x (s nullptr: t -= b x), in float64
 template <typename A>
-void sub(double* t, double a, const A* s, double b, const A* x, int64_t d) {
+FASTCON_ROW_LOOP void sub(double* t, double a, const A* s, double b, const A* x, int64_t d) {
   if (s) {
     for (int64_t k = 0; k < d; ++k) t[k] -= a * s[k] + b * double(x[k]);
   } else {
     for (int64_t k = 0; k < d; ++k) t[k] -= b * double(x[k]);
   }
+}
+
+template <typename A>
+FASTCON_ROW_LOOP void widen(const A* x, int64_t d, double* out) {
+  for (int64_t k = 0; k < d; ++k) out[k] = double(x[k]);
 }
 
 // fn(i, sums, scratch) once for every row i, where sums[s] (d values in A, or nullptr for T~ = 0)
@@ -367,6 +382,12 @@ void for_rows_with_sums(const Targets& t, int64_t d, const std::vector<Source<A>
 
 // ---- embeddings ------------------------------------------------------------------------------
 
+// out = z / norm in A
+template <typename In, typename A>
+FASTCON_ROW_LOOP void divide_row(const In* z, A norm, int64_t d, A* out) {
+  for (int64_t k = 0; k < d; ++k) out[k] = A(z[k]) / norm;
+}
+
 // out = z / max(||z||, eps) row by row in A (or z in A without normalisation); the norms are
 // taken from norms_in when given (backward), else computed (float64 sums) into norms_out.
 template <typename In, typename A>
@@ -387,7 +408,7 @@ void unit_embeddings(const In* z, int64_t rows, int64_t d, bool normalize, const
         norm = std::max(A(std::sqrt(s)), A(kEps));  // std::max(NaN, eps) keeps the NaN
         if (norms_out) norms_out[r] = norm;
       }
-      for (int64_t k = 0; k < d; ++k) o[k] = A(zr[k]) / norm;
+      divide_row(zr, norm, d, o);
     }
   });
 }
@@ -395,7 +416,7 @@ void unit_embeddings(const In* z, int64_t rows, int64_t d, bool normalize, const
 // The normalisation's backward of one row: scale (t - u (u . t)) / ||z|| (scale t / eps for a
 // norm at the floor; scale t without normalisation), written in the input dtype.
 template <typename In, typename A>
-void norm_backward_row(const double* t, const A* u, const A* norm, double scale, int64_t d, In* out) {
+FASTCON_ROW_LOOP void norm_backward_row(const double* t, const A* u, const A* norm, double scale, int64_t d, In* out) {
   if (!norm) {
     for (int64_t k = 0; k < d; ++k) out[k] = In(A(scale * t[k]));
     return;
@@ -604,7 +625,8 @@ BackwardOut backward_impl(const at::Tensor& grad_out, const at::Tensor& z1, cons
     const A* vi = e.vp() + i * d;
     double* tu = scratch;
     double* tv = scratch + d;
-    for (int64_t k = 0; k < d; ++k) tu[k] = double(gu[i * d + k]), tv[k] = double(gv[i * d + k]);
+    widen(gu + i * d, d, tu);
+    widen(gv + i * d, d, tv);
     const double gi = double(g[i]), hi = h ? double(h[i]) : 0.0;
     if (cfg.ignore()) {  // the target is the positive alone
       sub<A>(tu, 0.0, nullptr, gi + hi, vi, d);
