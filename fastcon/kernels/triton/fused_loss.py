@@ -39,9 +39,24 @@ backward (5 launches; 4 without labels and for a mean / sum, one less without th
      the temperature and bias gradients, summed by the last block into ``d tau``, ``d bias``.
 
 Saved for backward: the inputs and O(N) statistics (row / column log-sum-exps, target row sums,
-row norms). Covered: labels None or (N, C) multi-label vectors, softmax (symmetric or not),
-sigmoid (with bias), hard_weight, every reduction, normalize True / False. Scene ids (either
-scene mode) and the key queue take the general path (``covers``).
+row norms). Covered: every single-process call. Labels None, (N, C) multi-label vectors or (N,)
+scene ids (both scene modes), softmax (symmetric or not), sigmoid (with bias), hard_weight,
+every reduction, normalize True / False, and the key queue (SPEC section 1b).
+
+Scene ids (no reduction launch: 4 / 3 forward, 4 / 3 backward with / without the column pass,
+plus the backward reduction for reduction "none"). The prologue writes the ids of the rows and
+the queue keys as int64 (read in their own dtype and stride: no conversion op). As positives
+(``SCENES``): no projections; the epilogues take per-scene sums per row block by comparing the
+block's ids with each column tile's ids and multiplying the 0/1 match tile with the tile's rows
+(``_scene_sums_fwd`` / ``_scene_sums_bwd``; fixed order, no sort, no host read; tiles without a
+match skipped). ``scene_mode="ignore"``: the tile kernels' mode 1 with the ids; no R (the target
+is the positive alone: the formulas of labels None with R = 1).
+
+Key queue (no column pass: row losses only). The prologue normalises the K keys like z2 into the
+rows N.. of one (N + K, D) column matrix (z2's rows first; its norms are recomputed in the
+backward), adds their part to the first projection and to sum lhat (multi-label), and checks
+their labels; the row passes run over the N + K columns, the column-owned backward pass over the
+N batch columns (the queue gets no gradient).
 """
 
 from __future__ import annotations
