@@ -342,7 +342,8 @@ def _triton_forward(
     """The fused forward as Triton kernels only (fastcon/kernels/triton/fused_loss.py), every label
     kind and the key queue; the value checks are flags its prologue computes, raised by
     ``torch._assert_async`` with the messages of ``_check_values`` (no host sync). The outputs of
-    ``fused_forward`` (no scene index: the kernels compare the ids)."""
+    ``fused_forward``; the scene index (shaped as the fake implementation says) is left unwritten:
+    the Triton backward compares the ids instead."""
     messages = (
         _temperature_message(z1.dtype), "bias must be finite", *_label_value_messages(),
         *_label_value_messages("queue_labels"),
@@ -351,7 +352,8 @@ def _triton_forward(
         z1, z2, temperature, bias, labels, loss, symmetric, hard_weight, normalize, reduction, messages,
         queue=queue, queue_labels=queue_labels, scene_ignore=scene_ignore,
     )  # fmt: skip
-    return *out, z1.new_empty(0, dtype=torch.int64)
+    scene_pos = labels is not None and labels.dim() == 1 and not scene_ignore
+    return *out, z1.new_empty(z1.shape[0] if scene_pos else 0, dtype=torch.int64)
 
 
 @_fused_forward.register_fake

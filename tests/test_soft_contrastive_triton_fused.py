@@ -17,6 +17,7 @@ import re
 import pytest
 import torch
 from test_soft_contrastive_opcount import _OpCounter
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 
 import fastcon
@@ -405,6 +406,56 @@ def test_deterministic_scene_and_queue(kind):
     (out2, *_), grads2 = both()
     assert torch.equal(out, out2)
     assert all(torch.equal(a, b) for a, b in zip(grads[:3], grads2[:3]))
+
+
+@pytest.mark.parametrize("kind", ["scene", "scene_ignore", "scene_queue", "queue"])
+def test_low_precision_scene_and_queue(kind):
+    """fp16 with scene ids / a queue: no worse than 2x the error of the dense reference run in fp16."""
+    dtype = torch.float16
+    gen = torch.Generator().manual_seed(14)
+    z1, z2 = torch.randn(N, D, generator=gen), torch.randn(N, D, generator=gen)
+    labels_kind = "fractions" if kind == "queue" else "scene"
+    labels = _labels(labels_kind, N, gen)
+    kw = dict(LOSSES["softmax_sym"], temperature=0.1, hard_weight=0.3)
+    if kind == "scene_ignore":
+        kw["scene_mode"] = "ignore"
+    if "queue" in kind:
+        kw.update(symmetric=False, queue=torch.randn(37, D, generator=gen),
+                  queue_labels=_queue_labels(labels_kind, 37, gen))  # fmt: skip
+    out, grads = _run(z1, z2, labels, kw, "triton", dtype)
+    r_out, r_grads = _run(z1, z2, labels, kw, "reference", torch.float64)
+    lp_out, lp_grads = _run(z1, z2, labels, kw, "reference", dtype)
+    assert out.dtype == torch.float32
+    assert all(g.dtype == dtype for g in grads[:2])
+    assert rel_err(out, r_out) <= max(2 * rel_err(lp_out, r_out), 1e-4)
+    for g, lg, rg in zip(grads, lp_grads, r_grads):
+        assert rel_err(g, rg) <= max(2 * rel_err(lg, rg), 5e-4)
+
+
+@pytest.mark.parametrize("kind", ["none", "multi", "scene", "scene_ignore", "scene_queue", "multi_queue"])
+def test_outputs_have_the_fake_shapes(kind):
+    """The forward op's outputs on triton have the shapes and dtypes its fake implementation
+    gives torch.compile, for every label kind (the scene index included, which the Triton
+    backward does not read)."""
+    gen = torch.Generator().manual_seed(15)
+    z1, z2 = torch.randn(N, D, generator=gen).to(DEV), torch.randn(N, D, generator=gen).to(DEV)
+    labels = {"none": None, "multi": _labels("fractions", N, gen)}.get(kind.replace("_queue", ""), None)
+    if kind.startswith("scene"):
+        labels = _labels("scene", N, gen)
+    labels = None if labels is None else labels.to(DEV)
+    queue = qlabels = None
+    if "queue" in kind:
+        queue = torch.randn(37, D, generator=gen).to(DEV)
+        qlabels = _queue_labels("scene" if kind.startswith("scene") else "fractions", 37, gen).to(DEV)
+    tau = torch.tensor(0.1, device=DEV)
+    args = (z1, z2, tau, None, labels, queue, qlabels, "triton", "softmax", queue is None, 0.3, True, "none",
+            kind == "scene_ignore")  # fmt: skip
+    real = torch.ops.fastcon_loss.fused_forward(*args)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.fastcon_loss.fused_forward(
+            *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        )
+    assert [(t.shape, t.dtype) for t in real] == [(t.shape, t.dtype) for t in fake]
 
 
 @pytest.mark.parametrize("kind", ["scene", "queue"])

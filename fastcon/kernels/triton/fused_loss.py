@@ -466,7 +466,7 @@ def _fwd_epilogue_kernel(
         r = ls - nn + 1.0
     if SCENES:
         my_id = tl.load(ids_ptr + offs_n, mask=rok, other=0)
-        r = _scene_count(ids_ptr, my_id, rok, M, BLOCK_N, SCENE_BLOCK_M)
+        r = tl.where(rok, _scene_count(ids_ptr, my_id, rok, M, BLOCK_N, SCENE_BLOCK_M), 1.0)  # 1: rows out of range
         nn = tl.full((BLOCK_N,), 1.0, dtype=tl.float32)
     # float64: s_ii / scale and the low-rank sums u_i . (P^T lhat_i) (and v_i . (P_u^T lhat_i))
     sd = tl.zeros((BLOCK_N,), dtype=tl.float64)
