@@ -475,6 +475,9 @@ def _fwd_epilogue_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         dok = offs_d < D
+        if SCENES:  # first, while nothing else of the chunk is live (registers)
+            sv, su = _scene_sums_fwd(vk_ptr, uk_ptr, ids_ptr, my_id, rok, offs_d, dok, s_vk, s_uk, N, M, D,
+                                     NEED_COL, BLOCK_N, SCENE_BLOCK_M, BLOCK_D)  # fmt: skip
         m = rok[:, None] & dok[None, :]
         u = tl.load(uk_ptr + rows[:, None] * s_uk + offs_d[None, :], mask=m, other=0.0).to(tl.float64)
         v = tl.load(vk_ptr + rows[:, None] * s_vk + offs_d[None, :], mask=m, other=0.0).to(tl.float64)
@@ -494,8 +497,6 @@ def _fwd_epilogue_kernel(
             if NEED_COL:
                 tsc += tl.sum(v * qc, 1)
         if SCENES:
-            sv, su = _scene_sums_fwd(vk_ptr, uk_ptr, ids_ptr, my_id, rok, offs_d, dok, s_vk, s_uk, N, M, D,
-                                     NEED_COL, BLOCK_N, SCENE_BLOCK_M, BLOCK_D)  # fmt: skip
             ts += tl.sum(u * sv.to(tl.float64), 1)
             if NEED_COL:
                 tsc += tl.sum(v * su.to(tl.float64), 1)
@@ -553,26 +554,44 @@ def _scene_count(ids_ptr, my_id, rok, NCOL, BLOCK_N: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
+def _any(x):
+    """Whether any entry of a 1-D boolean block is set (a scalar: a uniform branch)."""
+    return tl.max(x.to(tl.int32), 0) > 0
+
+
+@triton.jit
+def _any2(x):
+    """Whether any entry of a 2-D boolean block is set."""
+    return tl.max(tl.max(x.to(tl.int32), 1), 0) > 0
+
+
+@triton.jit
 def _scene_sums_fwd(
     v_ptr, u_ptr, ids_ptr, my_id, rok, offs_d, dok, s_v, s_u, N, M, D, NEED_COL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """For a feature chunk: sum of v_j over the M columns of row i's scene, and (NEED_COL) of
-    u_j over the N batch rows of it; 0/1 tiles times rows (tl.dot, exact products, fp32 sums)."""
+    u_j over the N batch rows of it, in column order (fp32). A column tile is compared as a
+    whole first and skipped without a match; in a matching tile each matching column's row
+    chunk is added where the ids match (a select, not a product: no tl.dot, whose fp32 operand
+    staging spills registers here)."""
     sv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     su = sv
     for t in range(0, tl.cdiv(M, BLOCK_M)):
-        offs_m, mok, e = _same_scene(ids_ptr, my_id, rok, t, M, BLOCK_N, BLOCK_M)
-        if tl.max(tl.max(e.to(tl.int32), 1), 0) > 0:  # a tile without the block's scenes adds nothing
-            cols = offs_m.to(tl.int64)
-            m = mok[:, None] & dok[None, :]
-            ef = e.to(tl.float32)
-            x = tl.load(v_ptr + cols[:, None] * s_v + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-            sv = tl.dot(ef, x, sv, input_precision="ieee")
-            if NEED_COL:
-                mb = m & (offs_m < N)[:, None]
-                y = tl.load(u_ptr + cols[:, None] * s_u + offs_d[None, :], mask=mb, other=0.0).to(tl.float32)
-                su = tl.dot(ef, y, su, input_precision="ieee")
+        _, _, e = _same_scene(ids_ptr, my_id, rok, t, M, BLOCK_N, BLOCK_M)
+        if _any2(e):  # a tile without the block's scenes adds nothing
+            for jj in range(0, BLOCK_M):
+                j = t * BLOCK_M + jj
+                if j < M:
+                    hit = (my_id == tl.load(ids_ptr + j)) & rok
+                    if _any(hit):
+                        col = j.to(tl.int64)
+                        x = tl.load(v_ptr + col * s_v + offs_d, mask=dok, other=0.0).to(tl.float32)
+                        sv += tl.where(hit[:, None], x[None, :], 0.0)
+                        if NEED_COL:
+                            if j < N:
+                                y = tl.load(u_ptr + col * s_u + offs_d, mask=dok, other=0.0).to(tl.float32)
+                                su += tl.where(hit[:, None], y[None, :], 0.0)
     return sv, su
 
 
@@ -583,30 +602,32 @@ def _scene_sums_bwd(
 ):  # fmt: skip
     """For a feature chunk, sums over the columns j of row i's scene: of v_j (all M columns,
     batch then queue), and over the batch rows of w_j u_j, (NEED_COL) w_j v_j and u_j, with w_j =
-    g_j / R_j (softmax) or g_j (sigmoid): the scene form of the projections [v, w u, w v, u]."""
+    g_j / R_j (softmax) or g_j (sigmoid): the scene form of the projections [v, w u, w v, u].
+    Tiles and columns as in ``_scene_sums_fwd``."""
     s0 = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     s1 = s0
     s2 = s0
     s3 = s0
     for t in range(0, tl.cdiv(M, BLOCK_M)):
-        offs_m, mok, e = _same_scene(ids_ptr, my_id, rok, t, M, BLOCK_N, BLOCK_M)
-        if tl.max(tl.max(e.to(tl.int32), 1), 0) > 0:
-            cols = offs_m.to(tl.int64)
-            bok = offs_m < N
-            m = mok[:, None] & dok[None, :]
-            mb = m & bok[:, None]
-            ef = e.to(tl.float32)
-            idx = cols[:, None] * D + offs_d[None, :]
-            v = tl.load(vk_ptr + idx, mask=m, other=0.0).to(tl.float32)
-            u = tl.load(uk_ptr + idx, mask=mb, other=0.0).to(tl.float32)
-            wj = tl.load(g_ptr + offs_m, mask=bok, other=0.0)
-            if not SIGMOID:
-                wj = wj / tl.load(r_ptr + offs_m, mask=bok, other=1.0)
-            s0 = tl.dot(ef, v, s0, input_precision="ieee")
-            s1 = tl.dot(ef, u * wj[:, None], s1, input_precision="ieee")
-            if NEED_COL:
-                s2 = tl.dot(ef, tl.where(mb, v, 0.0) * wj[:, None], s2, input_precision="ieee")
-                s3 = tl.dot(ef, u, s3, input_precision="ieee")
+        _, _, e = _same_scene(ids_ptr, my_id, rok, t, M, BLOCK_N, BLOCK_M)
+        if _any2(e):
+            for jj in range(0, BLOCK_M):
+                j = t * BLOCK_M + jj
+                if j < M:
+                    hit = (my_id == tl.load(ids_ptr + j)) & rok
+                    if _any(hit):
+                        idx = j.to(tl.int64) * D + offs_d
+                        v = tl.load(vk_ptr + idx, mask=dok, other=0.0).to(tl.float32)
+                        s0 += tl.where(hit[:, None], v[None, :], 0.0)
+                        if j < N:
+                            u = tl.load(uk_ptr + idx, mask=dok, other=0.0).to(tl.float32)
+                            wj = tl.load(g_ptr + j)
+                            if not SIGMOID:
+                                wj = wj / tl.load(r_ptr + j)
+                            s1 += tl.where(hit[:, None], (wj * u)[None, :], 0.0)
+                            if NEED_COL:
+                                s2 += tl.where(hit[:, None], (wj * v)[None, :], 0.0)
+                                s3 += tl.where(hit[:, None], u[None, :], 0.0)
     return s0, s1, s2, s3
 
 
@@ -649,6 +670,11 @@ def _grad_chunk(
     """(u, v, GU, GV) of a feature chunk: the tile pass's softmax / sigmoid part (splits merged)
     minus the target part (SPEC section 5, the low-rank sums)."""
     dok = offs_d < D
+    if SCENES:  # first, while nothing else of the chunk is live (registers)
+        s0, s1, s2, s3 = _scene_sums_bwd(
+            uk_ptr, vk_ptr, ids_ptr, g_ptr, r_ptr, my_id, rok, offs_d, dok, N, M, D, SIGMOID, NEED_COL,
+            BLOCK_N, SCENE_BLOCK_M, BLOCK_D,
+        )  # fmt: skip
     m = rok[:, None] & dok[None, :]
     idx = rows[:, None] * D + offs_d[None, :]
     u = tl.load(uk_ptr + idx, mask=m, other=0.0).to(tl.float32)
@@ -666,10 +692,6 @@ def _grad_chunk(
         lu0 += _lift(lab_ptr, p_ptr, rows, rok, linv, offs_d, dok, s_lab, C, D, BLOCK_N, BLOCK_D)
         lv1 += _lift(lab_ptr, p_ptr + CD, rows, rok, linv, offs_d, dok, s_lab, C, D, BLOCK_N, BLOCK_D)
     if SCENES:  # keep = 0 (T~_ii = 1): the per-scene sums alone
-        s0, s1, s2, s3 = _scene_sums_bwd(
-            uk_ptr, vk_ptr, ids_ptr, g_ptr, r_ptr, my_id, rok, offs_d, dok, N, M, D, SIGMOID, NEED_COL,
-            BLOCK_N, SCENE_BLOCK_M, BLOCK_D,
-        )  # fmt: skip
         lu0 += s0
         lv1 += s1
     gu -= (1.0 - hw) * w[:, None] * lu0 + hw * g[:, None] * v
