@@ -346,7 +346,8 @@ def _fused_launches() -> list[Launch]:
                 )  # fmt: skip
                 variant = f"form={form} labels={labels} SPLIT={split} STORE_PER={store_per:d}"
                 heavy = form == "sym" and labels in ("multi", "scene") and split == 2 and not store_per
-                out.append(Launch("_fwd_epilogue_kernel", fl, args, shape, variant, heavy))
+                opts = fl.SCENE_OPTIONS if scenes else {}
+                out.append(Launch("_fwd_epilogue_kernel", fl, args, shape, variant, heavy, opts))
             for norm, need_tau in itertools.product((True, False), (True, False)):
                 args = dict(
                     uk_ptr=z, vk_ptr=z, lab_ptr=lab_f, p_ptr=f, g_ptr=f, r_ptr=f, gu_ptr=f, gv_ptr=f, wsum_ptr=f,
@@ -358,7 +359,8 @@ def _fused_launches() -> list[Launch]:
                 )  # fmt: skip
                 variant = f"form={form} labels={labels} SPLIT={split} NORMALIZE={norm:d} NEED_TAU={need_tau:d}"
                 heavy = form == "sym" and labels in ("multi", "scene") and split == 2 and norm and need_tau
-                out.append(Launch("_bwd_epilogue_kernel", fl, args, shape, variant, heavy))
+                opts = fl.SCENE_OPTIONS if scenes else {}
+                out.append(Launch("_bwd_epilogue_kernel", fl, args, shape, variant, heavy, opts))
         for has_max, has_flags in ((False, True), (True, False)):
             args = dict(
                 part_ptr=f, out_ptr=f, gmax_ptr=f, max_out_ptr=f, lflag_ptr=f, ok_fin_ptr=f, ok_neg_ptr=f,

@@ -79,6 +79,9 @@ PROLOGUE_PROGRAMS = 128  # at most this many prologue programs (slots of partial
 # the prologue's launch options: ptxas caps it at 168 registers and spills otherwise (compiled
 # for sm_80 / sm_90 by compile_check.py); the interpreter ignores them
 PROLOGUE_OPTIONS = {"maxnreg": 255}
+# the epilogues with per-scene sums: without it ptxas caps them below what they need on sm_90
+# (64-96 registers) and spills a few bytes in the nested column loops
+SCENE_OPTIONS = {"maxnreg": 255}
 
 
 # --------------------------------------------------------------------------------------------
@@ -1017,7 +1020,7 @@ def forward(z1, z2, temperature, bias, labels, loss, symmetric, hw, normalize, r
             factor, ws if plan.ids is None else plan.ids, n, m, d, c, s_lab, uk.stride(0), cols.stride(0), nblk,
             SPLIT=split, SIGMOID=sigmoid, NEED_COL=need_col, HAS_LABELS=has_labels, HAS_BIAS=bias is not None,
             STORE_PER=store_per, SCENES=plan.scene_pos, HAS_R=not plan.ignore,
-            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
+            BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C, **(SCENE_OPTIONS if plan.scene_pos else {}),
         )  # fmt: skip
     return out, row, col, r_sum, n1, n2
 
@@ -1119,6 +1122,7 @@ def backward(grad_out, z1, z2, temperature, bias, labels, row, col, r_sum, n1, n
             NEED_TAU=need_tau, SPLIT=split, SIGMOID=sigmoid, NEED_COL=need_col, HAS_LABELS=has_labels,
             NORMALIZE=bool(normalize), NEED_Z1=bool(needs[0]), NEED_Z2=bool(needs[1]), NEED_BIAS=need_bias,
             SCENES=plan.scene_pos, HAS_R=not plan.ignore, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C,
+            **(SCENE_OPTIONS if plan.scene_pos else {}),
         )  # fmt: skip
     if need_tau and temperature.device != dev:
         d_tau = d_tau.to(temperature.device)
