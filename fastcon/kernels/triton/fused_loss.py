@@ -47,9 +47,9 @@ Scene ids (no reduction launch: 4 / 3 forward, 4 / 3 backward with / without the
 plus the backward reduction for reduction "none"). The prologue writes the ids of the rows and
 the queue keys as int64 (read in their own dtype and stride: no conversion op). As positives
 (``SCENES``): no projections; the epilogues take per-scene sums per row block by comparing the
-block's ids with each column tile's ids and multiplying the 0/1 match tile with the tile's rows
-(``_scene_sums_fwd`` / ``_scene_sums_bwd``; fixed order, no sort, no host read; tiles without a
-match skipped). ``scene_mode="ignore"``: the tile kernels' mode 1 with the ids; no R (the target
+block's ids with each column tile's ids and, in a matching tile, adding each matching column's
+row chunk where the ids match (``_scene_sums_fwd`` / ``_scene_sums_bwd``; fixed order, no sort,
+no host read; tiles and columns without a match skipped). ``scene_mode="ignore"``: the tile kernels' mode 1 with the ids; no R (the target
 is the positive alone: the formulas of labels None with R = 1).
 
 Key queue (no column pass: row losses only). The prologue normalises the K keys like z2 into the
