@@ -27,13 +27,6 @@ def _label_value_messages(name: str = "labels") -> tuple[str, str]:
     )
 
 
-def triton_fused_covers(labels, queue, scene_ignore: bool) -> bool:
-    """Whether the fused Triton path (fastcon/kernels/triton/fused_loss.py) computes this call:
-    labels None or (N, C) multi-label vectors, no key queue, scenes not ignored. Everything else
-    takes the general path. (Here so that the loss can ask without importing triton.)"""
-    return queue is None and not scene_ignore and (labels is None or labels.dim() == 2)
-
-
 # --------------------------------------------------------------------------------------------
 # low-rank target terms
 

@@ -40,7 +40,6 @@ from fastcon._sc_algebra import (
     _scalar_grads,
     _scene_ids,
     _subtract_targets,
-    triton_fused_covers,
 )
 from fastcon.reference import MODE_SIGMOID, MODE_SOFTMAX, MODE_SOFTMAX_IGNORE
 
@@ -336,7 +335,7 @@ def _fused_forward(
     cuda_simt) the same op for the CUDA key (csrc/cuda/soft_contrastive_loss.cu, 3-4 launches), which
     returns each row's scene leader (its scene's smallest row index) as the scene index, for the
     calls ``cuda_fused_covers`` accepts; on the triton backend the Triton kernels of
-    ``fastcon.kernels.triton.fused_loss`` for the cases it covers."""
+    ``fastcon.kernels.triton.fused_loss`` every call."""
     if backend == "cpu":
         return _cpu_ops().sc_loss_forward(
             z1, z2, temperature, bias, labels, queue, queue_labels, loss, symmetric, hard_weight, normalize, reduction,
@@ -347,8 +346,11 @@ def _fused_forward(
             z1, z2, temperature, bias, labels, queue, queue_labels, loss, symmetric, hard_weight, normalize, reduction,
             scene_ignore,
         )  # fmt: skip
-    if backend == "triton" and triton_fused_covers(labels, queue, scene_ignore):
-        return _triton_forward(z1, z2, temperature, bias, labels, loss, symmetric, hard_weight, normalize, reduction)
+    if backend == "triton":
+        return _triton_forward(
+            z1, z2, temperature, bias, labels, queue, queue_labels, loss, symmetric, hard_weight, normalize, reduction,
+            scene_ignore,
+        )  # fmt: skip
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)
     uk, cols, u, v, n1, n2, t, kargs, need_col = _prepare(
@@ -365,15 +367,25 @@ def _fused_forward(
     return out, row, col, *stats, scenes
 
 
-def _triton_forward(z1, z2, temperature, bias, labels, loss, symmetric, hard_weight, normalize, reduction):
-    """The fused forward as Triton kernels only (fastcon/kernels/triton/fused_loss.py); the value
-    checks are flags its prologue computes, raised by ``torch._assert_async`` with the messages
-    of ``_check_values`` (no host sync). The outputs of ``fused_forward``."""
-    messages = (_temperature_message(z1.dtype), "bias must be finite", *_label_value_messages())
+def _triton_forward(
+    z1, z2, temperature, bias, labels, queue, queue_labels, loss, symmetric, hard_weight, normalize, reduction,
+    scene_ignore,
+):  # fmt: skip
+    """The fused forward as Triton kernels only (fastcon/kernels/triton/fused_loss.py), every label
+    kind and the key queue; the value checks are flags its prologue computes, raised by
+    ``torch._assert_async`` with the messages of ``_check_values`` (no host sync). The outputs of
+    ``fused_forward``; the scene index (shaped as the fake implementation says) is left unwritten:
+    the Triton backward compares the ids instead."""
+    messages = (
+        _temperature_message(z1.dtype), "bias must be finite", *_label_value_messages(),
+        *_label_value_messages("queue_labels"),
+    )  # fmt: skip
     out = _triton_fused_loss().forward(
-        z1, z2, temperature, bias, labels, loss, symmetric, hard_weight, normalize, reduction, messages
-    )
-    return *out, z1.new_empty(0, dtype=torch.int64)
+        z1, z2, temperature, bias, labels, loss, symmetric, hard_weight, normalize, reduction, messages,
+        queue=queue, queue_labels=queue_labels, scene_ignore=scene_ignore,
+    )  # fmt: skip
+    scene_pos = labels is not None and labels.dim() == 1 and not scene_ignore
+    return *out, z1.new_empty(z1.shape[0] if scene_pos else 0, dtype=torch.int64)
 
 
 @_fused_forward.register_fake
@@ -424,7 +436,7 @@ def _fused_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d z1, d z2, d temperature, d bias); an empty tensor where ``needs`` says no gradient. On the cpu
     backend the whole backward is the one C++ op ``fastcon::sc_loss_backward``; on the triton backend
-    the fused Triton kernels for the cases they cover."""
+    the fused Triton kernels, every call."""
     if backend == "cpu":
         return _cpu_ops().sc_loss_backward(
             grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, n1, n2, scenes, loss,
@@ -435,10 +447,10 @@ def _fused_backward(
             grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, n1, n2, scenes, loss,
             symmetric, hard_weight, normalize, reduction, scene_ignore, *needs,
         )  # fmt: skip
-    if backend == "triton" and triton_fused_covers(labels, queue, scene_ignore):
+    if backend == "triton":
         return _triton_fused_loss().backward(
             grad_out, z1, z2, temperature, bias, labels, row, col, r_sum, n1, n2, loss, symmetric, hard_weight,
-            normalize, reduction, needs,
+            normalize, reduction, needs, queue=queue, queue_labels=queue_labels, scene_ignore=scene_ignore,
         )  # fmt: skip
     cfg = (loss, symmetric, hard_weight, normalize, reduction, scene_ignore)
     core = _core_for(backend, z1.device)

@@ -250,31 +250,51 @@ def _diffusion_launches() -> list[Launch]:
 def _fused_launches() -> list[Launch]:
     """The fused single-process loss (fused_loss.py): its own kernels with every flag combination
     its launchers pass, and the tile kernels as it launches them (the logit scale an fp32 slot,
-    the bias in its own dtype, fp32 stand-ins for the ids it never reads, HAS_POS always)."""
+    the bias in its own dtype, fp32 stand-ins for the ids it never reads, int64 ids for
+    scene_mode "ignore", HAS_POS always)."""
     sc, fl = _modules()[0], _modules()[3]
     out = []
-    f, lab_f, lab_b = _t(), _t(), _t(torch.bool)
+    f, lab_f, lab_b, i64, i8 = _t(), _t(), _t(torch.bool), _t(torch.int64), _t(torch.int8)
     blocks = dict(BLOCK_N=fl.BLOCK_N, BLOCK_D=fl.BLOCK_D, BLOCK_C=fl.BLOCK_C)
     for dt_name, dtype in DTYPES.items():
         z = _t(dtype)
         shape = f"{dt_name}"
         common = dict(N=ROWS, D=768, C=20, s_z1=768, s_z2=768, s_lab=20, PART=2 * 20 * 768 + 20, g_factor=0.5)
         common.update(NBLK=ROWS // fl.BLOCK_N, NPROG=fl.PROLOGUE_PROGRAMS)
+        common.update(K=4096, s_q=768, s_qlab=20, s_ids=1, s_qids=1, QBLK=4096 // fl.BLOCK_N)
         ptrs = dict(
             z1_ptr=z, z2_ptr=z, tau_ptr=f, bias_ptr=f, go_ptr=f, r_ptr=f, uk_ptr=z, vk_ptr=z, n1_ptr=f, n2_ptr=f,
             pos_ptr=f, g_ptr=f, part_ptr=f, gmax_ptr=f, zero_ptr=f, scale_out_ptr=f, counter_ptr=f, ok_tau_ptr=f,
-            ok_bias_ptr=f, lflag_ptr=f, gmax_out_ptr=f,
+            ok_bias_ptr=f, lflag_ptr=f, gmax_out_ptr=f, q_ptr=z, qlab_ptr=lab_f, ids_in_ptr=f, qids_in_ptr=f, ids_ptr=f,
         )  # fmt: skip
+        no_queue = dict(HAS_QUEUE=False, QLAB_FLOAT=False, QLAB_BOOL=False, IDS=False)
         # prologue, forward: normalize x labels (none, float, bool) x symmetric (NPROJ 2, fixed-max zeroing)
         for norm, labels, sym in itertools.product((True, False), ("none", "float", "bool"), (True, False)):
             args = dict(common, **ptrs, **blocks, lab_ptr=lab_b if labels == "bool" else lab_f)
             args.update(
                 BACKWARD=False, NORMALIZE=norm, HAS_LABELS=labels != "none", NPROJ=2 if sym else 1, SIGMOID=not sym,
                 GO_VECTOR=False, ZERO=sym and norm, RNE_BF16=False, CHECK=True, HAS_BIAS=not sym,
-                LAB_FLOAT=labels == "float", LAB_BOOL=labels == "bool", GMAX_DIRECT=False,
+                LAB_FLOAT=labels == "float", LAB_BOOL=labels == "bool", GMAX_DIRECT=False, **no_queue,
             )  # fmt: skip
             variant = f"fwd NORMALIZE={norm:d} labels={labels} SYM={sym:d}"
             heavy = norm and labels == "float" and sym
+            out.append(Launch("_prologue_kernel", fl, args, shape, variant, heavy, fl.PROLOGUE_OPTIONS))
+        # prologue, forward with scene ids (int8 as read) and / or a queue (its labels float / bool)
+        for norm, labels, queue in itertools.product((True, False), ("scene", "float", "bool", "none"), (True, False)):
+            if labels != "scene" and not queue:
+                continue
+            args = dict(common, **ptrs, **blocks, lab_ptr=lab_f)
+            if labels == "scene":
+                args.update(ids_in_ptr=i8, qids_in_ptr=i64, ids_ptr=i64)
+            args.update(qlab_ptr=lab_b if labels == "bool" else lab_f)
+            args.update(
+                BACKWARD=False, NORMALIZE=norm, HAS_LABELS=labels in ("float", "bool"), NPROJ=1, SIGMOID=False,
+                GO_VECTOR=False, ZERO=False, RNE_BF16=False, CHECK=True, HAS_BIAS=False,
+                LAB_FLOAT=labels == "float", LAB_BOOL=False, GMAX_DIRECT=False, HAS_QUEUE=queue,
+                QLAB_FLOAT=labels == "float", QLAB_BOOL=labels == "bool", IDS=labels == "scene",
+            )  # fmt: skip
+            variant = f"fwd NORMALIZE={norm:d} labels={labels} QUEUE={queue:d}"
+            heavy = norm and labels == "float" and queue
             out.append(Launch("_prologue_kernel", fl, args, shape, variant, heavy, fl.PROLOGUE_OPTIONS))
         # prologue, backward: normalize x labels x form (symmetric softmax, softmax, sigmoid) x upstream kind
         for norm, has_labels, form, vec in itertools.product(
@@ -284,44 +304,68 @@ def _fused_launches() -> list[Launch]:
             args.update(
                 BACKWARD=True, NORMALIZE=norm, HAS_LABELS=has_labels, NPROJ=4 if form == "sym" else 2,
                 SIGMOID=form == "sigmoid", GO_VECTOR=vec, ZERO=False, RNE_BF16=False, CHECK=False, HAS_BIAS=False,
-                LAB_FLOAT=False, LAB_BOOL=False, GMAX_DIRECT=not vec,
+                LAB_FLOAT=False, LAB_BOOL=False, GMAX_DIRECT=not vec, **no_queue,
             )  # fmt: skip
             variant = f"bwd NORMALIZE={norm:d} HAS_LABELS={has_labels:d} form={form} GO_VECTOR={vec:d}"
             heavy = norm and has_labels and form == "sym"
             out.append(Launch("_prologue_kernel", fl, args, shape, variant, heavy, fl.PROLOGUE_OPTIONS))
-        # epilogues: form x labels x reduction (per-sample or the last block's sum) / gradient needs
-        for form, has_labels, split in itertools.product(("sym", "softmax", "sigmoid"), (True, False), (1, 2)):
+        # prologue, backward with scene ids and / or a queue (softmax row losses, sigmoid)
+        for norm, labels, queue, form in itertools.product(
+            (True, False), ("scene", "float", "none"), (True, False), ("softmax", "sigmoid")
+        ):
+            if labels != "scene" and not queue:
+                continue
+            args = dict(common, **ptrs, **blocks, lab_ptr=lab_f)
+            if labels == "scene":
+                args.update(ids_in_ptr=i64, qids_in_ptr=i64, ids_ptr=i64)
+            args.update(
+                BACKWARD=True, NORMALIZE=norm, HAS_LABELS=labels == "float", NPROJ=2, SIGMOID=form == "sigmoid",
+                GO_VECTOR=True, ZERO=False, RNE_BF16=False, CHECK=False, HAS_BIAS=False, LAB_FLOAT=False,
+                LAB_BOOL=False, GMAX_DIRECT=False, HAS_QUEUE=queue, QLAB_FLOAT=False, QLAB_BOOL=False,
+                IDS=labels == "scene",
+            )  # fmt: skip
+            variant = f"bwd NORMALIZE={norm:d} labels={labels} QUEUE={queue:d} form={form}"
+            heavy = norm and labels == "float" and queue and form == "softmax"
+            out.append(Launch("_prologue_kernel", fl, args, shape, variant, heavy, fl.PROLOGUE_OPTIONS))
+        # epilogues: form x labels (none, multi-label, scene ids, scenes ignored) x reduction / gradient needs
+        for form, labels, split in itertools.product(
+            ("sym", "softmax", "sigmoid"), ("multi", "none", "scene", "ignore"), (1, 2)
+        ):
+            if labels == "ignore" and form == "sigmoid":
+                continue
+            has_labels, scenes, has_r = labels == "multi", labels == "scene", labels != "ignore"
+            ids = i64 if scenes else f
             for store_per in (True, False):
                 args = dict(
                     uk_ptr=z, vk_ptr=z, lab_ptr=lab_f, p_ptr=f, rowbuf_ptr=f, colbuf_ptr=f, tau_ptr=f, bias_ptr=f,
                     hw=0.3, row_ptr=f, col_ptr=f, r_ptr=f, per_ptr=f, lpart_ptr=f, counter_ptr=f, out_ptr=f,
-                    factor=1.0 / ROWS, N=ROWS, D=768, C=20, s_lab=20, s_uk=768, s_vk=768, NBLK=ROWS // fl.BLOCK_N,
-                    SPLIT=split, SIGMOID=form == "sigmoid", NEED_COL=form == "sym", HAS_LABELS=has_labels,
-                    HAS_BIAS=form == "sigmoid", STORE_PER=store_per, **blocks,
+                    factor=1.0 / ROWS, ids_ptr=ids, N=ROWS, M=ROWS + 4096, D=768, C=20, s_lab=20, s_uk=768, s_vk=768,
+                    NBLK=ROWS // fl.BLOCK_N, SPLIT=split, SIGMOID=form == "sigmoid", NEED_COL=form == "sym",
+                    HAS_LABELS=has_labels, HAS_BIAS=form == "sigmoid", STORE_PER=store_per, SCENES=scenes,
+                    HAS_R=has_r, **blocks,
                 )  # fmt: skip
-                variant = f"form={form} HAS_LABELS={has_labels:d} SPLIT={split} STORE_PER={store_per:d}"
-                heavy = form == "sym" and has_labels and split == 2 and not store_per
-                out.append(Launch("_fwd_epilogue_kernel", fl, args, shape, variant, heavy))
+                variant = f"form={form} labels={labels} SPLIT={split} STORE_PER={store_per:d}"
+                heavy = form == "sym" and labels in ("multi", "scene") and split == 2 and not store_per
+                opts = fl.SCENE_OPTIONS if scenes else {}
+                out.append(Launch("_fwd_epilogue_kernel", fl, args, shape, variant, heavy, opts))
             for norm, need_tau in itertools.product((True, False), (True, False)):
                 args = dict(
                     uk_ptr=z, vk_ptr=z, lab_ptr=lab_f, p_ptr=f, g_ptr=f, r_ptr=f, gu_ptr=f, gv_ptr=f, wsum_ptr=f,
                     n1_ptr=f, n2_ptr=f, tau_ptr=f, hw=0.3, dz1_ptr=z, dz2_ptr=z, spart_ptr=f, counter_ptr=f,
-                    dtau_ptr=f, dbias_ptr=f, N=ROWS, D=768, C=20, s_lab=20, NBLK=ROWS // fl.BLOCK_N,
-                    NEED_TAU=need_tau, SPLIT=split, SIGMOID=form == "sigmoid", NEED_COL=form == "sym",
-                    HAS_LABELS=has_labels, NORMALIZE=norm, NEED_Z1=True, NEED_Z2=True,
-                    NEED_BIAS=form == "sigmoid", **blocks,
+                    dtau_ptr=f, dbias_ptr=f, ids_ptr=ids, N=ROWS, M=ROWS + 4096, D=768, C=20, s_lab=20,
+                    NBLK=ROWS // fl.BLOCK_N, NEED_TAU=need_tau, SPLIT=split, SIGMOID=form == "sigmoid",
+                    NEED_COL=form == "sym", HAS_LABELS=has_labels, NORMALIZE=norm, NEED_Z1=True, NEED_Z2=True,
+                    NEED_BIAS=form == "sigmoid", SCENES=scenes, HAS_R=has_r, **blocks,
                 )  # fmt: skip
-                variant = (
-                    f"form={form} HAS_LABELS={has_labels:d} SPLIT={split} NORMALIZE={norm:d} NEED_TAU={need_tau:d}"
-                )
-                heavy = form == "sym" and has_labels and split == 2 and norm and need_tau
-                out.append(Launch("_bwd_epilogue_kernel", fl, args, shape, variant, heavy))
+                variant = f"form={form} labels={labels} SPLIT={split} NORMALIZE={norm:d} NEED_TAU={need_tau:d}"
+                heavy = form == "sym" and labels in ("multi", "scene") and split == 2 and norm and need_tau
+                opts = fl.SCENE_OPTIONS if scenes else {}
+                out.append(Launch("_bwd_epilogue_kernel", fl, args, shape, variant, heavy, opts))
         for has_max, has_flags in ((False, True), (True, False)):
             args = dict(
                 part_ptr=f, out_ptr=f, gmax_ptr=f, max_out_ptr=f, lflag_ptr=f, ok_fin_ptr=f, ok_neg_ptr=f,
-                NSLOT=fl.PROLOGUE_PROGRAMS, NBLK=ROWS // fl.BLOCK_N, PART=4 * 20 * 768, L=4 * 20 * 768, HAS_MAX=has_max,
-                HAS_FLAGS=has_flags,
-                BLOCK=fl.REDUCE_BLOCK,
+                NSLOT=fl.PROLOGUE_PROGRAMS, NBLK=ROWS // fl.BLOCK_N, PART=4 * 20 * 768, L=4 * 20 * 768,
+                QBLK=4096 // fl.BLOCK_N, HAS_MAX=has_max, HAS_FLAGS=has_flags, BLOCK=fl.REDUCE_BLOCK,
             )  # fmt: skip
             out.append(Launch("_reduce_kernel", fl, args, shape, f"HAS_MAX={has_max:d}", has_max))
     # the tile kernels with the fused launchers' argument types
@@ -333,21 +377,29 @@ def _fused_launches() -> list[Launch]:
             PRECISION=sc.TritonSoftContrastiveCore._precision(dtype), HAS_POS=True, SPLIT=1,
         )  # fmt: skip
         shape = f"fused D={d} {dt_name}"
+        i64 = _t(torch.int64)
         for mode, bounded, fixed_col, col_of_fixed, has_bias in (
             (MODE_SOFTMAX, True, True, False, False), (MODE_SOFTMAX, True, False, True, False),
             (MODE_SOFTMAX, False, False, False, False), (MODE_SIGMOID, True, False, False, True),
+            (MODE_SOFTMAX_IGNORE, True, True, False, False), (MODE_SOFTMAX_IGNORE, True, False, True, False),
+            (MODE_SOFTMAX_IGNORE, False, False, False, False),
         ):  # fmt: skip
             args = dict(base, pos_ptr=f, out_ptr=f, col_sum_ptr=f, col_in_ptr=f, MODE=mode, BOUNDED=bounded,
                         HAS_BIAS=has_bias, FIXED_COL=fixed_col, COL_OF_FIXED=col_of_fixed)  # fmt: skip
+            if mode == MODE_SOFTMAX_IGNORE:
+                args.update(a_ids_ptr=i64, b_ids_ptr=i64)
             variant = f"fused MODE={mode} BOUNDED={bounded:d} FIXED_COL={fixed_col:d} COL_OF_FIXED={col_of_fixed:d}"
             out.append(Launch("_sc_forward_kernel", sc, args, shape, variant))
         for mode, bounded, has_aw, has_bw, wsum in (
             (MODE_SOFTMAX, True, True, True, False), (MODE_SOFTMAX, True, False, True, False),
             (MODE_SOFTMAX, True, True, False, False), (MODE_SIGMOID, False, True, False, True),
-            (MODE_SIGMOID, False, False, True, False),
+            (MODE_SIGMOID, False, False, True, False), (MODE_SOFTMAX_IGNORE, True, True, True, False),
+            (MODE_SOFTMAX_IGNORE, True, False, True, False), (MODE_SOFTMAX_IGNORE, True, True, False, False),
         ):  # fmt: skip
             args = dict(base, **{p: f for p in _BWD_F32_PTRS}, MODE=mode, BOUNDED=bounded, HAS_BIAS=mode == MODE_SIGMOID,
                         HAS_AW=has_aw, HAS_BW=has_bw, NEED_WSUM=wsum)  # fmt: skip
+            if mode == MODE_SOFTMAX_IGNORE:
+                args.update(a_ids_ptr=i64, b_ids_ptr=i64)
             args["W_PRECISION"] = args["PRECISION"]
             variant = f"fused MODE={mode} BOUNDED={bounded:d} HAS_AW={has_aw:d} HAS_BW={has_bw:d} NEED_WSUM={wsum:d}"
             out.append(Launch("_sc_backward_kernel", sc, args, shape, variant))
