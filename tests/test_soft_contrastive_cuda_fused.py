@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_soft_contrastive_opcount import _case, _OpCounter
+from test_soft_contrastive_opcount import count_step_ops
 
 import fastcon
 from fastcon import _backends
@@ -300,16 +300,7 @@ def test_torch_ops_per_step(kind):
     """The op counter of tests/test_soft_contrastive_opcount.py (as there: a tensor temperature
     that requires grad): the two custom operators, the C++ op each calls, the unit gradient and
     one add_ per accumulated .grad, as on the cpu backend; no torch op of the algebra."""
-    z1, z2, labels, kw = _case(kind)  # the op-count suite's inputs
-    temperature = torch.tensor(0.1, requires_grad=True)
-
-    def step():
-        fastcon.soft_contrastive_loss(z1, z2, labels, temperature=temperature, backend="cuda_simt", **kw).backward()
-
-    step()
-    with _OpCounter() as counter:
-        step()
-    counts = counter.counts
+    counts = count_step_ops(kind, "cuda_simt")[0]  # the op-count suite's inputs and step
     assert counts["fastcon_simt.sc_loss_forward.default"] == 1
     assert counts["fastcon_simt.sc_loss_backward.default"] == 1
     assert counts["fastcon_simt.sc_forward.default"] == 0

@@ -68,18 +68,25 @@ def _case(kind):
     return z1, z2, labels, kw
 
 
-@pytest.mark.parametrize("kind", list(BOUNDS))
-def test_fused_cpu_op_count(kind):
+def count_step_ops(kind: str, backend: str) -> tuple[collections.Counter, torch.Tensor, torch.Tensor]:
+    """The ops one forward + backward of ``_case(kind)`` dispatches on ``backend`` (the second
+    call, gradients accumulating into existing .grad, a tensor temperature that requires grad),
+    and z1, temperature (their .grad set)."""
     z1, z2, labels, kw = _case(kind)
     temperature = torch.tensor(0.1, requires_grad=True)
 
     def step():
-        fastcon.soft_contrastive_loss(z1, z2, labels, temperature=temperature, backend="cpu", **kw).backward()
+        fastcon.soft_contrastive_loss(z1, z2, labels, temperature=temperature, backend=backend, **kw).backward()
 
     step()  # the first call: .grad created, extension and backend chosen
     with _OpCounter() as counter:
         step()
-    counts = counter.counts
+    return counter.counts, z1, temperature
+
+
+@pytest.mark.parametrize("kind", list(BOUNDS))
+def test_fused_cpu_op_count(kind):
+    counts, z1, temperature = count_step_ops(kind, "cpu")
     # the count covers the whole call: both custom operators and their kernels ran under the mode
     assert counts["fastcon_loss.fused_forward.default"] == 1
     assert counts["fastcon_loss.fused_backward.default"] == 1

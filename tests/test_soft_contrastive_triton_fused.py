@@ -110,17 +110,23 @@ def _cases():
     return out
 
 
+def _assert_close(out, grads, r_out, r_grads, dtype=None):
+    """The fused loss and gradients against the float64 reference's (fp32 kernels' tolerances);
+    ``dtype``: the dtype every result must have."""
+    assert out.shape == r_out.shape
+    assert rel_err(out, r_out) <= 1e-5
+    for g, rg in zip(grads, r_grads):
+        assert dtype is None or g.dtype == dtype
+        assert rel_err(g, rg) <= 1e-4
+    assert dtype is None or out.dtype == dtype
+
+
 @pytest.mark.parametrize(("labels_kind", "lossconf", "hw", "red", "norm"), _cases())
 def test_matches_reference(labels_kind, lossconf, hw, red, norm):
     kw = dict(LOSSES[lossconf], temperature=0.1, hard_weight=hw, reduction=red, normalize=norm)
     learn_bias = "bias" in kw
     out, grads, r_out, r_grads = _check(labels_kind, kw, seed=len(labels_kind) + int(hw * 10), learn_bias=learn_bias)
-    assert out.dtype == torch.float32
-    assert out.shape == r_out.shape
-    assert rel_err(out, r_out) <= 1e-5
-    for g, rg in zip(grads, r_grads):
-        assert g.dtype == torch.float32
-        assert rel_err(g, rg) <= 1e-4
+    _assert_close(out, grads, r_out, r_grads, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("lossconf", ["softmax_sym", "sigmoid"])
@@ -128,9 +134,7 @@ def test_small_temperature(lossconf):
     """tau = 0.01: the tile kernels' two-statistic (no fixed max) path."""
     kw = dict(LOSSES[lossconf], temperature=0.01, hard_weight=0.3)
     out, grads, r_out, r_grads = _check("fractions", kw, seed=3, learn_bias="bias" in kw)
-    assert rel_err(out, r_out) <= 1e-5
-    for g, rg in zip(grads, r_grads):
-        assert rel_err(g, rg) <= 1e-4
+    _assert_close(out, grads, r_out, r_grads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -179,9 +183,7 @@ def test_splits_and_deterministic_mode(core, lossconf):
     (out, *_), grads = both()
     r_out, r_grads = _run(z1.cpu(), z2.cpu(), labels.cpu(), dict(cfg, temperature=0.1, hard_weight=0.3), "reference",
                           torch.float64, learn_bias="bias" in cfg)  # fmt: skip
-    assert rel_err(out, r_out) <= 1e-5
-    for g, rg in zip(grads, r_grads):
-        assert rel_err(g, rg) <= 1e-4
+    _assert_close(out, grads, r_out, r_grads)
     if core.deterministic:
         (out2, *_), grads2 = both()
         assert torch.equal(out, out2)
@@ -196,9 +198,7 @@ def test_prologue_programs_loop_over_row_blocks(lossconf, monkeypatch):
     for programs in (1, 2):
         monkeypatch.setattr(fl, "PROLOGUE_PROGRAMS", programs)
         out, grads, r_out, r_grads = _check("fractions", kw, seed=programs, learn_bias="bias" in kw, n=70, d=D)
-        assert rel_err(out, r_out) <= 1e-5
-        for g, rg in zip(grads, r_grads):
-            assert rel_err(g, rg) <= 1e-4
+        _assert_close(out, grads, r_out, r_grads)
 
 
 def test_strided_embeddings_without_normalisation():
@@ -213,9 +213,7 @@ def test_strided_embeddings_without_normalisation():
     wide = torch.randn(N, D + 7, generator=gen)
     z1, z2 = wide[:, 3 : 3 + D], torch.randn(D, N, generator=gen).T
     r_out, r_grads = _run(z1, z2, _labels("fractions", N, gen), kw, "reference", torch.float64)
-    assert rel_err(out, r_out) <= 1e-5
-    for g, rg in zip(grads, r_grads):
-        assert rel_err(g, rg) <= 1e-4
+    _assert_close(out, grads, r_out, r_grads)
 
 
 def test_non_finite_inputs_propagate():
@@ -262,12 +260,7 @@ def test_scene_ids_match_reference(labels_kind, lossconf, hw, red, norm):
     if labels_kind == "scene_ignore":
         kw["scene_mode"] = "ignore"
     out, grads, r_out, r_grads = _check(labels_kind, kw, seed=11 + int(hw * 10), learn_bias="bias" in kw)
-    assert out.dtype == torch.float32
-    assert out.shape == r_out.shape
-    assert rel_err(out, r_out) <= 1e-5
-    for g, rg in zip(grads, r_grads):
-        assert g.dtype == torch.float32
-        assert rel_err(g, rg) <= 1e-4
+    _assert_close(out, grads, r_out, r_grads, dtype=torch.float32)
 
 
 def _ids(layout, n, gen):
@@ -304,9 +297,7 @@ def test_scene_id_dtypes_and_layouts(layout, scene_mode):
         assert abs(out.item()) <= 1e-6
         assert all(g.abs().max().item() <= 1e-6 for g in grads)
         return
-    assert rel_err(out, r_out) <= 1e-5
-    for g, rg in zip(grads, r_grads):
-        assert rel_err(g, rg) <= 1e-4
+    _assert_close(out, grads, r_out, r_grads)
 
 
 def _queue_labels(kind, k, gen):
@@ -344,10 +335,7 @@ def test_queue_matches_reference(labels_kind, kq, lossconf, hw, red, norm):
     if labels_kind == "scene_ignore":
         kw["scene_mode"] = "ignore"
     out, grads, r_out, r_grads = _check(labels_kind, kw, seed=kq + int(hw * 10), learn_bias="bias" in kw)
-    assert out.shape == r_out.shape
-    assert rel_err(out, r_out) <= 1e-5
-    for g, rg in zip(grads, r_grads):
-        assert rel_err(g, rg) <= 1e-4
+    _assert_close(out, grads, r_out, r_grads)
 
 
 def test_queue_gets_no_gradient_and_small_temperature():
@@ -357,9 +345,7 @@ def test_queue_gets_no_gradient_and_small_temperature():
     kw = dict(LOSSES["softmax"], temperature=0.01, hard_weight=0.3, queue=queue,
               queue_labels=_queue_labels("scene", 37, gen))  # fmt: skip
     out, grads, r_out, r_grads = _check("scene", kw, seed=8)
-    assert rel_err(out, r_out) <= 1e-5
-    for g, rg in zip(grads, r_grads):
-        assert rel_err(g, rg) <= 1e-4
+    _assert_close(out, grads, r_out, r_grads)
     q = queue.to(DEV).requires_grad_()
     z = torch.randn(N, D, generator=gen).to(DEV).requires_grad_()
     labels = _labels("scene", N, gen).to(DEV)
@@ -400,9 +386,7 @@ def test_deterministic_scene_and_queue(kind):
     if queue is not None:
         kw.update(queue=queue.cpu(), queue_labels=qlabels.cpu())
     r_out, r_grads = _run(z1.cpu(), z2.cpu(), labels.cpu(), kw, "reference", torch.float64)
-    assert rel_err(out, r_out) <= 1e-5
-    for g, rg in zip(grads, r_grads):
-        assert rel_err(g, rg) <= 1e-4
+    _assert_close(out, grads, r_out, r_grads)
     (out2, *_), grads2 = both()
     assert torch.equal(out, out2)
     assert all(torch.equal(a, b) for a, b in zip(grads[:3], grads2[:3]))
@@ -469,9 +453,7 @@ def test_prologue_programs_loop_over_queue_blocks(kind, monkeypatch):
         kw = dict(LOSSES["sigmoid"], temperature=0.1, hard_weight=0.3, reduction="none", queue=torch.randn(37, D, generator=gen),
                   queue_labels=_queue_labels(labels_kind, 37, gen))  # fmt: skip
         out, grads, r_out, r_grads = _check(labels_kind, kw, seed=programs, learn_bias=True, n=70)
-        assert rel_err(out, r_out) <= 1e-5
-        for g, rg in zip(grads, r_grads):
-            assert rel_err(g, rg) <= 1e-4
+        _assert_close(out, grads, r_out, r_grads)
 
 
 # --------------------------------------------------------------------------------------------
