@@ -246,16 +246,10 @@ def _cpu_ops():
 
 
 _CUDA_OPS = ("cuda", "cuda_simt")  # the backends of the cuda fused loss ops
+_CUDA_SCALAR_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _CUDA_LABEL_DTYPES = (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint8, torch.bool,
+    *_CUDA_SCALAR_DTYPES, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
 )  # fmt: skip
-
-
-def _cuda_ops(backend: str, device):
-    """The op namespace of a cuda backend's core: torch.ops.fastcon (the CUDA key of fastcon._C)
-    or torch.ops.fastcon_simt (its SIMT emulation; tests may point it at another build)."""
-    return _core_for(backend, device)._ops()
 
 
 def cuda_fused_covers(z1, temperature, bias, labels, queue_labels) -> bool:
@@ -264,9 +258,21 @@ def cuda_fused_covers(z1, temperature, bias, labels, queue_labels) -> bool:
     kernels read (float64/32/16, bfloat16, int64/32/16/8, uint8, bool). Every label kind, option
     and the key queue are covered; anything else takes the general path (the torch algebra)."""
     for x in (temperature, bias):
-        if x is not None and (x.device != z1.device or x.dtype not in _CUDA_LABEL_DTYPES[:4] or x.numel() != 1):
+        if x is not None and (x.device != z1.device or x.dtype not in _CUDA_SCALAR_DTYPES or x.numel() != 1):
             return False
     return all(x is None or x.dtype in _CUDA_LABEL_DTYPES for x in (labels, queue_labels))
+
+
+def _whole_loss_ops(backend: str, z1, temperature, bias, labels, queue_labels):
+    """The op namespace whose ``sc_loss_forward`` / ``sc_loss_backward`` compute this call whole, or
+    None (the general path): the cpu backend's (torch.ops.fastcon, CPU key) for every call; the
+    cuda backends' (torch.ops.fastcon for the CUDA key, or torch.ops.fastcon_simt, the SIMT
+    emulation; tests may point it at another build) for the calls ``cuda_fused_covers`` accepts."""
+    if backend == "cpu":
+        return _cpu_ops()
+    if backend in _CUDA_OPS and cuda_fused_covers(z1, temperature, bias, labels, queue_labels):
+        return _core_for(backend, z1.device)._ops()
+    return None
 
 
 def _mode(loss: str, scene_ignore: bool) -> int:
@@ -336,13 +342,9 @@ def _fused_forward(
     returns each row's scene leader (its scene's smallest row index) as the scene index, for the
     calls ``cuda_fused_covers`` accepts; on the triton backend the Triton kernels of
     ``fastcon.kernels.triton.fused_loss`` every call."""
-    if backend == "cpu":
-        return _cpu_ops().sc_loss_forward(
-            z1, z2, temperature, bias, labels, queue, queue_labels, loss, symmetric, hard_weight, normalize, reduction,
-            scene_ignore,
-        )  # fmt: skip
-    if backend in _CUDA_OPS and cuda_fused_covers(z1, temperature, bias, labels, queue_labels):
-        return _cuda_ops(backend, z1.device).sc_loss_forward(
+    ops = _whole_loss_ops(backend, z1, temperature, bias, labels, queue_labels)
+    if ops is not None:
+        return ops.sc_loss_forward(
             z1, z2, temperature, bias, labels, queue, queue_labels, loss, symmetric, hard_weight, normalize, reduction,
             scene_ignore,
         )  # fmt: skip
@@ -437,13 +439,9 @@ def _fused_backward(
     """(d z1, d z2, d temperature, d bias); an empty tensor where ``needs`` says no gradient. On the cpu
     backend the whole backward is the one C++ op ``fastcon::sc_loss_backward``; on the triton backend
     the fused Triton kernels, every call."""
-    if backend == "cpu":
-        return _cpu_ops().sc_loss_backward(
-            grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, n1, n2, scenes, loss,
-            symmetric, hard_weight, normalize, reduction, scene_ignore, *needs,
-        )  # fmt: skip
-    if backend in _CUDA_OPS and cuda_fused_covers(z1, temperature, bias, labels, queue_labels):
-        return _cuda_ops(backend, z1.device).sc_loss_backward(
+    ops = _whole_loss_ops(backend, z1, temperature, bias, labels, queue_labels)
+    if ops is not None:
+        return ops.sc_loss_backward(
             grad_out, z1, z2, temperature, bias, labels, queue, queue_labels, row, col, r_sum, n1, n2, scenes, loss,
             symmetric, hard_weight, normalize, reduction, scene_ignore, *needs,
         )  # fmt: skip
