@@ -28,12 +28,12 @@
 #include <algorithm>
 #include <charconv>
 #include <cmath>
-#include <cstdio>
 #include <limits>
 #include <numeric>
 #include <type_traits>
 #include <vector>
 
+#include "common/sc_loss_options.h"
 #include "cpu/soft_contrastive.h"
 #include "cpu/tile_gemm.h"
 
@@ -66,22 +66,19 @@ struct Config {
 
 Config make_config(const std::string& loss, bool symmetric, double hw, bool normalize, const std::string& reduction,
                    bool scene_ignore, bool has_queue) {
-  TORCH_CHECK_VALUE(loss == "softmax" || loss == "sigmoid", "loss must be one of 'softmax', 'sigmoid'; got '", loss,
-                    "'");
-  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none",
-                    "reduction must be one of 'mean', 'sum', 'none'; got '", reduction, "'");
-  TORCH_CHECK_VALUE(hw >= 0.0 && hw <= 1.0, "hard_weight must be in [0, 1], got ", hw);
+  const sc_loss_options::Options o = sc_loss_options::parse(loss, symmetric, hw, reduction, scene_ignore, has_queue);
+  static_assert(kScSoftmax == 0 && kScSoftmaxIgnore == 1 && kScSigmoid == 2, "the modes of sc_loss_options::parse");
   Config c;
-  c.mode = loss == "sigmoid" ? kScSigmoid : (scene_ignore ? kScSoftmaxIgnore : kScSoftmax);
-  c.need_col = loss == "softmax" && symmetric && !has_queue;
+  c.mode = o.mode;
+  c.need_col = o.need_col;
   c.hw = hw;
   c.normalize = normalize;
-  c.reduction = reduction == "mean" ? 0 : (reduction == "sum" ? 1 : 2);
+  c.reduction = o.reduction;
   return c;
 }
 
-// Python's repr of a float (shortest round trip) and its "{:.3g}", for messages that match the
-// Python checks word for word.
+// Python's repr of a float (shortest round trip), for messages that match the Python checks
+// word for word (its "{:.3g}": sc_loss_options::g3).
 std::string repr(double x) {
   if (std::isnan(x)) return "nan";
   if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
@@ -90,11 +87,7 @@ std::string repr(double x) {
   return std::string(buf, res.ptr);
 }
 
-std::string g3(double x) {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "%.3g", x);
-  return buf;
-}
+using sc_loss_options::g3;
 
 std::string dtype_name(at::ScalarType t) {
   switch (t) {

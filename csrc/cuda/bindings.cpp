@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdio>
 #include <limits>
 #include <optional>
 #include <string>
@@ -22,6 +21,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "common/sc_loss_options.h"
 #include "cuda/kernels.h"
 
 namespace fastcon::FASTCON_KERNEL_NS {
@@ -259,36 +259,23 @@ kernels::ScTensor view_of(const char* op, const char* name, const OptTensor& t, 
   return v;
 }
 
-std::string g3(double x) {
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "%.3g", x);
-  return buf;
-}
-
 std::string temperature_message(at::ScalarType z) {
   const bool f64 = z == at::kDouble;
   const double low = 1.0 / (f64 ? std::numeric_limits<double>::max() : double(std::numeric_limits<float>::max()));
   const std::string acc = f64 ? "torch.float64" : "torch.float32";
-  return "temperature must be finite, > 0 and >= " + g3(low) + " for torch." + dtype_name(z) +
+  return "temperature must be finite, > 0 and >= " + sc_loss_options::g3(low) + " for torch." + dtype_name(z) +
          " inputs (its inverse, the logit scale, must be finite in " + acc + ")";
 }
 
-struct LossConfig {
-  int kind = 0, mode = 0, reduction = 0;
-  bool need_col = false;
+struct LossConfig : sc_loss_options::Options {
+  int kind = 0;  // 0 no labels, 1 multi-label vectors, 2 scene ids as positives, 3 scene ids ignored
 };
 
 LossConfig loss_config(const std::string& loss, bool symmetric, double hw, const std::string& reduction,
                        bool scene_ignore, const OptTensor& labels, const OptTensor& queue) {
-  TORCH_CHECK_VALUE(loss == "softmax" || loss == "sigmoid", "loss must be one of 'softmax', 'sigmoid'; got '", loss,
-                    "'");
-  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none",
-                    "reduction must be one of 'mean', 'sum', 'none'; got '", reduction, "'");
-  TORCH_CHECK_VALUE(hw >= 0.0 && hw <= 1.0, "hard_weight must be in [0, 1], got ", hw);
   LossConfig c;
-  c.mode = loss == "sigmoid" ? 2 : (scene_ignore ? 1 : 0);
-  c.need_col = loss == "softmax" && symmetric && !queue.has_value();
-  c.reduction = reduction == "mean" ? 0 : (reduction == "sum" ? 1 : 2);
+  static_cast<sc_loss_options::Options&>(c) =
+      sc_loss_options::parse(loss, symmetric, hw, reduction, scene_ignore, queue.has_value());
   c.kind = !labels.has_value() ? 0 : (labels->dim() == 2 ? 1 : (scene_ignore ? 3 : 2));
   return c;
 }
